@@ -1,0 +1,3 @@
+from dwc.cli import main
+
+main()

@@ -1,0 +1,25 @@
+"""The torch-triton backend's model/: a Hugging Face checkpoint (config.json, safetensors,
+tokenizer), loadable as it is by transformers and vLLM, and by dwc's runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dwc.bundle.writer import BundleWriter
+from dwc.constants import MAX_SHARD_SIZE
+from dwc.formats import hf
+from dwc.formats import manifest as mf
+
+
+def emit(writer: BundleWriter, model, source_dir: Path) -> None:
+    out = writer.path(f"{mf.MODEL_DIR}/{hf.CONFIG}").parent
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+    copy_tokenizer(writer, source_dir, mf.MODEL_DIR)
+
+
+def copy_tokenizer(writer: BundleWriter, source_dir: Path, dest: str) -> None:
+    """Tokenizer files verbatim from the source checkpoint (byte-identical, not re-saved)."""
+    for name in hf.TOKENIZER_FILES:
+        if (Path(source_dir) / name).is_file():
+            writer.copy_file(f"{dest}/{name}", Path(source_dir) / name)

@@ -1,0 +1,50 @@
+"""`dwc build` as a function: build file + target -> checked plan -> passes -> bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dwc.buildfile import load_buildfile
+from dwc.cache import PassCache
+from dwc.checkpoint import model_info
+from dwc.constants import cache_dir
+from dwc.errors import BadInput
+from dwc.passes import REGISTRY
+from dwc.pipeline import BuildContext, plan, run
+from dwc.target import load_target
+from dwc.ui import Reporter
+
+
+def build(build_file: Path, target_name: str, output: Path, overrides=(), use_cache=True,
+          force=False, reporter: Reporter | None = None) -> dict:
+    """Run the whole pipeline; returns the manifest of the bundle written at `output`.
+
+    Everything the user can get wrong is checked before the first pass: the build file,
+    the target, the model's config against the target, the pass order and options.
+    """
+    build_file = Path(build_file)
+    config = load_buildfile(build_file, overrides, pass_names=REGISTRY)
+    target = load_target(target_name)
+    info = model_info(config.model)
+    target.check_model(info)
+    steps = plan(config, target, REGISTRY)
+    output = Path(output).absolute()
+    _check_output_is_not_an_input(output, config)
+    ctx = BuildContext(build=config, build_path=build_file.resolve(), target=target, info=info,
+                       output=output, force=force, reporter=reporter or Reporter())
+    run(steps, ctx, PassCache(cache_dir(), enabled=use_cache))
+    from dwc.bundle.reader import read_manifest
+
+    return read_manifest(ctx.artifacts["bundle"])
+
+
+def _check_output_is_not_an_input(output: Path, config) -> None:
+    """Replacing the output must never delete the checkpoint or data it was built from."""
+    inputs = [config.model, config.calibration.data, config.evaluation.data]
+    if config.adapter:
+        inputs.append(config.adapter)
+    out = output.resolve()
+    for path in inputs:
+        path = Path(path).resolve()
+        if path == out or path.is_relative_to(out):
+            raise BadInput(f"-o {output}: the output path holds the build's input {path}")

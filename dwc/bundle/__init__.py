@@ -1,0 +1,1 @@
+"""The bundle: written atomically by the compiler wing, read and verified by everything."""

@@ -1,0 +1,172 @@
+"""The `dwc` command line. Thin: it parses, calls dwc's functions, prints, and maps errors
+to one line and an exit code (DESIGN.md §8). Human output and progress go to stderr,
+`--json` output to stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import click
+
+from dwc import __version__
+from dwc.errors import EXIT_BAD_INPUT, EXIT_PASS_FAILED, DwcError
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecation warnings, transformers' logs) is not for our users."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def command(fn):
+    """Adds --json and --debug, and turns every failure into one line and an exit code."""
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+    @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+    @functools.wraps(fn)
+    def wrapper(*args, as_json: bool, debug: bool, **kwargs):
+        if not debug:
+            _quiet_libraries()
+        try:
+            fn(*args, as_json=as_json, **kwargs)
+        except DwcError as e:
+            _fail(e.message, e.exit_code, e.pass_name, as_json, debug)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130, None, as_json, debug)
+        except Exception as e:  # a bug in dwc or its environment, not the user's input
+            _fail(f"internal error: {type(e).__name__}: {e}", EXIT_PASS_FAILED, None,
+                  as_json, debug)
+    return wrapper
+
+
+def _fail(message: str, code: int, pass_name, as_json: bool, debug: bool):
+    if debug:
+        traceback.print_exc()
+    message = " ".join(message.split())  # one line, always
+    if as_json:
+        click.echo(json.dumps({"error": {"code": code, "message": message, "pass": pass_name}}))
+    else:
+        where = f"[{pass_name}] " if pass_name else ""
+        click.echo(f"error: {where}{message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dwc")
+def main():
+    """dwc, the Deadwood compiler: optimize an LLM checkpoint for a target and emit a
+    verifiable serving bundle.
+
+    \b
+    dwc build model.yaml --target cpu-bf16 -o bundles/demo
+    dwc inspect bundles/demo [--verify]
+    dwc targets | dwc passes
+
+    Exit codes: 0 ok, 1 a pass failed, 2 bad usage or input, 3 quality budget
+    exceeded, 4 SLO not met.
+    """
+
+
+@main.command()
+@click.argument("build_file", type=click.Path(path_type=Path))
+@click.option("--target", "-t", "target", required=True, help="Target name (see `dwc targets`).")
+@click.option("--output", "-o", "output", required=True, type=click.Path(path_type=Path),
+              help="Bundle folder to write (replaced atomically if it is a dwc bundle).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a build-file value (calibration.samples=64) or a pass option "
+                   "(evaluate.batch_size=8). Repeatable.")
+@click.option("--no-cache", is_flag=True, help="Recompute every pass; do not read or write the cache.")
+@click.option("--force", is_flag=True, help="Replace an output path that is not a dwc bundle.")
+@command
+def build(build_file, target, output, overrides, no_cache, force, as_json):
+    """Compile BUILD_FILE (model.yaml) for a target into a serving bundle."""
+    from dwc.build import build as run_build
+    from dwc.inspect_view import build_summary
+    from dwc.ui import Reporter
+
+    manifest = run_build(build_file, target, output, overrides, use_cache=not no_cache,
+                         force=force, reporter=Reporter())
+    if as_json:
+        click.echo(json.dumps({"bundle": str(Path(output).absolute()), "manifest": manifest}))
+    else:
+        build_summary(manifest, Path(output))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Re-hash every file against the manifest.")
+@command
+def inspect(bundle, verify, as_json):
+    """Explain a bundle: target, passes, quality, sizes. Refuses a tampered bundle."""
+    from dwc.bundle.reader import open_bundle, read_manifest, verify as check
+    from dwc.errors import BundleError
+    from dwc.inspect_view import show_manifest
+
+    if verify:
+        manifest = read_manifest(bundle)
+        problems = check(bundle, manifest, full=True)
+        if as_json:
+            result = {"bundle": str(bundle), "verified": not problems, "problems": problems}
+            if problems:
+                result["error"] = {"code": EXIT_BAD_INPUT, "pass": None,
+                                   "message": f"{len(problems)} file(s) differ from the manifest"}
+            click.echo(json.dumps(result))
+            sys.exit(EXIT_BAD_INPUT if problems else 0)
+        for line in problems:
+            click.echo(f"differs: {line}", err=True)
+        if problems:
+            raise BundleError(f"{bundle}: {len(problems)} file(s) differ from the manifest")
+        click.echo(f"verified: {len(manifest['files'])} files match the manifest")
+        return
+    manifest = open_bundle(bundle)
+    if as_json:
+        click.echo(json.dumps(manifest))
+    else:
+        show_manifest(manifest, Path(bundle))
+
+
+@main.command()
+@command
+def targets(as_json):
+    """List the targets this dwc can build for."""
+    from dwc.inspect_view import table
+    from dwc.target import all_targets
+
+    rows = [t.summary() for t in all_targets()]
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        table("targets", rows, ["name", "backend", "device", "weights", "dtype", "kv_cache",
+                                "description"])
+
+
+@main.command()
+@command
+def passes(as_json):
+    """List the passes, what they read and write, and their options."""
+    from dwc.config import describe
+    from dwc.inspect_view import show_passes
+    from dwc.passes import REGISTRY
+
+    rows = [{"name": p.name, "description": p.description, "reads": list(p.reads),
+             "optional_reads": list(p.optional_reads), "writes": list(p.writes),
+             "cacheable": p.cacheable, "options": describe(p.Options)}
+            for p in REGISTRY.values()]
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+    else:
+        show_passes(rows)

@@ -1,0 +1,20 @@
+"""Project-wide constants that are not part of a file format."""
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "DWC_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dwc"
+
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing files
+
+# Sharding of the safetensors files a bundle writes (transformers' own default).
+MAX_SHARD_SIZE = "5GB"
+
+# Build files and bundle names: letters, digits and . _ - (they become folder names).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def cache_dir() -> Path:
+    """Where pass results and file hashes are cached ($DWC_CACHE_DIR, else ~/.cache/dwc)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()

@@ -1,0 +1,1 @@
+"""Format constants, one module per format (key names, file names, tensor names)."""

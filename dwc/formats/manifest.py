@@ -1,0 +1,26 @@
+"""The bundle's manifest.json: its file name, schema string, folders and keys (DESIGN.md §5)."""
+
+MANIFEST = "manifest.json"
+SCHEMA = "dwc.bundle/1"
+
+MODEL_DIR = "model"
+DRAFT_DIR = "draft"
+SERVE_DIR = "serve"
+REPORTS_DIR = "reports"
+README = "README.md"
+
+# Top-level keys, in the order they are written.
+KEYS = (
+    "schema", "dwc_version", "name", "target", "source", "passes", "quantization",
+    "draft", "kv_cache", "quality", "slo", "build", "files",
+)
+TARGET_KEYS = ("name", "backend", "hardware")
+PASS_KEYS = ("name", "options", "seconds", "cached", "metrics")
+QUALITY_KEYS = ("metric", "baseline", "optimized", "delta_pct", "budget_pct", "passed")
+FILE_KEYS = ("sha256", "bytes")
+
+# The only fields that differ between two builds of the same inputs: wall-clock pass
+# timings and cache hits (manifest["passes"][i]["seconds" | "cached"]) and manifest["build"]
+# (when and where it was built). They live in manifest.json only, which is not itself
+# listed in "files"; every listed file is byte-identical across builds.
+VOLATILE_PASS_KEYS = ("seconds", "cached")

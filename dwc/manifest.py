@@ -1,0 +1,58 @@
+"""Assembling manifest.json's content from a finished build context (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+
+from dwc import __version__
+from dwc.formats import manifest as mf
+from dwc.hashing import sha256_file
+
+
+def build_manifest(ctx, emit_record: dict) -> dict:
+    """Every manifest key but `files` (the bundle writer adds those when it hashes)."""
+    b, t = ctx.build, ctx.target
+    source = dict(ctx.artifacts["source"])
+    source["build_file"] = {"path": str(ctx.build_path), "sha256": sha256_file(ctx.build_path)}
+    source["calibration_data"] = _data(b.calibration.data)
+    source["evaluation_data"] = _data(b.evaluation.data)
+    return {
+        "schema": mf.SCHEMA,
+        "dwc_version": __version__,
+        "name": b.name,
+        "target": {"name": t.name, "backend": t.backend, "device": t.device,
+                   "hardware": vars(t.hardware) | {}},
+        "source": source,
+        "passes": [r.as_dict() for r in ctx.records] + [emit_record],
+        "quantization": {"scheme": t.weights.scheme, "weight_dtype": t.weights.dtype,
+                         "activation_dtype": t.weights.dtype, "excluded": []},
+        "draft": ctx.artifacts.get("draft"),
+        "kv_cache": ctx.artifacts.get("kv_plan") or {"dtype": t.kv_cache_dtype, "plan": None},
+        "quality": ctx.artifacts["quality"],
+        "slo": vars(b.slo) | {} if b.slo else None,
+        "build": _build_info(ctx),
+    }
+
+
+def _data(path) -> dict:
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def _build_info(ctx) -> dict:
+    """The one volatile field: when, where and with what the bundle was built."""
+    import torch
+    import transformers
+
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "seconds": round(time.perf_counter() - ctx.started, 3),
+        "python": platform.python_version(),
+        "platform": sys.platform,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -1,0 +1,94 @@
+"""Targets: hardware + backend + quantization scheme + pass list, read from `targets/*.yaml`.
+
+A target is data, not code (DESIGN.md §3). `check_model` refuses a target that cannot work
+on a given model before any pass runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Literal, Optional
+
+import yaml
+
+from dwc.checkpoint import ModelInfo
+from dwc.config import from_dict, option, positive
+from dwc.errors import TargetError
+
+BACKENDS = ("torch-triton",)
+WEIGHT_SCHEMES = ("none",)
+
+
+@dataclass
+class Hardware:
+    name: str = option(help="the device, as people name it")
+    memory_gb: float = option(help="device memory in GB (1e9 bytes)")
+    memory_bandwidth_gbs: float = option(help="measured or rated read bandwidth, GB/s")
+    peak_tflops: dict[str, float] = option(help="peak dense TFLOP/s per dtype")
+    usd_per_hour: float = option(help="price of one device-hour, for cost per token")
+    compute_capability: Optional[str] = option(None, help="CUDA compute capability, e.g. '9.0'")
+
+    def validate(self, path: str) -> None:
+        positive(self, path, "memory_gb", "memory_bandwidth_gbs", "usd_per_hour", error=TargetError)
+
+
+@dataclass
+class Weights:
+    scheme: Literal["none"] = option(help="quantization scheme of the linear layers")
+    dtype: Literal["bfloat16", "float16", "float32"] = option(
+        help="dtype of the weights that are not quantized (and of activations)")
+
+
+@dataclass
+class Target:
+    name: str = option(help="target name, as given to --target")
+    description: str = option(help="one line for `dwc targets`")
+    backend: Literal["torch-triton"] = option(help="serving backend of the bundle")
+    device: Literal["cpu", "cuda"] = option(help="where the runtime runs")
+    hardware: Hardware = option(help="the machine's figures")
+    weights: Weights = option(help="weight format")
+    kv_cache_dtype: Literal["bfloat16", "float16", "float32"] = option(help="KV cache dtype")
+    passes: list[str] = option(help="default pass list, in order")
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Refuse, in one line, a model this target cannot compile."""
+        if "head_dim" not in info.config and info.hidden_size % info.num_heads:
+            raise TargetError(f"target {self.name}: hidden_size {info.hidden_size} is not "
+                              f"divisible by num_attention_heads {info.num_heads}")
+        if info.head_dim % 2:
+            raise TargetError(f"target {self.name}: head size {info.head_dim} is odd; "
+                              "rotary embeddings need an even head size")
+
+    def summary(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "device": self.device,
+                "weights": self.weights.scheme, "dtype": self.weights.dtype,
+                "kv_cache": self.kv_cache_dtype, "description": self.description}
+
+
+def target_names() -> list[str]:
+    files = resources.files("dwc.targets").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def load_target(name: str) -> Target:
+    names = target_names()
+    if name not in names:
+        raise TargetError(f"unknown target {name!r} (known: {', '.join(names)})")
+    text = resources.files("dwc.targets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    where = f"targets/{name}.yaml"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TargetError(f"{where}: invalid YAML ({e})") from None
+    try:
+        target = from_dict(Target, data, "", error=TargetError)
+    except TargetError as e:
+        raise TargetError(f"{where}: {e.message}") from None
+    if target.name != name:
+        raise TargetError(f"{where}: name {target.name!r} differs from the file name")
+    return target
+
+
+def all_targets() -> list[Target]:
+    return [load_target(n) for n in target_names()]

@@ -1,0 +1,8 @@
+"""The one registry of passes (installed as dwc.passes). Order here is the canonical order."""
+
+from dwc.passes.calibrate import Calibrate
+from dwc.passes.emit import Emit
+from dwc.passes.evaluate import Evaluate
+from dwc.passes.load import Load
+
+REGISTRY = {p.name: p for p in (Load, Calibrate, Evaluate, Emit)}

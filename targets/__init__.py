@@ -1,0 +1,1 @@
+"""Target definitions: one YAML file per target, read by `dwc.target` (installed as dwc.targets)."""

@@ -1,0 +1,1 @@
+"""Jinja2 templates for bundle files (installed as dwc.templates)."""
