@@ -73,6 +73,8 @@ def _convert(tp, value, where: str, base_dir: Path | None, error):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise error
+            return _convert(options[0], value, where, base_dir, error)
         for opt in options:
             try:
                 return _convert(opt, value, where, base_dir, error)

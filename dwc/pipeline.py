@@ -80,8 +80,8 @@ def plan(build: BuildFile, target: Target, registry: dict) -> list[Step]:
     for name in REQUIRED:
         if name not in names:
             raise BuildFileError(f"{where}: the pipeline must include {name!r}")
-    if names[0] != "load" or names[-1] != "emit":
-        raise BuildFileError(f"{where}: the pipeline must start with 'load' and end with 'emit'")
+    if names[-1] != "emit":
+        raise BuildFileError(f"{where}: the pipeline must end with 'emit'")
     for name in build.passes:
         if name not in names:
             raise BuildFileError(f"passes.{name}: not a pass of this pipeline ({', '.join(names)})")

@@ -56,9 +56,11 @@ def split_of(rel: str) -> str:
     return "calib" if bucket == 0 else "eval" if bucket == 1 else "train"
 
 
-def read_splits(files: list[Path]) -> dict[str, str]:
+def read_splits(files: list[Path]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The text of each split, and which stdlib files went into it."""
     root = Path(sysconfig.get_paths()["stdlib"])
     parts: dict[str, list[str]] = {"train": [], "calib": [], "eval": []}
+    names: dict[str, list[str]] = {"train": [], "calib": [], "eval": []}
     sizes = {"train": 0, "calib": 0, "eval": 0}
     limits = {"train": TRAIN_BYTES, "calib": HELDOUT_BYTES, "eval": HELDOUT_BYTES}
     for path in files:
@@ -67,8 +69,9 @@ def read_splits(files: list[Path]) -> dict[str, str]:
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         parts[split].append(text)
+        names[split].append(str(path.relative_to(root)))
         sizes[split] += len(text)
-    return {k: "\n\n".join(v) for k, v in parts.items()}
+    return {k: "\n\n".join(v) for k, v in parts.items()}, names
 
 
 def cache_key(files: list[Path]) -> str:
@@ -146,7 +149,7 @@ def train(out: Path) -> dict:
     random.seed(SEED)
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
-    splits = read_splits(corpus_files())
+    splits, split_files = read_splits(corpus_files())
     tokenizer = train_tokenizer(splits["train"], out / "checkpoint")
     ids = torch.tensor(tokenizer(splits["train"])["input_ids"], dtype=torch.long)
     eval_ids = torch.tensor(tokenizer(splits["eval"])["input_ids"], dtype=torch.long)
@@ -181,7 +184,8 @@ def train(out: Path) -> dict:
     (out / "eval.txt").write_text(splits["eval"], encoding="utf-8")
     return {"params": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(tokenizer), "steps": steps, "train_tokens": steps * cfg["batch"] * SEQ_LEN,
-            "heldout_ppl": round(ppl, 3), "train_seconds": round(time.time() - t0, 1)}
+            "heldout_ppl": round(ppl, 3), "train_seconds": round(time.time() - t0, 1),
+            "split_files": split_files}
 
 
 def main() -> int:

@@ -1,0 +1,104 @@
+"""Shared fixtures: the trained example model, an isolated cache, one shared bundle build.
+
+The example model is made by `make test` before pytest starts (examples/
+make_example_model.py); if it is missing, the `example` fixture makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "stdlib-coder"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Each test session gets its own pass cache, so tests never see a user's entries."""
+    path = tmp_path_factory.mktemp("dwc-cache")
+    old = os.environ.get("DWC_CACHE_DIR")
+    os.environ["DWC_CACHE_DIR"] = str(path)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield path
+    if old is None:
+        os.environ.pop("DWC_CACHE_DIR", None)
+    else:
+        os.environ["DWC_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def example() -> Path:
+    """examples/stdlib-coder with checkpoint/, calib.txt and eval.txt in place."""
+    if not (EXAMPLE / "dwc-example.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "examples" / "make_example_model.py"),
+                        "--out", str(EXAMPLE)], check=True)
+    return EXAMPLE
+
+
+def write_buildfile(folder: Path, example: Path, **changes) -> Path:
+    """A copy of the example build file in `folder`, pointing at the example's files."""
+    data = yaml.safe_load((example / "model.yaml").read_text())
+    data["model"] = str(example / "checkpoint")
+    data["calibration"]["data"] = str(example / "calib.txt")
+    data["evaluation"]["data"] = str(example / "eval.txt")
+    data["calibration"]["samples"] = 8
+    data["evaluation"]["samples"] = 8
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def copy_checkpoint(example: Path, dest: Path) -> Path:
+    shutil.copytree(example / "checkpoint", dest)
+    return dest
+
+
+def dwc(*args: str):
+    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from dwc.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_clean_error(result, code: int, *fragments: str) -> str:
+    """One line on stderr, the exit code, no traceback; returns the line."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def bundle(example, tmp_path_factory) -> Path:
+    """One build of the example for cpu-bf16, shared by every test that only reads it."""
+    out = tmp_path_factory.mktemp("bundles") / "demo"
+    build_file = write_buildfile(tmp_path_factory.mktemp("bf"), example)
+    result = dwc("build", build_file, "--target", "cpu-bf16", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def manifest_of(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())

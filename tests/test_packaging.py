@@ -1,0 +1,44 @@
+"""Packaging: passes/, targets/, templates/ install under dwc.*; the CLI answers --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import ROOT, dwc
+
+
+def test_wheel_holds_only_the_dwc_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
+    wheel = next(Path(tmp_path).glob("dwc-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"dwc", "dwc-0.1.0.dist-info"}, tops
+    for needed in ("dwc/passes/load.py", "dwc/targets/cpu-bf16.yaml",
+                   "dwc/templates/bundle_README.md.j2", "dwc/cli.py"):
+        assert needed in names
+
+
+def test_console_script_and_help():
+    exe = Path(sys.executable).parent / "dwc"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("build", "inspect", "targets", "passes"):
+        assert command in out
+    for command in ("build", "inspect", "targets", "passes"):
+        result = dwc(command, "--help")
+        assert result.exit_code == 0 and "--json" in result.stdout
+
+
+def test_targets_and_passes_listings():
+    import json
+
+    targets = json.loads(dwc("targets", "--json").stdout)
+    assert [t["name"] for t in targets] == ["cpu-bf16"]
+    passes = json.loads(dwc("passes", "--json").stdout)
+    assert [p["name"] for p in passes] == ["load", "calibrate", "evaluate", "emit"]
+    evaluate = next(p for p in passes if p["name"] == "evaluate")
+    assert evaluate["reads"] == ["reference", "model", "tokenizer"] and evaluate["cacheable"]
+    assert all(o["help"] for p in passes for o in p["options"])

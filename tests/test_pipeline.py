@@ -1,0 +1,59 @@
+"""The pass manager: failures name the pass and those run before it; the cache resumes."""
+
+from __future__ import annotations
+
+import json
+
+from dwc.passes.base import Pass
+from tests.conftest import assert_clean_error, dwc, manifest_of, write_buildfile
+
+
+class Explode(Pass):
+    name = "explode"
+    description = "test double that fails"
+    reads = ("model",)
+
+    def run(self, ctx, options):
+        raise ZeroDivisionError("the test asked for it")
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it(example, tmp_path, monkeypatch):
+    from dwc.passes import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "explode", Explode)
+    bf = write_buildfile(tmp_path, example,
+                         optimization=["load", "calibrate", "explode", "evaluate", "emit"])
+    result = dwc("build", bf, "-t", "cpu-bf16", "-o", tmp_path / "out")
+    assert_clean_error(result, 1, "[explode]", "pass 'explode' failed",
+                       "passes run: load, calibrate", "ZeroDivisionError")
+    assert not (tmp_path / "out").exists()
+    as_json = dwc("build", bf, "-t", "cpu-bf16", "-o", tmp_path / "out", "--json")
+    assert json.loads(as_json.stdout)["error"]["pass"] == "explode"
+
+
+def test_changed_inputs_miss_the_cache_and_corrupt_entries_are_rebuilt(example, tmp_path,
+                                                                      isolated_cache):
+    bf = write_buildfile(tmp_path, example, **{"calibration.samples": 3})
+    out = tmp_path / "b"
+    assert dwc("build", bf, "-t", "cpu-bf16", "-o", out).exit_code == 0
+    first = {p["name"]: p["cached"] for p in manifest_of(out)["passes"]}
+    assert first["calibrate"] is False
+    # Same inputs: cached. Corrupt the calibrate entry: detected by hash, recomputed.
+    entries = sorted((isolated_cache / "passes" / "calibrate").glob("*/outputs/*.safetensors"),
+                     key=lambda p: p.stat().st_mtime)
+    stats = entries[-1]
+    data = bytearray(stats.read_bytes())
+    data[-1] ^= 1
+    stats.write_bytes(bytes(data))
+    assert dwc("build", bf, "-t", "cpu-bf16", "-o", out).exit_code == 0
+    second = {p["name"]: p["cached"] for p in manifest_of(out)["passes"]}
+    assert second["calibrate"] is False and second["evaluate"] is True
+    assert dwc("build", bf, "-t", "cpu-bf16", "-o", out).exit_code == 0
+    assert {p["name"]: p["cached"] for p in manifest_of(out)["passes"]}["calibrate"] is True
+    # A changed calibration setting is a different key.
+    result = dwc("build", bf, "-t", "cpu-bf16", "-o", out, "--set", "calibration.samples=2")
+    assert result.exit_code == 0
+    m = manifest_of(out)
+    assert {p["name"]: p["cached"] for p in m["passes"]}["calibrate"] is False
+    calib = next(p for p in m["passes"] if p["name"] == "calibrate")
+    assert calib["metrics"]["windows"] == 2
