@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from dwc.buildfile import load_buildfile
+from dwc.bundle.reader import read_manifest
 from dwc.cache import PassCache
 from dwc.checkpoint import model_info
 from dwc.constants import cache_dir
@@ -30,11 +32,12 @@ def build(build_file: Path, target_name: str, output: Path, overrides=(), use_ca
     steps = plan(config, target, REGISTRY)
     output = Path(output).absolute()
     _check_output_is_not_an_input(output, config)
-    ctx = BuildContext(build=config, build_path=build_file.resolve(), target=target, info=info,
-                       output=output, force=force, reporter=reporter or Reporter())
-    run(steps, ctx, PassCache(cache_dir(), enabled=use_cache))
-    from dwc.bundle.reader import read_manifest
-
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.work-", dir=output.parent) as work:
+        ctx = BuildContext(build=config, build_path=build_file.resolve(), target=target,
+                           info=info, output=output, workdir=Path(work), force=force,
+                           reporter=reporter or Reporter())
+        run(steps, ctx, PassCache(cache_dir(), enabled=use_cache))
     return read_manifest(ctx.artifacts["bundle"])
 
 

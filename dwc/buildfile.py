@@ -36,11 +36,13 @@ class Calibration:
 class Evaluation:
     data: Path = option(help="held-out text for the quality gate (.txt or .jsonl)")
     max_ppl_increase_pct: float = option(2.0, help="the build fails beyond this perplexity increase")
+    max_kl_divergence: Optional[float] = option(
+        None, help="optional second budget: mean KL(original || optimized) per token, nats")
     samples: int = option(64, help="number of token windows evaluated")
     seq_len: int = option(512, help="tokens per window")
 
     def validate(self, path: str) -> None:
-        positive(self, path, "samples", "seq_len")
+        positive(self, path, "samples", "seq_len", "max_kl_divergence")
         if self.max_ppl_increase_pct < 0:
             raise BuildFileError(f"{path}.max_ppl_increase_pct: must be >= 0")
 

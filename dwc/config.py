@@ -10,12 +10,15 @@ nested dataclasses), unknown keys are refused by name, and a class may add a
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from dwc.errors import BuildFileError
+
+SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kw):  # noqa: A002
@@ -111,6 +114,8 @@ def _scalar(tp, value, where: str, base_dir: Path | None, error):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and SCIENTIFIC.match(value):
+            return float(value)  # YAML 1.1 reads 1e-7 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -10,15 +10,15 @@ from dwc.errors import CheckpointError
 from dwc.formats import hf
 
 
-def load_model(info: ModelInfo, dtype: str):
-    """The model in `dtype`, every weight present, finite and of the config's shape."""
+def load_model(info: ModelInfo, dtype: str, device: str = "cpu"):
+    """The model in `dtype` on `device`, every weight present, finite and of the config's shape."""
     import torch
     import transformers
 
     cls = getattr(transformers, info.architecture)
     try:
         model, loading = cls.from_pretrained(
-            info.path, dtype=getattr(torch, dtype), use_safetensors=True,
+            info.path, dtype=getattr(torch, dtype), device_map=device, use_safetensors=True,
             trust_remote_code=False, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{info.path}: cannot load weights ({_first_line(e)})") from None

@@ -28,14 +28,21 @@ def build_manifest(ctx, emit_record: dict) -> dict:
                    "hardware": vars(t.hardware) | {}},
         "source": source,
         "passes": [r.as_dict() for r in ctx.records] + [emit_record],
-        "quantization": {"scheme": t.weights.scheme, "weight_dtype": t.weights.dtype,
-                         "activation_dtype": t.weights.dtype, "excluded": []},
+        "quantization": _quantization(ctx),
         "draft": ctx.artifacts.get("draft"),
         "kv_cache": ctx.artifacts.get("kv_plan") or {"dtype": t.kv_cache_dtype, "plan": None},
         "quality": ctx.artifacts["quality"],
         "slo": vars(b.slo) | {} if b.slo else None,
         "build": _build_info(ctx),
     }
+
+
+def _quantization(ctx) -> dict:
+    t = ctx.target
+    base = {"scheme": t.weights.scheme, "weight_dtype": t.weights.dtype,
+            "activation_dtype": t.weights.dtype, "excluded": []}
+    quantized = ctx.artifacts.get("quantized")
+    return base | quantized.summary if quantized is not None else base
 
 
 def _data(path) -> dict:

@@ -49,6 +49,7 @@ class BuildContext:
     target: Target
     info: ModelInfo
     output: Path
+    workdir: Path  # scratch space for this build, removed when it ends
     force: bool = False
     reporter: Reporter = field(default_factory=Reporter)
     artifacts: dict[str, Any] = field(default_factory=dict)
@@ -59,8 +60,11 @@ class BuildContext:
     started: float = field(default_factory=time.perf_counter)
 
     @property
-    def device(self) -> str:
-        return self.target.device
+    def compute_device(self) -> str:
+        """Where passes run models: the GPU when there is one, else the CPU (small models)."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass

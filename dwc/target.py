@@ -16,8 +16,7 @@ from dwc.checkpoint import ModelInfo
 from dwc.config import from_dict, option, positive
 from dwc.errors import TargetError
 
-BACKENDS = ("torch-triton",)
-WEIGHT_SCHEMES = ("none",)
+KV_DTYPES = Literal["bfloat16", "float16", "float32", "fp8_e4m3"]
 
 
 @dataclass
@@ -35,9 +34,14 @@ class Hardware:
 
 @dataclass
 class Weights:
-    scheme: Literal["none"] = option(help="quantization scheme of the linear layers")
+    scheme: Literal["none", "fp8-w8a8", "int8-w8a8", "int4-w4a16"] = option(
+        help="quantization scheme of the linear layers")
     dtype: Literal["bfloat16", "float16", "float32"] = option(
         help="dtype of the weights that are not quantized (and of activations)")
+    method: Optional[Literal["rtn", "gptq", "awq"]] = option(
+        None, help="default quantization algorithm (quantize.method overrides it)")
+    group_size: Optional[int] = option(None, help="weights per scale for grouped schemes")
+    smoothquant: bool = option(False, help="SmoothQuant before quantizing (int8-w8a8)")
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Target:
     device: Literal["cpu", "cuda"] = option(help="where the runtime runs")
     hardware: Hardware = option(help="the machine's figures")
     weights: Weights = option(help="weight format")
-    kv_cache_dtype: Literal["bfloat16", "float16", "float32"] = option(help="KV cache dtype")
+    kv_cache_dtype: KV_DTYPES = option(help="KV cache dtype")
     passes: list[str] = option(help="default pass list, in order")
 
     def check_model(self, info: ModelInfo) -> None:
@@ -59,6 +63,16 @@ class Target:
         if info.head_dim % 2:
             raise TargetError(f"target {self.name}: head size {info.head_dim} is odd; "
                               "rotary embeddings need an even head size")
+        # Every quantized Linear's input size must split into whole groups (INT4) or fit
+        # the 16-element alignment of FP8 / INT8 matrix kernels.
+        multiple = self.weights.group_size or (16 if self.weights.scheme != "none" else 1)
+        for name in ("hidden_size", "intermediate_size"):
+            size = getattr(info, name)
+            if size % multiple:
+                raise TargetError(f"target {self.name}: {name} {size} is not a multiple of "
+                                  f"{multiple}, which {self.weights.scheme} needs")
+        if self.device == "cpu" and self.weights.scheme != "none":
+            raise TargetError(f"target {self.name}: {self.weights.scheme} needs a GPU runtime")
 
     def summary(self) -> dict:
         return {"name": self.name, "backend": self.backend, "device": self.device,

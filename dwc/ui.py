@@ -31,6 +31,12 @@ class Reporter:
         self.console.print(f"      {name} done ({how}){tail}")
 
     @contextlib.contextmanager
+    def status(self, description: str):
+        """A spinner for a step that reports no progress of its own."""
+        with self.console.status(f"      {description}"):
+            yield
+
+    @contextlib.contextmanager
     def progress(self, description: str, total: int):
         """A bar for `total` steps; yields a function that advances it by n."""
         bar = Progress(TextColumn("      {task.description}"), BarColumn(),

@@ -4,5 +4,6 @@ from dwc.passes.calibrate import Calibrate
 from dwc.passes.emit import Emit
 from dwc.passes.evaluate import Evaluate
 from dwc.passes.load import Load
+from dwc.passes.quantize import Quantize
 
-REGISTRY = {p.name: p for p in (Load, Calibrate, Evaluate, Emit)}
+REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, Evaluate, Emit)}

@@ -23,13 +23,14 @@ class Emit(Pass):
     description = ("Write the bundle for the target's backend: model/, reports/, README.md "
                    "and manifest.json with the sha256 of every file, atomically.")
     reads = ("model", "tokenizer", "source", "quality")
-    optional_reads = ("calibration", "draft", "kv_plan")
+    optional_reads = ("calibration", "quantized", "draft", "kv_plan")
     writes = ("bundle",)
 
     def run(self, ctx, options) -> PassResult:
         t0 = time.perf_counter()
         with BundleWriter(ctx.output, force=ctx.force) as writer:
-            EMITTERS[ctx.target.backend](writer, ctx.artifacts["model"], ctx.info.path)
+            EMITTERS[ctx.target.backend](writer, ctx.artifacts["model"], ctx.info.path,
+                                         ctx.artifacts.get("quantized"))
             for name, data in sorted(ctx.reports.items()):
                 writer.write_bytes(f"{mf.REPORTS_DIR}/{name}", data)
             record = {"name": self.name, "options": options_dict(options),

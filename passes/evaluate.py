@@ -13,11 +13,10 @@ import json
 from dataclasses import dataclass
 
 from dwc.config import option, positive
-from dwc.data import token_windows
 from dwc.errors import QualityBudgetExceeded
 from dwc.hashing import sha256_file
-from dwc.metrics import compare, hf_logits
 from dwc.passes.base import Pass, PassResult
+from dwc.quality import apply_budget, measure
 from dwc.reports import json_bytes, line_chart
 
 QUALITY_FILE = "quality.json"
@@ -35,7 +34,7 @@ class Evaluate(Pass):
     name = "evaluate"
     description = ("Perplexity of the optimized model vs the original on the evaluation "
                    "data, KL divergence and top-1 agreement; fails the build (exit 3) "
-                   "beyond evaluation.max_ppl_increase_pct.")
+                   "beyond the build file's budget.")
     reads = ("reference", "model", "tokenizer")
     writes = ("quality",)
     Options = EvaluateOptions
@@ -46,14 +45,9 @@ class Evaluate(Pass):
         return {"data": sha256_file(e.data), "samples": e.samples, "seq_len": e.seq_len}
 
     def run(self, ctx, options) -> PassResult:
-        e = ctx.build.evaluation
-        windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
-        with ctx.reporter.progress("evaluating", len(windows)) as advance:
-            totals = compare(hf_logits(ctx.artifacts["reference"]),
-                             hf_logits(ctx.artifacts["model"]), windows,
-                             options.batch_size, advance)
-        quality = totals.result(budget_pct=e.max_ppl_increase_pct)
-        quality.update(windows=len(windows), data=str(e.data))
+        totals = measure(ctx, ctx.artifacts["model"], options.batch_size)
+        quality = totals.result()
+        quality.update(windows=len(totals.window_ppl_ref), data=str(ctx.build.evaluation.data))
         png = line_chart({"original": totals.window_ppl_ref, "optimized": totals.window_ppl_opt},
                          title="Perplexity per evaluation window", xlabel="window",
                          ylabel="perplexity")
@@ -67,19 +61,16 @@ class Evaluate(Pass):
     def after(self, ctx, options, result: PassResult) -> None:
         """Apply the current budget, also to a cached measurement."""
         quality = result.outputs["quality"]
-        budget = ctx.build.evaluation.max_ppl_increase_pct
-        quality["budget_pct"] = budget
-        quality["passed"] = quality["delta_pct"] <= budget
+        reason = apply_budget(quality, ctx.build.evaluation)
         report = json.loads(ctx.reports[QUALITY_FILE])
-        report.update(budget_pct=budget, passed=quality["passed"])
+        report.update({k: quality[k] for k in ("budget_pct", "kl_budget", "passed")})
         ctx.reports[QUALITY_FILE] = json_bytes(report)
-        if not quality["passed"]:
+        if reason:
             culprits = ", ".join(ctx.lineage.get("model", [])) or "none recorded"
-            raise QualityBudgetExceeded(
-                f"quality budget exceeded: perplexity {quality['baseline']:.4f} -> "
-                f"{quality['optimized']:.4f} (+{quality['delta_pct']:.3f}%), budget "
-                f"{budget}% (over by {quality['delta_pct'] - budget:.3f} points); "
-                f"passes that changed the model: {culprits}")
+            scheme = ctx.artifacts.get("quantized")
+            what = f"{scheme.describe()}: " if scheme is not None else ""
+            raise QualityBudgetExceeded(f"quality budget exceeded: {what}{reason}; "
+                                        f"passes that changed the model: {culprits}")
 
     def save(self, outputs, folder) -> None:
         (folder / QUALITY_FILE).write_bytes(json_bytes(outputs["quality"]))

@@ -32,7 +32,7 @@ class Load(Pass):
         files = weight_files(info.path)
         headers = [safetensors_header(f) for f in files]
         dtype = stored_dtype(headers)
-        reference = load_model(info, dtype)
+        reference = load_model(info, dtype, ctx.compute_device)
         adapter = None
         if ctx.build.adapter is not None:
             reference = merge_adapter(reference, ctx.build.adapter, dtype)

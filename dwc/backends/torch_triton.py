@@ -1,5 +1,6 @@
 """The torch-triton backend's model/: a Hugging Face checkpoint (config.json, safetensors,
-tokenizer), loadable as it is by transformers and vLLM, and by dwc's runtime.
+tokenizer), loadable as it is by transformers and vLLM, and by dwc's runtime. Quantized
+models are in the compressed-tensors layout (with llm-compressor's recipe.yaml).
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from dwc.formats import hf
 from dwc.formats import manifest as mf
 
 
-def emit(writer: BundleWriter, model, source_dir: Path) -> None:
-    out = writer.path(f"{mf.MODEL_DIR}/{hf.CONFIG}").parent
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+def emit(writer: BundleWriter, model, source_dir: Path, quantized=None) -> None:
+    """model/: the quantize pass's compressed-tensors files as they are, or the bf16 model."""
+    if quantized is not None:
+        for f in sorted(quantized.folder.iterdir()):
+            if f.is_file() and f.name not in hf.TOKENIZER_FILES:
+                writer.copy_file(f"{mf.MODEL_DIR}/{f.name}", f)
+    else:
+        out = writer.path(f"{mf.MODEL_DIR}/{hf.CONFIG}").parent
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     copy_tokenizer(writer, source_dir, mf.MODEL_DIR)
 
 
