@@ -87,8 +87,10 @@ draft: none
 """)
     os.environ.setdefault("DWC_CACHE_DIR", str(args.work / "cache"))
     rows = [build(bf, t, args.work / f"bundle-{t}") for t in args.targets.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    # The device's copy of the tree has no .git: pass DWC_COMMIT=<hash> from here.
+    commit = os.environ.get("DWC_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        text=True).stdout.strip() or "unknown"
     report = {"benchmark": "build_8b", "date": date.today().isoformat(),
               "device": torch.cuda.get_device_name(0), "commit": commit,
               "torch": torch.__version__, "checkpoint_seconds": made, "builds": rows}
