@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -41,6 +42,8 @@ def command(fn):
     def wrapper(*args, as_json: bool, debug: bool, **kwargs):
         if not debug:
             _quiet_libraries()
+        # SIGTERM unwinds like Ctrl-C, so staging folders and scratch space are removed.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             fn(*args, as_json=as_json, **kwargs)
         except DwcError as e:
@@ -51,6 +54,10 @@ def command(fn):
             _fail(f"internal error: {type(e).__name__}: {e}", EXIT_PASS_FAILED, None,
                   as_json, debug)
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _fail(message: str, code: int, pass_name, as_json: bool, debug: bool):

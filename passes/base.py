@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from dwc.config import option, positive
+
 
 @dataclass
 class PassResult:
@@ -28,6 +30,16 @@ class PassResult:
 @dataclass
 class NoOptions:
     """For passes without options."""
+
+
+@dataclass
+class BatchOptions:
+    """For passes that only run windows through models."""
+
+    batch_size: int = option(4, help="windows per forward pass")
+
+    def validate(self, path: str) -> None:
+        positive(self, path, "batch_size")
 
 
 class Pass:

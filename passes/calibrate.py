@@ -9,21 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dwc.config import option, positive
 from dwc.data import batches, token_windows
 from dwc.hashing import sha256_file
-from dwc.passes.base import Pass, PassResult
+from dwc.passes.base import BatchOptions, Pass, PassResult
 from dwc.reports import bar_chart, json_bytes
 
 STATS_FILE = "calibration.safetensors"
-
-
-@dataclass
-class CalibrateOptions:
-    batch_size: int = option(4, help="windows per forward pass")
-
-    def validate(self, path: str) -> None:
-        positive(self, path, "batch_size")
 
 
 @dataclass
@@ -41,7 +32,7 @@ class Calibrate(Pass):
                    "activation statistics (mean square, max |x|) at every Linear input.")
     reads = ("reference", "tokenizer")
     writes = ("calibration",)
-    Options = CalibrateOptions
+    Options = BatchOptions
     cacheable = True
 
     def key_material(self, ctx, options):

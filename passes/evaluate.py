@@ -10,24 +10,14 @@ re-uses the measurement.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-from dwc.config import option, positive
 from dwc.errors import QualityBudgetExceeded
 from dwc.hashing import sha256_file
-from dwc.passes.base import Pass, PassResult
+from dwc.passes.base import BatchOptions, Pass, PassResult
 from dwc.quality import apply_budget, measure
 from dwc.reports import json_bytes, line_chart
 
 QUALITY_FILE = "quality.json"
-
-
-@dataclass
-class EvaluateOptions:
-    batch_size: int = option(4, help="windows per forward pass")
-
-    def validate(self, path: str) -> None:
-        positive(self, path, "batch_size")
 
 
 class Evaluate(Pass):
@@ -37,7 +27,7 @@ class Evaluate(Pass):
                    "beyond the build file's budget.")
     reads = ("reference", "model", "tokenizer")
     writes = ("quality",)
-    Options = EvaluateOptions
+    Options = BatchOptions
     cacheable = True
 
     def key_material(self, ctx, options):

@@ -57,3 +57,26 @@ def test_changed_inputs_miss_the_cache_and_corrupt_entries_are_rebuilt(example, 
     assert {p["name"]: p["cached"] for p in m["passes"]}["calibrate"] is False
     calib = next(p for p in m["passes"] if p["name"] == "calibrate")
     assert calib["metrics"]["windows"] == 2
+
+
+def test_sigterm_mid_build_leaves_nothing_behind(example, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bf = write_buildfile(tmp_path / "bf", example)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "dwc", "build", str(bf), "-t", "cpu-bf16",
+                             "-o", str(out), "--no-cache"], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    deadline = time.time() + 60
+    while not any(".work-" in p.name for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside the passes
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "error: interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf"]
