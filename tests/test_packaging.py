@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,12 @@ from tests.conftest import ROOT, dwc
 
 
 def test_wheel_holds_only_the_dwc_package(tmp_path):
+    # Build from a copy: setuptools writes build/ next to the sources it builds.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "checkpoint", "*.txt", ".whl", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
+                    "-q", "-w", str(tmp_path), str(src)], check=True)
     wheel = next(Path(tmp_path).glob("dwc-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}

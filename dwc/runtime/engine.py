@@ -1,0 +1,156 @@
+"""The engine: `step()` = schedule, run the model, sample, retire finished sequences.
+
+    engine = Engine.from_bundle("bundles/demo")
+    outputs = engine.generate(["def main():"], SamplingParams(max_tokens=32))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dwc.bundle.reader import open_bundle
+from dwc.errors import BadInput
+from dwc.formats import manifest as mf
+from dwc.runtime.block_manager import BlockManager
+from dwc.runtime.model_runner import ModelRunner
+from dwc.runtime.sampler import sample
+from dwc.runtime.scheduler import Scheduler
+from dwc.runtime.sequence import SamplingParams, Sequence, Status
+
+CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None          # None: from the KV budget
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    device: str | None = None              # None: cuda when present, else cpu
+    dtype: str | None = None               # None: bfloat16 on cuda, float32 on cpu
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class Engine:
+    def __init__(self, model_dir: Path, config: EngineConfig | None = None):
+        from transformers import AutoTokenizer
+
+        self.config = c = config or EngineConfig()
+        device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # The CPU path computes in float32: CPU bf16 matmuls are slower, not faster, and
+        # float32 keeps greedy decoding identical to the reference.
+        dtype = getattr(torch, c.dtype or ("bfloat16" if device == "cuda" else "float32"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        num_blocks = c.num_blocks or self._blocks_for_budget(model_dir, c.block_size, dtype)
+        self.runner = ModelRunner(model_dir, num_blocks, c.block_size, device, dtype)
+        self.blocks = BlockManager(num_blocks, c.block_size)
+        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
+        self.eos_ids = self._eos_ids()
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, config: EngineConfig | None = None) -> "Engine":
+        """Refuses a bundle whose files do not match its manifest."""
+        manifest = open_bundle(bundle)
+        if manifest["target"]["backend"] != "torch-triton":
+            raise BadInput(f"{bundle}: a {manifest['target']['backend']} bundle; dwc's runtime "
+                           "runs torch-triton bundles")
+        return cls(Path(bundle) / mf.MODEL_DIR, config)
+
+    @staticmethod
+    def _blocks_for_budget(model_dir: Path, block_size: int, dtype: torch.dtype) -> int:
+        import json
+
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        per_token = cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * dtype.itemsize
+        return max(CPU_KV_BUDGET_BYTES // (per_token * block_size), 4)
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.runner.hf_model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
+
+    # -- requests ---------------------------------------------------------------------
+
+    def add(self, prompt: str | list[int], params: SamplingParams | None = None) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] \
+            if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise BadInput("empty prompt")
+        limit = self.runner.max_context
+        if len(ids) + params.max_tokens > limit:
+            raise BadInput(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                           f"exceeds the context limit of {limit} tokens")
+        seq = Sequence(ids, params)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """Schedule, run, sample; returns the sequences that finished in this step."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.runner.run(chunks, self.blocks)
+        sampling = [c for c in chunks if c.samples]
+        for c in chunks:
+            c.seq.num_computed = c.start + c.length
+            self.blocks.seal_full_blocks(c.seq)
+        finished = []
+        for c, token in zip(sampling, sample(logits, [c.seq for c in sampling])):
+            seq = c.seq
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in self.eos_ids and not p.ignore_eos:
+            return "stop"
+        if p.stop and any(s in self._raw_text(seq) for s in p.stop):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.runner.max_context:
+            return "length"
+        return None
+
+    def _raw_text(self, seq: Sequence) -> str:
+        ids = [t for t in seq.output_ids if t not in self.eos_ids or seq.params.ignore_eos]
+        return self.tokenizer.decode(ids)
+
+    def text(self, seq: Sequence) -> str:
+        """The generated text, cut before the first stop string, without the EOS token."""
+        text = self._raw_text(seq)
+        cuts = [text.find(s) for s in seq.params.stop if s in text]
+        return text[:min(cuts)] if cuts else text
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Run prompts to completion, all batched together; results in prompt order."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        seqs = [self.add(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_work():
+            self.step()
+        return [Completion(s.prompt_ids, s.output_ids, self.text(s), s.finish_reason) for s in seqs]

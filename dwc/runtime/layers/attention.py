@@ -1,0 +1,39 @@
+"""Attention over the paged KV cache (plain PyTorch path; used on CPU).
+
+The cache is one tensor per layer, [2, num_slots, kv_heads, head_dim], slot = block *
+block_size + offset. A chunk of n new tokens at positions start..start+n-1 first writes
+its K/V into its slots, then attends, causally, to every cached position of its sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """cache: [2, slots, kv_heads, d]; slots: [tokens]; k, v: [tokens, kv_heads, d]."""
+    cache[0, slots] = k.to(cache.dtype)
+    cache[1, slots] = v.to(cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, cache: torch.Tensor, seq_slots: torch.Tensor,
+                    start: int, scale: float) -> torch.Tensor:
+    """One sequence's chunk.
+
+    q: [n, heads, d] for positions start..start+n-1; seq_slots: [start + n] the slots of
+    positions 0..start+n-1. Returns [n, heads, d].
+    """
+    n, heads, _ = q.shape
+    k = cache[0, seq_slots].to(q.dtype)                                  # [T, kv_heads, d]
+    v = cache[1, seq_slots].to(q.dtype)
+    group = heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)                                # [T, heads, d]
+    v = v.repeat_interleave(group, dim=1)
+    total = k.shape[0]
+    # Query i (position start + i) sees positions 0..start + i.
+    mask = torch.arange(total, device=q.device)[None, :] <= \
+        (start + torch.arange(n, device=q.device))[:, None]              # [n, T]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                         v.transpose(0, 1), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)                                           # [n, heads, d]

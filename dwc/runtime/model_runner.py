@@ -1,0 +1,60 @@
+"""Loads the bundle's model, owns the KV cache, turns scheduled chunks into one batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dwc.runtime.block_manager import BlockManager
+from dwc.runtime.model import Batch, Decoder
+from dwc.runtime.scheduler import Chunk
+
+
+def load_hf_model(model_dir: Path, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                 trust_remote_code=False).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, num_blocks: int, block_size: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None):
+        self.device = device
+        self.hf_model = load_hf_model(model_dir, device, dtype)
+        self.decoder = Decoder(self.hf_model, device)
+        d = self.decoder
+        slots = num_blocks * block_size
+        self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=kv_dtype or dtype,
+                                  device=device) for _ in range(len(d.layers))]
+        self.block_size = block_size
+
+    @property
+    def max_context(self) -> int:
+        return int(self.hf_model.config.max_position_embeddings)
+
+    def run(self, chunks: list[Chunk], blocks: BlockManager) -> torch.Tensor:
+        """Run one step; logits [chunks that sample, vocab], in chunk order."""
+        return self.decoder.forward(self._batch(chunks, blocks), self.cache)
+
+    def _batch(self, chunks: list[Chunk], blocks: BlockManager) -> Batch:
+        ids, positions, slots, parts, rows = [], [], [], [], []
+        offset = 0
+        for c in chunks:
+            tokens = c.seq.tokens
+            span = range(c.start, c.start + c.length)
+            ids.extend(tokens[i] for i in span)
+            positions.extend(span)
+            seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
+            slots.extend(seq_slots[c.start:])
+            parts.append((offset, c.length, c.start,
+                          torch.tensor(seq_slots, device=self.device)))
+            offset += c.length
+            if c.samples:
+                rows.append(offset - 1)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts, as_tensor(rows))

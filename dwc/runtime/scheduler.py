@@ -1,0 +1,106 @@
+"""Continuous batching with chunked prefill and preemption by recompute (FCFS).
+
+Each step the scheduler hands the model runner a list of (sequence, n) chunks under a
+token budget: first the running sequences (one decode token each, or the next piece of a
+prefill), oldest first; then waiting sequences, oldest first, while the budget, the
+sequence limit and the free blocks allow. When blocks run out, the newest running
+sequence is preempted: its blocks are freed and it waits again at the front of the
+queue, to be recomputed (its generated tokens are kept).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from dwc.runtime.block_manager import BlockManager
+from dwc.runtime.sequence import Sequence, Status
+
+
+@dataclass
+class Chunk:
+    seq: Sequence
+    start: int      # first token position computed in this step
+    length: int     # tokens computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token (so a token is sampled)."""
+        return self.start + self.length == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[Chunk] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._make_room(seq, seq.num_computed + n):
+                continue
+            chunks.append(Chunk(seq, seq.num_computed, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.block_table:
+                self.blocks.match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed + n):
+                # Waiting sequences hold no blocks: give back the prefix it matched (the
+                # hashes stay, so it matches again next time unless they were evicted).
+                self.blocks.release(seq)
+                seq.reset_for_recompute()
+                if not self.running:  # nothing will free blocks: the cache is too small
+                    raise RuntimeError(f"KV cache too small for one chunk of {n} tokens")
+                break
+            self.blocks.grow(seq, seq.num_computed + n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(Chunk(seq, seq.num_computed, n))
+            budget -= n
+        return chunks
+
+    def _make_room(self, seq: Sequence, total: int) -> bool:
+        """Grow `seq` to `total` tokens, preempting the newest others if needed."""
+        while not self.blocks.can_grow(seq, total):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq, total)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence (done, stopped or aborted) and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,59 @@
+"""A request's state inside the engine: its tokens, sampling settings and KV blocks."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+_ids = itertools.count()
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0             # tokens whose K/V are in the cache
+    num_cached: int = 0               # of those, how many came from the prefix cache
+    finish_reason: str | None = None
+    generator: object = None          # torch.Generator when a seed is given
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its blocks are gone; generated tokens stay and are recomputed."""
+        self.block_table = []
+        self.num_computed = 0
+        self.num_cached = 0
+        self.status = Status.WAITING
