@@ -102,3 +102,21 @@ def bundle(example, tmp_path_factory) -> Path:
 
 def manifest_of(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def build_for(example, tmp_path_factory):
+    """Build the example for a target (+ --set options) once per session; returns the bundle."""
+    built = {}
+
+    def build(target: str, *sets: str):
+        key = (target, sets)
+        if key not in built:
+            folder = tmp_path_factory.mktemp("q")
+            bf = write_buildfile(folder, example, **{"evaluation.samples": 16})
+            args = [a for s in sets for a in ("--set", s)]
+            result = dwc("build", bf, "-t", target, "-o", folder / "bundle", *args)
+            assert result.exit_code == 0, result.stderr
+            built[key] = folder / "bundle"
+        return built[key]
+    return build

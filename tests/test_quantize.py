@@ -14,24 +14,6 @@ from dwc.metrics import compare, hf_logits
 from tests.conftest import assert_clean_error, dwc, manifest_of, write_buildfile
 
 
-@pytest.fixture(scope="module")
-def build_for(example, tmp_path_factory):
-    """Build the example for a target (+ --set options) once per module; returns the bundle."""
-    built = {}
-
-    def build(target: str, *sets: str):
-        key = (target, sets)
-        if key not in built:
-            folder = tmp_path_factory.mktemp("q")
-            bf = write_buildfile(folder, example, **{"evaluation.samples": 16})
-            args = [a for s in sets for a in ("--set", s)]
-            result = dwc("build", bf, "-t", target, "-o", folder / "bundle", *args)
-            assert result.exit_code == 0, result.stderr
-            built[key] = folder / "bundle"
-        return built[key]
-    return build
-
-
 def quality(bundle):
     return manifest_of(bundle)["quality"]
 

@@ -14,8 +14,17 @@ from dwc.runtime.scheduler import Chunk
 def load_hf_model(model_dir: Path, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
-                                                 trust_remote_code=False).to(device)
+    # A compressed-tensors model runs in the dtype it was saved in: transformers refuses to
+    # cast a quantized model, and loading one straight into float32 keeps FP8 weights its
+    # forward cannot multiply. Unquantized models take the runner's dtype.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                 trust_remote_code=False)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and quantizer.quantization_config.is_quantization_compressed:
+        # transformers decompresses on the model's first forward() through a hook; the
+        # runtime calls the layers itself, so it decompresses here, once.
+        quantizer.compressor.decompress_model(model=model)
+    model = model.to(device) if quantizer is not None else model.to(device, dtype)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -29,7 +38,7 @@ class ModelRunner:
         self.decoder = Decoder(self.hf_model, device)
         d = self.decoder
         slots = num_blocks * block_size
-        self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=kv_dtype or dtype,
+        self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=kv_dtype or d.dtype,
                                   device=device) for _ in range(len(d.layers))]
         self.block_size = block_size
 
