@@ -49,7 +49,9 @@ def command(fn):
         except DwcError as e:
             _fail(e.message, e.exit_code, e.pass_name, as_json, debug)
         except KeyboardInterrupt:
-            _fail("interrupted", 130, None, as_json, debug)
+            # The unwinding above already removed staging and scratch folders. Leave at
+            # once: an interrupt during interpreter shutdown would turn 130 into -SIGINT.
+            _fail("interrupted", 130, None, as_json, debug, hard=True)
         except Exception as e:  # a bug in dwc or its environment, not the user's input
             _fail(f"internal error: {type(e).__name__}: {e}", EXIT_PASS_FAILED, None,
                   as_json, debug)
@@ -60,7 +62,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _fail(message: str, code: int, pass_name, as_json: bool, debug: bool):
+def _fail(message: str, code: int, pass_name, as_json: bool, debug: bool, hard: bool = False):
     if debug:
         traceback.print_exc()
     message = " ".join(message.split())  # one line, always
@@ -69,6 +71,10 @@ def _fail(message: str, code: int, pass_name, as_json: bool, debug: bool):
     else:
         where = f"[{pass_name}] " if pass_name else ""
         click.echo(f"error: {where}{message}", err=True)
+    if hard:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -77,6 +77,6 @@ def test_sigterm_mid_build_leaves_nothing_behind(example, tmp_path):
     time.sleep(0.5)  # well inside the passes
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (proc.returncode, err)
     assert "error: interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf"]
