@@ -3,7 +3,8 @@
 from dwc.passes.calibrate import Calibrate
 from dwc.passes.emit import Emit
 from dwc.passes.evaluate import Evaluate
+from dwc.passes.kv_layout import KvLayout
 from dwc.passes.load import Load
 from dwc.passes.quantize import Quantize
 
-REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, Evaluate, Emit)}
+REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, Evaluate, KvLayout, Emit)}

@@ -17,7 +17,8 @@ def test_manifest_has_every_field(bundle):
     assert list(m) == list(mf.KEYS)
     assert m["schema"] == mf.SCHEMA and m["name"] == "stdlib-coder"
     assert set(m["target"]) >= set(mf.TARGET_KEYS) and m["target"]["name"] == "cpu-bf16"
-    assert [p["name"] for p in m["passes"]] == ["load", "calibrate", "evaluate", "emit"]
+    assert [p["name"] for p in m["passes"]] == ["load", "calibrate", "evaluate", "kv-layout",
+                                                "emit"]
     assert all(set(p) == set(mf.PASS_KEYS) for p in m["passes"])
     assert set(m["quality"]) >= set(mf.QUALITY_KEYS)
     assert m["source"]["architecture"] == "LlamaForCausalLM"
@@ -34,7 +35,7 @@ def test_every_file_is_listed_with_its_hash(bundle):
         assert entry["bytes"] == (bundle / rel).stat().st_size
     for needed in ("README.md", "model/config.json", "model/model.safetensors",
                    "model/tokenizer.json", "reports/quality.json", "reports/quality.png",
-                   "reports/calibration.json"):
+                   "reports/calibration.json", "reports/kv_plan.json"):
         assert needed in m["files"]
 
 
@@ -95,7 +96,8 @@ def test_rebuild_reuses_cached_passes(example, bundle, tmp_path):
     out = tmp_path / "again"
     assert dwc("build", build_file, "-t", "cpu-bf16", "-o", out).exit_code == 0
     cached = {p["name"]: p["cached"] for p in manifest_of(out)["passes"]}
-    assert cached == {"load": False, "calibrate": True, "evaluate": True, "emit": False}
+    assert cached == {"load": False, "calibrate": True, "evaluate": True, "kv-layout": False,
+                      "emit": False}
     assert manifest_of(out)["files"] == manifest_of(bundle)["files"]
 
 

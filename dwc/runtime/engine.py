@@ -51,7 +51,7 @@ class Engine:
         # float32 keeps greedy decoding identical to the reference.
         dtype = getattr(torch, c.dtype or ("bfloat16" if device == "cuda" else "float32"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        num_blocks = c.num_blocks or self._blocks_for_budget(model_dir, c.block_size, dtype)
+        num_blocks = self._fit_blocks(model_dir, c, device, dtype)
         self.runner = ModelRunner(model_dir, num_blocks, c.block_size, device, dtype)
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
@@ -59,22 +59,45 @@ class Engine:
 
     @classmethod
     def from_bundle(cls, bundle: Path, config: EngineConfig | None = None) -> "Engine":
-        """Refuses a bundle whose files do not match its manifest."""
+        """Refuses a bundle whose files do not match its manifest. Sizes itself from the
+        bundle's KV plan unless `config` says otherwise."""
         manifest = open_bundle(bundle)
         if manifest["target"]["backend"] != "torch-triton":
             raise BadInput(f"{bundle}: a {manifest['target']['backend']} bundle; dwc's runtime "
                            "runs torch-triton bundles")
+        plan = manifest["kv_cache"]
+        if config is None and plan.get("num_blocks"):
+            config = EngineConfig(block_size=plan["block_size"], num_blocks=plan["num_blocks"],
+                                  max_num_seqs=plan["max_num_seqs"],
+                                  max_num_batched_tokens=plan["max_num_batched_tokens"])
         return cls(Path(bundle) / mf.MODEL_DIR, config)
 
     @staticmethod
-    def _blocks_for_budget(model_dir: Path, block_size: int, dtype: torch.dtype) -> int:
+    def _fit_blocks(model_dir: Path, c: EngineConfig, device: str, dtype: torch.dtype) -> int:
+        """The planned number of blocks, scaled down (with a warning) to what fits here:
+        on CPU a fixed budget, on a GPU 90% of the memory free before the weights load,
+        less the weights' size on disk."""
         import json
+        import warnings
 
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-        per_token = cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * dtype.itemsize
-        return max(CPU_KV_BUDGET_BYTES // (per_token * block_size), 4)
+        per_block = cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * dtype.itemsize * \
+            c.block_size
+        if device == "cuda":
+            weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+            budget = torch.cuda.mem_get_info()[0] * 0.9 - weights
+        else:
+            budget = CPU_KV_BUDGET_BYTES
+        fits = max(int(budget // per_block), 4)
+        if c.num_blocks is None:
+            return fits
+        if c.num_blocks > fits:
+            warnings.warn(f"KV plan asks for {c.num_blocks} blocks; {fits} fit on this "
+                          f"{device}: using {fits}")
+            return fits
+        return c.num_blocks
 
     def _eos_ids(self) -> set[int]:
         ids = self.runner.hf_model.generation_config.eos_token_id

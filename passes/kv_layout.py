@@ -1,0 +1,121 @@
+"""`kv-layout`: plan the paged KV cache for the target (DESIGN.md §4.6).
+
+From the target's memory, the bundle's weight bytes, a workspace reserve and the longest
+context (`slo.max_context`, else the model's `max_position_embeddings`), it chooses the
+block size, the number of blocks, the most concurrent sequences and the token budget of a
+step, and writes every figure of the arithmetic to the manifest's `kv_cache` and to
+`reports/kv_plan.json`. The runtime sizes itself from this plan, scaled down (with a
+warning) when the machine it runs on has less memory than the target.
+
+The step token budget: with `slo.target_latency_ms`, the prefill chunk that fits in one
+step next to the decode of a full batch within that latency on the target's figures
+(weights read once per step at the target's bandwidth; 2 FLOPs per parameter per token
+at its peak); without it, 8192 tokens on a GPU and 2048 on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from dwc.config import option, positive
+from dwc.errors import TargetError
+from dwc.passes.base import Pass, PassResult
+from dwc.reports import json_bytes
+
+GB = 1e9
+KV_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8_e4m3": 1}
+COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass
+class KvLayoutOptions:
+    block_size: int = option(16, help="tokens per KV block (page)")
+    memory_utilization: Optional[float] = option(
+        None, help="fraction of the target's memory dwc may use (default 0.90 GPU, 0.25 CPU)")
+    workspace_gb: Optional[float] = option(
+        None, help="memory kept for activations, CUDA graphs and the allocator "
+                   "(default 2 GB GPU, 0.5 GB CPU), on top of the per-step estimate")
+    max_num_seqs: int = option(256, help="upper bound on concurrent sequences")
+
+    def validate(self, path: str) -> None:
+        positive(self, path, "block_size", "memory_utilization", "workspace_gb", "max_num_seqs",
+                 error=TargetError)
+
+
+class KvLayout(Pass):
+    name = "kv-layout"
+    description = ("Plan the paged KV cache from the target's memory, the weights' size and "
+                   "the SLO: dtype, block size, blocks, max sequences, step token budget.")
+    reads = ("model",)
+    optional_reads = ("quantized",)
+    writes = ("kv_plan",)
+    Options = KvLayoutOptions
+
+    def run(self, ctx, options) -> PassResult:
+        plan = plan_kv(ctx, options)
+        metrics = {k: plan[k] for k in ("dtype", "block_size", "num_blocks", "max_num_seqs",
+                                        "max_num_batched_tokens")}
+        return PassResult(outputs={"kv_plan": plan}, metrics=metrics,
+                          reports={"kv_plan.json": json_bytes(plan)})
+
+
+def weight_bytes(ctx) -> int:
+    quantized = ctx.artifacts.get("quantized")
+    if quantized is not None:
+        return int(quantized.summary["weight_bytes"])
+    size = COMPUTE_BYTES[ctx.target.weights.dtype]
+    return sum(p.numel() for p in ctx.artifacts["model"].parameters()) * size
+
+
+def plan_kv(ctx, options) -> dict:
+    t, info, slo = ctx.target, ctx.info, ctx.build.slo
+    gpu = t.device == "cuda"
+    utilization = options.memory_utilization or (0.90 if gpu else 0.25)
+    reserve = (options.workspace_gb or (2.0 if gpu else 0.5)) * GB
+    max_context = (slo.max_context if slo and slo.max_context else
+                   int(info.config.get("max_position_embeddings") or 4096))
+    per_token = info.num_layers * 2 * info.num_kv_heads * info.head_dim * KV_BYTES[t.kv_cache_dtype]
+    weights = weight_bytes(ctx)
+    budget_tokens = step_tokens(ctx, weights, gpu, options.block_size)
+    act = COMPUTE_BYTES[t.weights.dtype]
+    # Activations of one step (a few hidden-size and FFN-size buffers per token) and the
+    # float32 logits of every sequence that samples.
+    step = budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size) * act + \
+        options.max_num_seqs * info.vocab_size * 4
+    free = t.hardware.memory_gb * GB * utilization - weights - reserve - step
+    if free < per_token * max_context:
+        raise TargetError(f"target {t.name}: {weights / GB:.2f} GB of weights leave "
+                          f"{max(free, 0) / GB:.2f} GB for the KV cache, less than one sequence "
+                          f"of max_context {max_context} needs ({per_token * max_context / GB:.2f} GB)")
+    blocks_fit = int(free // (per_token * options.block_size))
+    per_seq_blocks = -(-max_context // options.block_size)
+    max_num_seqs = max(1, min(options.max_num_seqs, blocks_fit // per_seq_blocks * 4))
+    num_blocks = min(blocks_fit, max_num_seqs * per_seq_blocks)  # never more than usable
+    return {
+        "dtype": t.kv_cache_dtype, "block_size": options.block_size, "num_blocks": num_blocks,
+        "max_num_seqs": max_num_seqs, "max_num_batched_tokens": budget_tokens,
+        "max_context": max_context, "bytes_per_token": per_token,
+        "arithmetic": {
+            "memory_bytes": int(t.hardware.memory_gb * GB), "utilization": utilization,
+            "weight_bytes": weights, "workspace_reserve_bytes": int(reserve),
+            "step_activation_bytes": int(step), "kv_bytes_available": int(free),
+            "kv_tokens_available": int(free // per_token), "blocks_that_fit": blocks_fit,
+            "rule": "max_num_seqs = min(cap, fitting blocks / blocks of one max_context "
+                    "sequence x 4: sequences average a quarter of max_context); "
+                    "num_blocks = min(fitting, max_num_seqs x blocks per sequence)",
+        },
+    }
+
+
+def step_tokens(ctx, weights: int, gpu: bool, block_size: int) -> int:
+    slo, hw = ctx.build.slo, ctx.target.hardware
+    if not (slo and slo.target_latency_ms):
+        return 8192 if gpu else 2048
+    params = sum(p.numel() for p in ctx.artifacts["model"].parameters())
+    read_s = weights / (hw.memory_bandwidth_gbs * GB)
+    peak = max(hw.peak_tflops.values()) * 1e12
+    spare_s = slo.target_latency_ms / 1000 - read_s
+    tokens = int(spare_s * peak / (2 * params)) if spare_s > 0 else 0
+    tokens = max(256, min(16384, tokens))
+    return tokens // block_size * block_size

@@ -1,0 +1,79 @@
+"""The KV plan: its arithmetic, its refusals, the SLO's step budget, and the runtime using it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dwc.checkpoint import ModelInfo
+from dwc.errors import TargetError
+from dwc.passes.kv_layout import KvLayoutOptions, plan_kv
+from dwc.target import load_target
+from tests.conftest import manifest_of
+
+LLAMA3_8B = ModelInfo(path=None, model_type="llama", architecture="LlamaForCausalLM",
+                      hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                      intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                      config={"max_position_embeddings": 8192})
+
+
+class FakeModel(torch.nn.Module):
+    def __init__(self, params: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(0))
+        self.n = params
+
+    def parameters(self):
+        return [SimpleNamespace(numel=lambda: self.n)]
+
+
+def ctx_for(target: str, slo=None, weight_bytes=8_030_000_000):
+    quantized = SimpleNamespace(summary={"weight_bytes": weight_bytes})
+    return SimpleNamespace(target=load_target(target), info=LLAMA3_8B,
+                           build=SimpleNamespace(slo=slo),
+                           artifacts={"quantized": quantized, "model": FakeModel(8_030_000_000)})
+
+
+def test_llama3_8b_on_h200_fp8():
+    plan = plan_kv(ctx_for("h200-fp8"), KvLayoutOptions())
+    a = plan["arithmetic"]
+    assert plan["dtype"] == "fp8_e4m3" and plan["bytes_per_token"] == 32 * 2 * 8 * 128 * 1
+    assert plan["max_context"] == 8192 and plan["max_num_batched_tokens"] == 8192
+    expected_free = 141e9 * 0.9 - 8.03e9 - 2e9 - a["step_activation_bytes"]
+    assert a["kv_bytes_available"] == int(expected_free)
+    assert plan["num_blocks"] == a["blocks_that_fit"] == int(expected_free // (65536 * 16))
+    assert plan["num_blocks"] * 16 * 65536 <= expected_free
+    assert plan["max_num_seqs"] == 256
+
+
+def test_too_little_memory_is_refused():
+    slo = SimpleNamespace(max_context=8192, target_latency_ms=None)
+    with pytest.raises(TargetError, match="leave .* GB for the KV cache"):
+        plan_kv(ctx_for("h100-fp8", slo, weight_bytes=75_000_000_000), KvLayoutOptions())
+
+
+def test_latency_slo_sets_the_step_token_budget():
+    slo = SimpleNamespace(max_context=4096, target_latency_ms=20)
+    plan = plan_kv(ctx_for("h200-fp8", slo), KvLayoutOptions())
+    # 20 ms - 8.03 GB / 4161 GB/s leaves 18.07 ms; at 1979 TFLOP/s and 2 x 8.03 GFLOP per
+    # token that is 2,226 tokens, rounded down to whole blocks.
+    spare = 0.020 - 8.03e9 / 4161e9
+    assert plan["max_num_batched_tokens"] == int(spare * 1979e12 / (2 * 8.03e9)) // 16 * 16
+    assert plan["max_context"] == 4096
+
+
+def test_bundle_plan_and_the_runtime_sizing_itself_from_it(bundle):
+    from dwc.runtime.engine import Engine
+
+    plan = manifest_of(bundle)["kv_cache"]
+    assert plan["dtype"] == "bfloat16" and plan["block_size"] == 16
+    assert plan["max_context"] == 1024 and plan["bytes_per_token"] == 4 * 2 * 2 * 64 * 2
+    assert plan["num_blocks"] * 16 * plan["bytes_per_token"] <= plan["arithmetic"]["kv_bytes_available"]
+    assert (bundle / "reports" / "kv_plan.json").exists()
+    with pytest.warns(UserWarning, match="blocks; 4096 fit on this cpu"):
+        eng = Engine.from_bundle(bundle)
+    assert eng.scheduler.max_num_seqs == plan["max_num_seqs"]
+    assert eng.scheduler.max_num_batched_tokens == plan["max_num_batched_tokens"]
+    assert eng.blocks.block_size == 16 and len(eng.blocks.blocks) < plan["num_blocks"]
