@@ -153,6 +153,30 @@ def inspect(bundle, verify, as_json):
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--max-waiting", default=256, show_default=True, type=int,
+              help="Requests allowed to wait; beyond that the server answers 429.")
+@command
+def serve(bundle, host, port, max_waiting, as_json):
+    """Serve a torch-triton bundle over the OpenAI HTTP API (refuses a tampered bundle)."""
+    import uvicorn
+
+    from dwc.bundle.reader import read_manifest
+    from dwc.http_server import make_app
+    from dwc.runtime.engine import Engine
+
+    engine = Engine.from_bundle(bundle)
+    app = make_app(engine, read_manifest(bundle)["name"], max_waiting)
+    if as_json:
+        click.echo(json.dumps({"serving": str(bundle), "url": f"http://{host}:{port}"}))
+    # SIGTERM: uvicorn stops accepting, finishes in-flight requests, then exits.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command()
 @command
 def targets(as_json):
     """List the targets this dwc can build for."""

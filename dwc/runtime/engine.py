@@ -110,15 +110,19 @@ class Engine:
         params = params or SamplingParams()
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] \
             if isinstance(prompt, str) else list(prompt)
+        self.check(ids, params)
+        seq = Sequence(ids, params)
+        self.scheduler.add(seq)
+        return seq
+
+    def check(self, ids: list[int], params: SamplingParams) -> None:
+        """Refuse a request that cannot run, naming the limit."""
         if not ids:
             raise BadInput("empty prompt")
         limit = self.runner.max_context
         if len(ids) + params.max_tokens > limit:
             raise BadInput(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                            f"exceeds the context limit of {limit} tokens")
-        seq = Sequence(ids, params)
-        self.scheduler.add(seq)
-        return seq
 
     def abort(self, seq: Sequence) -> None:
         if seq.status is not Status.FINISHED:

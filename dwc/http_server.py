@@ -1,0 +1,214 @@
+"""`dwc serve`: the OpenAI-compatible HTTP API over the runtime (Starlette on uvicorn).
+
+/v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models, /health,
+/metrics (Prometheus). Bad JSON or parameters -> 400 with the reason; a prompt longer than
+the context -> 400 naming the limit; a full queue -> 429; a client that disconnects has
+its sequence aborted and its blocks freed. uvicorn drains in-flight requests on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dwc.errors import BadInput
+from dwc.runtime.async_engine import AsyncEngine, QueueFull, Request
+from dwc.runtime.engine import Engine
+from dwc.runtime.sequence import SamplingParams
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.waiting = Gauge("dwc_queue_depth", "requests waiting", registry=r)
+        self.running = Gauge("dwc_running_sequences", "sequences running", registry=r)
+        self.blocks_used = Gauge("dwc_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.prefix_hit_rate = Gauge("dwc_prefix_cache_hit_rate",
+                                     "prompt tokens served from the prefix cache", registry=r)
+        self.ttft = Histogram("dwc_time_to_first_token_seconds", "time to first token",
+                              registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.tpot = Histogram("dwc_time_per_output_token_seconds", "time per output token",
+                              registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
+
+    def observe_engine(self, engine: Engine) -> None:
+        b = engine.blocks
+        self.waiting.set(len(engine.scheduler.waiting))
+        self.running.set(len(engine.scheduler.running))
+        self.blocks_used.set(len(b.blocks) - b.num_free)
+        self.prefix_hit_rate.set(b.hits / b.lookups if b.lookups else 0.0)
+
+
+def bad_request(message: str, status: int = 400) -> JSONResponse:
+    kind = "invalid_request_error" if status == 400 else "server_busy"
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def sampling_from(body: dict) -> SamplingParams:
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    checks = {"max_tokens": (int, 1, None), "temperature": ((int, float), 0, 2),
+              "top_p": ((int, float), 0, 1), "top_k": (int, 0, None), "seed": (int, None, None)}
+    for key, (types, low, high) in checks.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types) or \
+                (low is not None and value < low) or (high is not None and value > high):
+            raise BadInput(f"{key}: invalid value {value!r}")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise BadInput("stop: expected a string or a list of strings")
+    if not isinstance(body.get("ignore_eos", False), bool):
+        raise BadInput("ignore_eos: expected true or false")
+    return SamplingParams(max_tokens=body.get("max_tokens") or 16,
+                          temperature=float(body.get("temperature", 1.0)),
+                          top_k=body.get("top_k") or 0, top_p=float(body.get("top_p", 1.0)),
+                          seed=body.get("seed"), stop=stop,
+                          ignore_eos=body.get("ignore_eos", False))  # a vLLM extension
+
+
+class Api:
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int = 256):
+        self.engine = engine
+        self.name = model_name
+        self.metrics = Metrics()
+        self.core = AsyncEngine(engine, max_waiting, self.metrics)
+        self.tokenizer = engine.tokenizer
+
+    async def completions(self, http: HttpRequest, chat: bool = False):
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return bad_request("body is not valid JSON")
+        if not isinstance(body, dict):
+            return bad_request("body must be a JSON object")
+        try:
+            prompt = self._prompt(body, chat)
+            params = sampling_from(body)
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            self.engine.check(ids, params)
+        except BadInput as e:
+            return bad_request(e.message)
+        request = Request(ids, params, asyncio.get_running_loop())
+        try:
+            self.core.submit(request)
+        except QueueFull as e:
+            return bad_request(f"server busy: {e}", 429)
+        if body.get("stream"):
+            return StreamingResponse(self._stream(request, http, chat),
+                                     media_type="text/event-stream")
+        return await self._complete(request, http, chat)
+
+    def _prompt(self, body: dict, chat: bool) -> str:
+        if not chat:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadInput("prompt: expected a string")
+            return prompt
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages):
+            raise BadInput("messages: expected a list of {role, content} objects")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    async def _events(self, request: Request, http: HttpRequest):
+        """Tokens as they come; aborts the sequence if the client goes away."""
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(request.events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError
+                    continue
+                yield kind, value
+                if kind == "done":
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.core.abort(request)
+            raise
+
+    def _text(self, ids: list[int], params: SamplingParams) -> str:
+        text = self.tokenizer.decode([t for t in ids if t not in self.engine.eos_ids])
+        cuts = [text.find(s) for s in params.stop if s in text]
+        return text[:min(cuts)] if cuts else text
+
+    async def _complete(self, request: Request, http: HttpRequest, chat: bool):
+        ids, reason = [], None
+        async for kind, value in self._events(request, http):
+            if kind == "token":
+                ids.append(value)
+            else:
+                reason = value
+        self._observe_tpot(request, len(ids))
+        text = self._text(ids, request.params)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                   "finish_reason": reason} if chat else
+                  {"index": 0, "text": text, "finish_reason": reason})
+        return JSONResponse(self._envelope(chat, choice) | {"usage": {
+            "prompt_tokens": len(request.prompt_ids), "completion_tokens": len(ids),
+            "total_tokens": len(request.prompt_ids) + len(ids)}})
+
+    async def _stream(self, request: Request, http: HttpRequest, chat: bool):
+        ids, sent = [], ""
+        hold = max((len(s) for s in request.params.stop), default=1) - 1
+        async for kind, value in self._events(request, http):
+            if kind == "token":
+                ids.append(value)
+                text = self._text(ids, request.params)
+                ready = text[:max(len(sent), len(text) - hold)]
+            else:
+                ready = self._text(ids, request.params)
+            delta, sent = ready[len(sent):], ready
+            reason = value if kind == "done" else None
+            if delta or reason:
+                choice = ({"index": 0, "delta": {"content": delta}, "finish_reason": reason}
+                          if chat else {"index": 0, "text": delta, "finish_reason": reason})
+                yield f"data: {json.dumps(self._envelope(chat, choice, chunk=True))}\n\n"
+        self._observe_tpot(request, len(ids))
+        yield "data: [DONE]\n\n"
+
+    def _observe_tpot(self, request: Request, n: int) -> None:
+        if n > 1 and request.first_token_at:
+            self.metrics.tpot.observe((time.perf_counter() - request.first_token_at) / (n - 1))
+
+    def _envelope(self, chat: bool, choice: dict, chunk: bool = False) -> dict:
+        kind = "chat.completion" + (".chunk" if chunk else "") if chat else "text_completion"
+        return {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": kind, "created": int(time.time()),
+                "model": self.name, "choices": [choice]}
+
+    async def models(self, _):
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model",
+                                                         "owned_by": "dwc"}]})
+
+    async def health(self, _):
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(self, _):
+        self.metrics.observe_engine(self.engine)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def make_app(engine: Engine, model_name: str, max_waiting: int = 256) -> Starlette:
+    api = Api(engine, model_name, max_waiting)
+
+    async def chat(http):
+        return await api.completions(http, chat=True)
+
+    app = Starlette(routes=[
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", api.models), Route("/health", api.health),
+        Route("/metrics", api.prometheus),
+    ], on_shutdown=[api.core.stop])
+    app.state.api = api
+    return app

@@ -1,0 +1,104 @@
+"""The engine behind an async server: one thread owns the engine and steps it; requests
+come in and leave through thread-safe queues.
+
+Only the engine thread touches the engine. `submit` hands it a request; each new token
+is pushed to the request's asyncio queue with `call_soon_threadsafe`; `abort` (a client
+that went away) is handled at the next step and frees the sequence's blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from dwc.runtime.engine import Engine
+from dwc.runtime.sequence import SamplingParams, Sequence
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("token", id) | ("done", reason)
+    arrived: float = field(default_factory=time.perf_counter)
+    seq: Sequence | None = None
+    sent: int = 0                       # tokens already pushed to `events`
+    first_token_at: float | None = None
+
+
+class QueueFull(Exception):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting: int = 256, metrics=None):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self.inbox: queue.Queue = queue.Queue()
+        self.live: dict[int, Request] = {}
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="dwc-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        if len(self.engine.scheduler.waiting) + self.inbox.qsize() >= self.max_waiting:
+            raise QueueFull(f"{self.max_waiting} requests already wait")
+        self.inbox.put(("add", request))
+
+    def abort(self, request: Request) -> None:
+        self.inbox.put(("abort", request))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(timeout=10)
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._drain_inbox(block=not self.engine.has_work())
+            if not self.engine.has_work():
+                continue
+            finished = self.engine.step()
+            self._publish(finished)
+            if self.metrics:
+                self.metrics.observe_engine(self.engine)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, request = item
+            if kind == "add":
+                request.seq = self.engine.add(request.prompt_ids, request.params)
+                self.live[request.seq.id] = request
+            elif request.seq is not None and request.seq.id in self.live:
+                self.engine.abort(request.seq)
+                del self.live[request.seq.id]
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _publish(self, finished: list[Sequence]) -> None:
+        for request in self.live.values():
+            new = request.seq.output_ids[request.sent:]
+            request.sent += len(new)
+            for token in new:
+                if request.first_token_at is None:
+                    request.first_token_at = time.perf_counter()
+                    if self.metrics:
+                        self.metrics.ttft.observe(request.first_token_at - request.arrived)
+                request.loop.call_soon_threadsafe(request.events.put_nowait, ("token", token))
+        for seq in finished:
+            request = self.live.pop(seq.id, None)
+            if request is not None:
+                request.loop.call_soon_threadsafe(request.events.put_nowait,
+                                                  ("done", seq.finish_reason))

@@ -1,0 +1,140 @@
+"""`dwc serve` over loopback: a bounded load of valid, streaming, malformed and
+disconnecting requests; every valid one answered, every block returned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from dwc.runtime.engine import Engine, EngineConfig
+from tests.test_runtime import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    import uvicorn
+
+    from dwc.http_server import make_app
+
+    engine = Engine.from_bundle(bundle, EngineConfig(num_blocks=256, max_num_seqs=16,
+                                                     max_num_batched_tokens=256))
+    app = make_app(engine, "stdlib-coder", max_waiting=64)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not (srv.started and srv.servers) and time.time() < deadline:
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(timeout=15)
+
+
+def test_endpoints_and_errors(server):
+    url, engine = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/v1/models").json()["data"][0]["id"] == "stdlib-coder"
+        r = c.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 6,
+                                            "temperature": 0})
+        body = r.json()
+        assert r.status_code == 200 and body["usage"]["completion_tokens"] <= 6
+        direct = engine.tokenizer.decode(engine.tokenizer(PROMPTS[1])["input_ids"])
+        assert direct == PROMPTS[1]
+        chat = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "write a loop"}], "max_tokens": 5})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+        assert c.post("/v1/completions", content=b"{nope").status_code == 400
+        bad = c.post("/v1/completions", json={"prompt": "x", "max_tokens": -3})
+        assert bad.status_code == 400 and "max_tokens" in bad.json()["error"]["message"]
+        long = c.post("/v1/completions", json={"prompt": "x " * 2000, "max_tokens": 4})
+        assert long.status_code == 400 and "context limit of 1024" in long.json()["error"]["message"]
+        assert c.post("/v1/chat/completions", json={"messages": "hi"}).status_code == 400
+        metrics = c.get("/metrics").text
+        for name in ("dwc_queue_depth", "dwc_running_sequences", "dwc_kv_blocks_used",
+                     "dwc_prefix_cache_hit_rate", "dwc_time_to_first_token_seconds_bucket",
+                     "dwc_time_per_output_token_seconds_bucket"):
+            assert name in metrics
+
+
+def test_greedy_over_http_equals_the_engine(server, bundle):
+    url, _ = server
+    want = Engine.from_bundle(bundle, EngineConfig(num_blocks=64)).generate(
+        [PROMPTS[0]], __import__("dwc.runtime.sequence", fromlist=["x"]).SamplingParams(
+            max_tokens=12, ignore_eos=False))[0].text
+    got = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 12,
+                                                   "temperature": 0}, timeout=30).json()
+    assert got["choices"][0]["text"] == want
+    pieces = []
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30, json={
+            "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(pieces) == want
+
+
+def test_bounded_load_with_streams_malformed_and_disconnects(server):
+    url, engine = server
+
+    async def one(client, i):
+        kind = i % 6
+        if kind == 0:
+            r = await client.post("/v1/completions", content=b"not json")
+            return r.status_code == 400
+        if kind == 1:  # disconnect after the first streamed chunk
+            async with client.stream("POST", "/v1/completions", json={
+                    "prompt": PROMPTS[i % 4], "max_tokens": 40, "stream": True,
+                    "temperature": 0, "ignore_eos": True}) as r:
+                async for _ in r.aiter_lines():
+                    break
+            return True
+        stream = kind in (2, 3)
+        payload = {"prompt": PROMPTS[i % 4] + str(i), "max_tokens": 1 + i % 6, "stream": stream,
+                   "temperature": 0.7, "seed": i}
+        if stream:
+            done = False
+            async with client.stream("POST", "/v1/completions", json=payload) as r:
+                if r.status_code == 429:
+                    return True
+                async for line in r.aiter_lines():
+                    done = done or line == "data: [DONE]"
+            return done
+        r = await client.post("/v1/completions", json=payload)
+        return r.status_code == 429 or (r.status_code == 200 and r.json()["choices"][0]["finish_reason"])
+
+    async def main():
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            sem = asyncio.Semaphore(32)
+
+            async def bounded(i):
+                async with sem:
+                    return await one(client, i)
+            return await asyncio.wait_for(asyncio.gather(*(bounded(i) for i in range(300))), 240)
+
+    results = asyncio.run(main())
+    assert all(results)
+    deadline = time.time() + 30  # aborted sequences are freed at the engine's next step
+    while (engine.has_work() or engine.blocks.num_free < 256) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not engine.has_work()
+    assert engine.blocks.num_free == 256
+
+
+def test_full_queue_answers_429(bundle):
+    from starlette.testclient import TestClient
+
+    from dwc.http_server import make_app
+
+    app = make_app(Engine.from_bundle(bundle, EngineConfig(num_blocks=16)), "x", max_waiting=0)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 2})
+        assert r.status_code == 429 and "server busy" in r.json()["error"]["message"]
