@@ -87,6 +87,7 @@ def main():
     \b
     dwc build model.yaml --target cpu-bf16 -o bundles/demo
     dwc inspect bundles/demo [--verify]
+    dwc serve bundles/demo [--port 8000]
     dwc targets | dwc passes
 
     Exit codes: 0 ok, 1 a pass failed, 2 bad usage or input, 3 quality budget

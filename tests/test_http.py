@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from dwc.runtime.engine import Engine, EngineConfig
+from dwc.runtime.sequence import SamplingParams
 from tests.test_runtime import PROMPTS
 
 
@@ -46,8 +47,6 @@ def test_endpoints_and_errors(server):
                                             "temperature": 0})
         body = r.json()
         assert r.status_code == 200 and body["usage"]["completion_tokens"] <= 6
-        direct = engine.tokenizer.decode(engine.tokenizer(PROMPTS[1])["input_ids"])
-        assert direct == PROMPTS[1]
         chat = c.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "write a loop"}], "max_tokens": 5})
         assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
@@ -67,8 +66,7 @@ def test_endpoints_and_errors(server):
 def test_greedy_over_http_equals_the_engine(server, bundle):
     url, _ = server
     want = Engine.from_bundle(bundle, EngineConfig(num_blocks=64)).generate(
-        [PROMPTS[0]], __import__("dwc.runtime.sequence", fromlist=["x"]).SamplingParams(
-            max_tokens=12, ignore_eos=False))[0].text
+        [PROMPTS[0]], SamplingParams(max_tokens=12))[0].text
     got = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 12,
                                                    "temperature": 0}, timeout=30).json()
     assert got["choices"][0]["text"] == want
