@@ -68,10 +68,9 @@ def compare(reference, optimized, windows, batch_size: int, advance=lambda n: No
     return totals
 
 
-def hf_logits(model, device=None):
-    """A transformers causal LM as an ids -> logits function (logits on `device`, default
-    the model's own, so two models on one GPU are compared without copies to the host)."""
+def hf_logits(model):
+    """A transformers causal LM as an ids -> logits function (logits stay on the model's
+    device, so two models on one GPU are compared without copies to the host)."""
     def fn(ids):
-        logits = model(ids.to(model.device)).logits
-        return logits if device is None else logits.to(device)
+        return model(ids.to(model.device)).logits
     return fn
