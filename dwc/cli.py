@@ -88,6 +88,7 @@ def main():
     dwc build model.yaml --target cpu-bf16 -o bundles/demo
     dwc inspect bundles/demo [--verify]
     dwc serve bundles/demo [--port 8000]
+    dwc bench bundles/demo [--rps 2 --rps 8]
     dwc targets | dwc passes
 
     Exit codes: 0 ok, 1 a pass failed, 2 bad usage or input, 3 quality budget
@@ -175,6 +176,64 @@ def serve(bundle, host, port, max_waiting, as_json):
     # SIGTERM: uvicorn stops accepting, finishes in-flight requests, then exits.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--num-prompts", default=16, show_default=True, type=click.IntRange(1),
+              help="Offline: prompts submitted at once.")
+@click.option("--input-len", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--output-len", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--rps", "rps_levels", multiple=True, type=click.FloatRange(min=0, min_open=True),
+              help="Online: Poisson arrival rate(s), requests/s. Repeatable. [default: 2]")
+@click.option("--requests", default=16, show_default=True, type=click.IntRange(1),
+              help="Online: requests per rate.")
+@click.option("--no-baseline", is_flag=True, help="Skip the transformers baseline.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for bench.json and latency.png (the bundle itself is never changed).")
+@command
+def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_baseline, out,
+          as_json):
+    """Measure a torch-triton bundle: offline throughput and online latency, against its SLO."""
+    from dwc.bench import BenchConfig, against_slo, offline, online
+    from dwc.bundle.reader import read_manifest
+    from dwc.reports import json_bytes, line_chart
+    from dwc.runtime.engine import Engine
+
+    engine = Engine.from_bundle(bundle)
+    cfg = BenchConfig(num_prompts, input_len, output_len, baseline=not no_baseline,
+                      online_requests=requests)
+    result = {"bundle": str(bundle), "device": engine.runner.device,
+              "offline": offline(engine, cfg), "online_levels": []}
+    for rps in rps_levels or (2.0,):
+        cfg.rps = rps
+        result["online_levels"].append(online(engine, cfg))
+    result["online"] = max(result["online_levels"], key=lambda r: r["rps"])
+    result["slo"] = against_slo(read_manifest(bundle).get("slo"), result)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_bytes(json_bytes(result))
+        levels = result["online_levels"]
+        (out / "latency.png").write_bytes(line_chart(
+            {"TTFT p99 (ms)": [r["ttft_ms"]["p99"] for r in levels],
+             "TPOT p99 (ms)": [r["tpot_ms"]["p99"] for r in levels]},
+            title="Latency against load (" + ", ".join(f"{r['rps']} rps" for r in levels) + ")",
+            xlabel="load level", ylabel="ms"))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    off = result["offline"]
+    base = off.get("transformers_output_tok_s")
+    click.echo(f"offline  {off['prompts']} x {off['input_len']} in / {off['output_len']} out: "
+               f"{off['output_tok_s']} output tok/s"
+               + (f" (transformers {base})" if base else ""))
+    for r in result["online_levels"]:
+        click.echo(f"online   {r['rps']} rps (achieved {r['achieved_rps']}): TTFT p50/p99 "
+                   f"{r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} ms, TPOT p50/p99 "
+                   f"{r['tpot_ms']['p50']}/{r['tpot_ms']['p99']} ms")
+    for name, check in (result["slo"] or {}).items():
+        click.echo(f"slo      {name} {check['target']}: p99 {check['measured_p99']} ms "
+                   f"{'met' if check['met'] else 'NOT met'}")
 
 
 @main.command()

@@ -1,0 +1,132 @@
+"""`dwc bench`: offline throughput and online latency of a torch-triton bundle.
+
+Offline: N prompts of `input_len` random tokens, `output_len` new tokens each, all
+submitted at once; output tokens per second. The transformers baseline (`generate`, the
+same prompts as one batch, greedy) is measured in the same run.
+Online: requests arrive as a Poisson process at `rps`; for each, time to first token and
+time per output token; p50 / p99 and the achieved request rate, against the bundle's SLO.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dwc.runtime.engine import Engine
+from dwc.runtime.sequence import SamplingParams
+
+
+@dataclass
+class BenchConfig:
+    num_prompts: int = 16
+    input_len: int = 128
+    output_len: int = 64
+    rps: float = 2.0
+    online_requests: int = 16
+    baseline: bool = True
+    seed: int = 0
+
+
+def prompts(engine: Engine, n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    vocab = len(engine.tokenizer)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def _sync(engine: Engine) -> None:
+    if engine.runner.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def offline(engine: Engine, cfg: BenchConfig) -> dict:
+    batch = prompts(engine, cfg.num_prompts, cfg.input_len, cfg.seed)
+    params = SamplingParams(max_tokens=cfg.output_len, ignore_eos=True)
+    engine.generate([batch[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    _sync(engine)
+    t0 = time.perf_counter()
+    engine.generate(batch, params)
+    _sync(engine)
+    seconds = time.perf_counter() - t0
+    result = {"prompts": cfg.num_prompts, "input_len": cfg.input_len,
+              "output_len": cfg.output_len, "seconds": round(seconds, 3),
+              "output_tok_s": round(cfg.num_prompts * cfg.output_len / seconds, 2)}
+    if cfg.baseline:
+        result["transformers_output_tok_s"] = _baseline(engine, batch, cfg.output_len)
+    return result
+
+
+def _baseline(engine: Engine, batch: list[list[int]], output_len: int) -> float:
+    """transformers' own generate on the same weights, prompts and lengths."""
+    model = engine.runner.hf_model
+    ids = torch.tensor(batch, device=engine.runner.device)
+    with torch.inference_mode():
+        _sync(engine)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len,
+                       do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        _sync(engine)
+    return round(len(batch) * output_len / (time.perf_counter() - t0), 2)
+
+
+def online(engine: Engine, cfg: BenchConfig) -> dict:
+    """Poisson arrivals, stepped in this thread: a request joins at its arrival time."""
+    rng = random.Random(cfg.seed + 1)
+    batch = prompts(engine, cfg.online_requests, cfg.input_len, cfg.seed + 2)
+    arrivals, t = [], 0.0
+    for _ in batch:
+        t += rng.expovariate(cfg.rps)
+        arrivals.append(t)
+    params = SamplingParams(max_tokens=cfg.output_len, ignore_eos=True)
+    pending = list(zip(arrivals, batch))
+    started: dict[int, float] = {}
+    first: dict[int, float] = {}
+    done: dict[int, tuple[float, int]] = {}
+    t0 = time.perf_counter()
+    live = []
+    while pending or engine.has_work():
+        now = time.perf_counter() - t0
+        while pending and pending[0][0] <= now:
+            at, ids = pending.pop(0)
+            seq = engine.add(ids, params)
+            started[seq.id] = at
+            live.append(seq)
+        if not engine.has_work():
+            time.sleep(min(0.01, max(0.0, pending[0][0] - now)))
+            continue
+        engine.step()
+        _sync(engine)
+        now = time.perf_counter() - t0
+        for seq in live:
+            if seq.output_ids and seq.id not in first:
+                first[seq.id] = now
+            if seq.finish_reason and seq.id not in done:
+                done[seq.id] = (now, len(seq.output_ids))
+    ttft = [first[i] - started[i] for i in started]
+    tpot = [(done[i][0] - first[i]) / (done[i][1] - 1) for i in started if done[i][1] > 1]
+    elapsed = max(d for d, _ in done.values())
+    return {"rps": cfg.rps, "requests": len(batch), "achieved_rps": round(len(batch) / elapsed, 3),
+            "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot)}
+
+
+def _percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+
+    def pick(q):
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+    return {"p50": pick(0.50), "p99": pick(0.99)} if ordered else {"p50": None, "p99": None}
+
+
+def against_slo(slo: dict | None, result: dict) -> dict | None:
+    """Each SLO figure the run measured, with the measurement and whether it held."""
+    if not slo:
+        return None
+    checks = {}
+    if slo.get("target_latency_ms"):
+        checks["target_latency_ms"] = (slo["target_latency_ms"], result["online"]["tpot_ms"]["p99"])
+    if slo.get("target_ttft_ms"):
+        checks["target_ttft_ms"] = (slo["target_ttft_ms"], result["online"]["ttft_ms"]["p99"])
+    return {k: {"target": t, "measured_p99": m, "met": m is not None and m <= t}
+            for k, (t, m) in checks.items()}
