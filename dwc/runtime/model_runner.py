@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dwc.runtime.block_manager import BlockManager
-from dwc.runtime.model import Batch, Decoder
+from dwc.runtime.model import Batch, DecodeGroup, Decoder
 from dwc.runtime.scheduler import Chunk
 
 
@@ -36,6 +36,7 @@ class ModelRunner:
         self.device = device
         self.hf_model = load_hf_model(model_dir, device, dtype)
         self.decoder = Decoder(self.hf_model, device)
+        self.kernels = self.decoder.use_kernels(model_dir, device) if device == "cuda" else 0
         d = self.decoder
         slots = num_blocks * block_size
         self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=kv_dtype or d.dtype,
@@ -51,19 +52,40 @@ class ModelRunner:
         return self.decoder.forward(self._batch(chunks, blocks), self.cache)
 
     def _batch(self, chunks: list[Chunk], blocks: BlockManager) -> Batch:
+        """Flatten the chunks. On the GPU, one-token (decode) chunks go to the Triton
+        kernel as one group; the others keep the per-sequence PyTorch path."""
         ids, positions, slots, parts, rows = [], [], [], [], []
+        decode_rows, tables = [], []
+        kernel = self.device == "cuda"
         offset = 0
         for c in chunks:
             tokens = c.seq.tokens
             span = range(c.start, c.start + c.length)
             ids.extend(tokens[i] for i in span)
             positions.extend(span)
-            seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
-            slots.extend(seq_slots[c.start:])
-            parts.append((offset, c.length, c.start,
-                          torch.tensor(seq_slots, device=self.device)))
+            slots.extend(blocks.slot(c.seq, p) for p in span)
+            if kernel and c.length == 1:
+                decode_rows.append(offset)
+                tables.append(list(c.seq.block_table))
+            else:
+                seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
+                parts.append((offset, c.length, c.start,
+                              torch.tensor(seq_slots, device=self.device)))
             offset += c.length
             if c.samples:
                 rows.append(offset - 1)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts, as_tensor(rows))
+        return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts,
+                     as_tensor(rows), self._decode_group(chunks, decode_rows, tables))
+
+    def _decode_group(self, chunks, rows, tables) -> DecodeGroup | None:
+        if not rows:
+            return None
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        lens = [c.start + 1 for c in chunks if self.device == "cuda" and c.length == 1]
+        return DecodeGroup(
+            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            page=self.block_size)

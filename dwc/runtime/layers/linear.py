@@ -1,0 +1,117 @@
+"""Quantized Linears for the GPU, built from the bundle's compressed-tensors tensors.
+
+- FP8 W8A8 (per-channel weight scales, static per-tensor input scale): the input is
+  quantized with the calibrated scale and multiplied by `torch._scaled_mm` with row-wise
+  scales (Hopper's FP8 tensor cores).
+- INT8 W8A8 (per-channel weights; per-token dynamic or static per-tensor input scales):
+  `torch._int_mm`, int32 accumulation, then both scales.
+- INT4 W4A16 (groups with zero points): PyTorch's tinygemm kernel
+  (`_weight_int4pack_mm`, the one gpt-fast uses), after converting compressed-tensors'
+  w = (q - zp) * s into tinygemm's w = (u - 8) * s + z with u = q + 8, z = -zp * s.
+
+On the CPU the runtime keeps compressed-tensors' own modules (the reference path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+
+
+class Fp8Linear(torch.nn.Module):
+    def __init__(self, weight, weight_scale, input_scale, bias):
+        super().__init__()
+        self.weight_t = weight.t()                                   # [in, out] fp8, col-major
+        self.scale_b = weight_scale.float().reshape(1, -1)          # [1, out]
+        self.input_scale = input_scale.float().reshape(1, 1)        # [1, 1]
+        self.bias = bias
+
+    def forward(self, x):                                            # x: [t, in] bf16
+        xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.weight_t, scale_a=self.input_scale.expand(x.shape[0], 1),
+                             scale_b=self.scale_b, out_dtype=x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(torch.nn.Module):
+    def __init__(self, weight, weight_scale, input_scale, bias):
+        super().__init__()
+        self.weight_t = weight.t()                                   # [in, out] int8, col-major
+        self.scale_w = weight_scale.float().reshape(1, -1)          # [1, out]
+        self.input_scale = None if input_scale is None else input_scale.float().reshape(1, 1)
+        self.bias = bias
+
+    def forward(self, x):                                            # x: [t, in] bf16
+        xf = x.float()
+        scale = self.input_scale if self.input_scale is not None else \
+            xf.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127.0  # [t, 1]
+        xq = (xf / scale).round().clamp(-128, 127).to(torch.int8)
+        t = x.shape[0]
+        rows = max(32, -(-t // 8) * 8)                               # _int_mm needs M > 16
+        if rows != t:
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, rows - t))
+        acc = torch._int_mm(xq, self.weight_t)[:t]                   # [t, out] int32
+        y = (acc.float() * scale * self.scale_w).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(torch.nn.Module):
+    INNER_K_TILES = 8
+
+    def __init__(self, q, zero_point, scale, group_size, bias):
+        """q: [out, in] int8 in [-8, 7]; zero_point: [out, in / g] int8; scale: [out, in / g]."""
+        super().__init__()
+        u = (q.to(torch.int32) + 8).to(torch.uint8)                  # [out, in] in [0, 15]
+        packed = (u[:, ::2] << 4 | u[:, 1::2]).contiguous()         # [out, in / 2]
+        self.weight = torch.ops.aten._convert_weight_to_int4pack(packed, self.INNER_K_TILES)
+        zeros = -zero_point.float() * scale.float()
+        self.scales_and_zeros = torch.stack([scale.float(), zeros], dim=-1) \
+            .transpose(0, 1).contiguous().to(torch.bfloat16)        # [in / g, out, 2]
+        self.group_size = group_size
+        self.bias = bias
+
+    def forward(self, x):                                            # x: [t, in] bf16
+        y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight,
+                                               self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def gpu_linear(module, tensors: dict):
+    """The kernel-backed replacement of one compressed-tensors Linear, from its raw
+    tensors ({"weight" | "weight_packed", "weight_scale", ...}), or None to keep it."""
+    scheme = getattr(module, "quantization_scheme", None)
+    if scheme is None or scheme.weights is None:
+        return None
+    w, acts, bias = scheme.weights, scheme.input_activations, module.bias
+    if w.type == "float" and w.num_bits == 8 and acts is not None and not acts.dynamic:
+        return Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors["input_scale"], bias)
+    if w.type == "int" and w.num_bits == 8 and acts is not None:
+        static = tensors.get("input_scale") if not acts.dynamic else None
+        return Int8Linear(tensors["weight"], tensors["weight_scale"], static, bias)
+    if w.type == "int" and w.num_bits == 4 and acts is None and w.group_size:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        shape = torch.Size(tensors["weight_shape"].tolist())
+        scale = tensors["weight_scale"]
+        q = unpack_from_int32(tensors["weight_packed"], 4, shape)
+        zp = unpack_from_int32(tensors["weight_zero_point"], 4, scale.shape, packed_dim=0) \
+            if "weight_zero_point" in tensors else torch.zeros_like(scale, dtype=torch.int8)
+        return Int4Linear(q, zp, scale, w.group_size, bias)
+    return None
+
+
+def raw_tensors(model_dir, device) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's tensors grouped by module: {"model.layers.0.mlp.up_proj": {...}}."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                module, _, name = key.rpartition(".")
+                grouped.setdefault(module, {})[name] = f.get_tensor(key)
+    return grouped
