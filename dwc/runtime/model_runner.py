@@ -24,6 +24,11 @@ def load_hf_model(model_dir: Path, device: str, dtype: torch.dtype):
         # transformers decompresses on the model's first forward() through a hook; the
         # runtime calls the layers itself, so it decompresses here, once.
         quantizer.compressor.decompress_model(model=model)
+        # Decompressing dispatches the modules with offload hooks that run them on the
+        # device they were loaded on (the CPU); drop the hooks so .to(device) moves them.
+        from compressed_tensors.offload.dispatch import remove_dispatch
+
+        remove_dispatch(model, onload_tensors=True)
     model = model.to(device) if quantizer is not None else model.to(device, dtype)
     model.eval()
     model.requires_grad_(False)

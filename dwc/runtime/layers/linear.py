@@ -29,7 +29,8 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x):                                            # x: [t, in] bf16
         xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, self.weight_t, scale_a=self.input_scale.expand(x.shape[0], 1),
+        scale_a = self.input_scale.expand(x.shape[0], 1).contiguous()   # row-wise: [t, 1]
+        y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_a,
                              scale_b=self.scale_b, out_dtype=x.dtype)
         return y if self.bias is None else y + self.bias
 
