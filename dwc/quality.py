@@ -7,15 +7,25 @@ from __future__ import annotations
 
 from dwc.data import token_windows
 from dwc.metrics import QualityTotals, compare, hf_logits
+from dwc.runtime.scoring import runtime_logits
 
 
-def measure(ctx, model, batch_size: int, description: str = "evaluating") -> QualityTotals:
-    """Reference vs `model` on the build file's evaluation windows."""
+def measure(ctx, model, batch_size: int, description: str = "evaluating",
+            kv_plan: dict | None = None) -> QualityTotals:
+    """The reference (through transformers) vs `model` through dwc's runtime (its decoder,
+    paged attention, GPU kernels and, with a plan, its KV cache dtype), on the build
+    file's evaluation windows."""
     e = ctx.build.evaluation
     windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
+    quantized = ctx.artifacts.get("quantized")
+    fp8_kv = kv_plan is not None and kv_plan["dtype"] == "fp8_e4m3"
+    optimized = runtime_logits(model, ctx.compute_device,
+                               weights_dir=quantized.folder if quantized is not None else None,
+                               kv_dtype="fp8_e4m3" if fp8_kv else None,
+                               kv_scales=kv_plan.get("kv_scales") if fp8_kv else None)
     with ctx.reporter.progress(description, len(windows)) as advance:
-        return compare(hf_logits(ctx.artifacts["reference"]), hf_logits(model), windows,
-                       batch_size, advance)
+        return compare(hf_logits(ctx.artifacts["reference"]), optimized, windows, batch_size,
+                       advance)
 
 
 def over_budget(quality: dict, evaluation) -> str | None:

@@ -117,12 +117,11 @@ def save_compressed(model, folder: Path) -> None:
 
 
 def load_compressed(folder: Path, device: str):
-    """The quantized model as transformers loads it from the compressed files: the very
-    model a user of the bundle gets, so quality is measured on it."""
-    from transformers import AutoModelForCausalLM
+    """The quantized model as transformers loads it from the compressed files (weights
+    decompressed, compressed-tensors' quantized forward kept): the very model a user of
+    the bundle gets, so quality is measured on it."""
+    import torch
 
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                 trust_remote_code=False).to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    from dwc.runtime.model_runner import load_hf_model
+
+    return load_hf_model(folder, device, torch.bfloat16)

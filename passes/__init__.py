@@ -7,4 +7,4 @@ from dwc.passes.kv_layout import KvLayout
 from dwc.passes.load import Load
 from dwc.passes.quantize import Quantize
 
-REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, Evaluate, KvLayout, Emit)}
+REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, KvLayout, Evaluate, Emit)}

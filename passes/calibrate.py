@@ -24,6 +24,7 @@ class ActivationStats:
     mean_sq: dict  # layer name -> [in_features] float32, mean of x^2 per channel
     absmax: dict   # layer name -> [in_features] float32, max |x| per channel
     tokens: int
+    out_absmax: dict = None  # k_proj / v_proj name -> [] max |output|, for FP8 KV scales
 
 
 class Calibrate(Pass):
@@ -37,7 +38,8 @@ class Calibrate(Pass):
 
     def key_material(self, ctx, options):
         c = ctx.build.calibration
-        return {"data": sha256_file(c.data), "samples": c.samples, "seq_len": c.seq_len}
+        return {"data": sha256_file(c.data), "samples": c.samples, "seq_len": c.seq_len,
+                "version": 2}  # 2: records k_proj / v_proj output ranges
 
     def run(self, ctx, options) -> PassResult:
         c = ctx.build.calibration
@@ -60,25 +62,33 @@ class Calibrate(Pass):
         stats = outputs["calibration"]
         tensors = {f"{n}.mean_sq": t for n, t in stats.mean_sq.items()}
         tensors.update({f"{n}.absmax": t for n, t in stats.absmax.items()})
+        tensors.update({f"{n}.out_absmax": t for n, t in stats.out_absmax.items()})
         save_file(tensors, folder / STATS_FILE, metadata={"tokens": str(stats.tokens)})
 
     def load(self, folder: Path, ctx) -> dict:
         from safetensors import safe_open
 
-        mean_sq, absmax = {}, {}
+        parts: dict[str, dict] = {"mean_sq": {}, "absmax": {}, "out_absmax": {}}
         with safe_open(folder / STATS_FILE, framework="pt") as f:
             tokens = int(f.metadata()["tokens"])
             for key in f.keys():
                 name, _, kind = key.rpartition(".")
-                (mean_sq if kind == "mean_sq" else absmax)[name] = f.get_tensor(key)
-        return {"calibration": ActivationStats(mean_sq, absmax, tokens)}
+                parts[kind][name] = f.get_tensor(key)
+        return {"calibration": ActivationStats(parts["mean_sq"], parts["absmax"], tokens,
+                                               parts["out_absmax"])}
 
 
 def collect(model, windows, batch_size: int, ctx) -> ActivationStats:
     """Hook every nn.Linear, run the windows, return per-channel input statistics."""
     import torch
 
-    sums, peaks, hooks = {}, {}, []
+    sums, peaks, outs, hooks = {}, {}, {}, []
+
+    def out_hook(name):
+        def fn(module, args, out):
+            peak = out.detach().float().abs().amax()
+            outs[name] = torch.maximum(outs[name], peak) if name in outs else peak
+        return fn
 
     def hook(name):
         def fn(module, args):
@@ -92,6 +102,8 @@ def collect(model, windows, batch_size: int, ctx) -> ActivationStats:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             hooks.append(module.register_forward_pre_hook(hook(name)))
+            if name.endswith(("k_proj", "v_proj")):
+                hooks.append(module.register_forward_hook(out_hook(name)))
     tokens = 0
     try:
         with torch.inference_mode(), ctx.reporter.progress("calibrating", len(windows)) as advance:
@@ -103,7 +115,8 @@ def collect(model, windows, batch_size: int, ctx) -> ActivationStats:
         for h in hooks:
             h.remove()
     return ActivationStats(mean_sq={n: (s / tokens).cpu() for n, s in sums.items()},
-                           absmax={n: p.cpu() for n, p in peaks.items()}, tokens=tokens)
+                           absmax={n: p.cpu() for n, p in peaks.items()}, tokens=tokens,
+                           out_absmax={n: o.cpu() for n, o in outs.items()})
 
 
 def summarize(stats: ActivationStats) -> dict:

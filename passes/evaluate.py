@@ -22,10 +22,11 @@ QUALITY_FILE = "quality.json"
 
 class Evaluate(Pass):
     name = "evaluate"
-    description = ("Perplexity of the optimized model vs the original on the evaluation "
-                   "data, KL divergence and top-1 agreement; fails the build (exit 3) "
-                   "beyond the build file's budget.")
+    description = ("Perplexity of the optimized model, run by dwc's runtime with its KV "
+                   "plan, vs the original on the evaluation data, KL divergence and top-1 "
+                   "agreement; fails the build (exit 3) beyond the build file's budget.")
     reads = ("reference", "model", "tokenizer")
+    optional_reads = ("quantized", "kv_plan")
     writes = ("quality",)
     Options = BatchOptions
     cacheable = True
@@ -35,7 +36,8 @@ class Evaluate(Pass):
         return {"data": sha256_file(e.data), "samples": e.samples, "seq_len": e.seq_len}
 
     def run(self, ctx, options) -> PassResult:
-        totals = measure(ctx, ctx.artifacts["model"], options.batch_size)
+        totals = measure(ctx, ctx.artifacts["model"], options.batch_size,
+                         kv_plan=ctx.artifacts.get("kv_plan"))
         quality = totals.result()
         quality.update(windows=len(totals.window_ppl_ref), data=str(ctx.build.evaluation.data))
         png = line_chart({"original": totals.window_ppl_ref, "optimized": totals.window_ppl_opt},

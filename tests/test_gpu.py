@@ -79,3 +79,23 @@ def test_quantized_kernels_match_the_fake_quant_reference(build_for, target):
         ref = hf(torch.tensor([seq.prompt_ids], device="cuda")).logits[0, -1].float()
     assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
     assert logits.argmax() == ref.argmax()
+
+
+def test_paged_decode_kernel_reads_an_fp8_cache_with_scales():
+    from dwc.runtime.layers.attention import paged_attention, write_kv
+    from dwc.runtime.layers.paged_attention_triton import paged_decode
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    heads, kv_heads, d, page, n = 32, 8, 128, 16, 77
+    k = torch.randn(n, kv_heads, d, device="cuda", generator=gen) * 3
+    v = torch.randn(n, kv_heads, d, device="cuda", generator=gen)
+    scales = (float(k.abs().max()) / 448, float(v.abs().max()) / 448)
+    cache = torch.zeros(2, 8 * page, kv_heads, d, device="cuda", dtype=torch.float8_e4m3fn)
+    slots = torch.arange(n, device="cuda")
+    write_kv(cache, slots, k, v, scales)
+    q = torch.randn(1, heads, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    table = torch.arange(8, dtype=torch.int32, device="cuda")[None]
+    got = paged_decode(q, cache, table, torch.tensor([n], dtype=torch.int32, device="cuda"),
+                       page, d ** -0.5, scales)
+    want = paged_attention(q.float(), cache, slots, n - 1, d ** -0.5, scales)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)

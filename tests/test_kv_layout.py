@@ -77,3 +77,42 @@ def test_bundle_plan_and_the_runtime_sizing_itself_from_it(bundle):
     assert eng.scheduler.max_num_seqs == plan["max_num_seqs"]
     assert eng.scheduler.max_num_batched_tokens == plan["max_num_batched_tokens"]
     assert eng.blocks.block_size == 16 and len(eng.blocks.blocks) < plan["num_blocks"]
+
+
+def test_fp8_kv_plan_has_calibrated_scales_and_is_measured(build_for, example):
+    """h100-fp8 plans an FP8 KV cache: per-layer scales from calibration, and evaluate
+    measures the model with that cache (its KL exceeds the same model with a bf16 cache)."""
+    import json
+
+    from dwc.runtime.engine import Engine, EngineConfig
+    from dwc.runtime.sequence import SamplingParams
+
+    bundle = build_for("h100-fp8")
+    m = manifest_of(bundle)
+    plan = m["kv_cache"]
+    assert plan["dtype"] == "fp8_e4m3" and len(plan["kv_scales"]) == 4
+    assert all(0 < k < 1 and 0 < v < 1 for k, v in plan["kv_scales"])
+    calib = json.loads((bundle / "reports" / "calibration.json").read_text())
+    assert calib["tokens"] > 0
+    eng = Engine.from_bundle(bundle, EngineConfig(kv_dtype="fp8_e4m3",
+                                                  kv_scales=plan["kv_scales"]))
+    assert eng.runner.cache[0].dtype == torch.float8_e4m3fn
+    out = eng.generate(["def main():\n"], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert len(out.output_ids) == 8
+    # Recompute the gate's KL with the FP8 cache and with a bf16 cache.
+    from transformers import AutoModelForCausalLM
+
+    from dwc.data import token_windows
+    from dwc.metrics import compare, hf_logits
+    from dwc.runtime.model_runner import load_hf_model
+    from dwc.runtime.scoring import runtime_logits
+
+    model = load_hf_model(bundle / "model", "cpu", torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(example / "checkpoint")
+    windows = token_windows(example / "eval.txt", eng.tokenizer, 16, 256)
+    fp8 = compare(hf_logits(ref), runtime_logits(model, "cpu", kv_dtype="fp8_e4m3",
+                                                 kv_scales=plan["kv_scales"]), windows, 4).result()
+    bf16 = compare(hf_logits(ref), runtime_logits(model, "cpu"), windows, 4).result()
+    assert abs(fp8["kl_divergence"] - m["quality"]["kl_divergence"]) < 1e-3 * fp8["kl_divergence"]
+    assert fp8["kl_divergence"] > bf16["kl_divergence"]
+    assert m["quality"]["passed"]

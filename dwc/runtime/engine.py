@@ -15,7 +15,7 @@ from dwc.bundle.reader import open_bundle
 from dwc.errors import BadInput
 from dwc.formats import manifest as mf
 from dwc.runtime.block_manager import BlockManager
-from dwc.runtime.model_runner import ModelRunner
+from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import sample
 from dwc.runtime.scheduler import Scheduler
 from dwc.runtime.sequence import SamplingParams, Sequence, Status
@@ -31,6 +31,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     device: str | None = None              # None: cuda when present, else cpu
     dtype: str | None = None               # None: bfloat16 on cuda, float32 on cpu
+    kv_dtype: str | None = None            # "fp8_e4m3", or None: the compute dtype
+    kv_scales: list | None = None          # per layer (k_scale, v_scale) for FP8
 
 
 @dataclass
@@ -52,7 +54,8 @@ class Engine:
         dtype = getattr(torch, c.dtype or ("bfloat16" if device == "cuda" else "float32"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         num_blocks = self._fit_blocks(model_dir, c, device, dtype)
-        self.runner = ModelRunner(model_dir, num_blocks, c.block_size, device, dtype)
+        self.runner = ModelRunner(load_hf_model(model_dir, device, dtype), num_blocks,
+                                  c.block_size, device, model_dir, c.kv_dtype, c.kv_scales)
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
         self.eos_ids = self._eos_ids()
@@ -69,7 +72,9 @@ class Engine:
         if config is None and plan.get("num_blocks"):
             config = EngineConfig(block_size=plan["block_size"], num_blocks=plan["num_blocks"],
                                   max_num_seqs=plan["max_num_seqs"],
-                                  max_num_batched_tokens=plan["max_num_batched_tokens"])
+                                  max_num_batched_tokens=plan["max_num_batched_tokens"],
+                                  kv_dtype=plan["dtype"] if plan["dtype"] == "fp8_e4m3" else None,
+                                  kv_scales=plan.get("kv_scales"))
         return cls(Path(bundle) / mf.MODEL_DIR, config)
 
     @staticmethod
@@ -83,8 +88,8 @@ class Engine:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-        per_block = cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * dtype.itemsize * \
-            c.block_size
+        itemsize = 1 if c.kv_dtype == "fp8_e4m3" else dtype.itemsize
+        per_block = cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * itemsize * c.block_size
         if device == "cuda":
             weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
             budget = torch.cuda.mem_get_info()[0] * 0.9 - weights

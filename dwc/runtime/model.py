@@ -58,6 +58,7 @@ class Decoder:
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.dtype = self.embed.weight.dtype
+        self.kv_scales = [(1.0, 1.0)] * len(self.layers)  # set by the runner for FP8 caches
         # The projections each layer calls: the checkpoint's modules, or kernel-backed
         # replacements (use_kernels) on the GPU.
         self.proj = [{**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ},
@@ -84,30 +85,30 @@ class Decoder:
         """Logits [sampling chunks, vocab] of each sampling chunk's last token."""
         h = self.embed(batch.input_ids)                                  # [t, hidden]
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)
-        for layer, proj, layer_cache in zip(self.layers, self.proj, cache):
+        for layer, proj, layer_cache, scales in zip(self.layers, self.proj, cache, self.kv_scales):
             h = h + self._attention(proj, rms_norm(h, layer.input_layernorm.weight, self.eps),
-                                    cos, sin, batch, layer_cache)
+                                    cos, sin, batch, layer_cache, scales)
             x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             h = h + proj["down_proj"](torch.nn.functional.silu(proj["gate_proj"](x)) *
                                       proj["up_proj"](x))
         h = rms_norm(h[batch.sample_rows], self.final_norm.weight, self.eps)
         return self.lm_head(h).float()
 
-    def _attention(self, proj, x, cos, sin, batch: Batch, layer_cache) -> torch.Tensor:
+    def _attention(self, proj, x, cos, sin, batch: Batch, layer_cache, scales) -> torch.Tensor:
         t = x.shape[0]
         q = proj["q_proj"](x).view(t, self.num_heads, self.head_dim)
         k = proj["k_proj"](x).view(t, self.num_kv_heads, self.head_dim)
         v = proj["v_proj"](x).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(layer_cache, batch.slots, k, v)
+        write_kv(layer_cache, batch.slots, k, v, scales)
         out = torch.empty_like(q)
         if batch.decode is not None:
             from dwc.runtime.layers.paged_attention_triton import paged_decode
 
             dg = batch.decode
             out[dg.rows] = paged_decode(q[dg.rows], layer_cache, dg.block_tables,
-                                        dg.context_lens, dg.page, self.scale).to(q.dtype)
+                                        dg.context_lens, dg.page, self.scale, scales)
         for offset, length, start, seq_slots in batch.chunks:
             out[offset:offset + length] = paged_attention(
-                q[offset:offset + length], layer_cache, seq_slots, start, self.scale)
+                q[offset:offset + length], layer_cache, seq_slots, start, self.scale, scales)
         return proj["o_proj"](out.view(t, self.num_heads * self.head_dim))

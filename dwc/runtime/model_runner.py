@@ -36,25 +36,39 @@ def load_hf_model(model_dir: Path, device: str, dtype: torch.dtype):
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, num_blocks: int, block_size: int, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None):
+    """`hf_model` is a loaded model (see load_hf_model); `weights_dir` holds its
+    compressed-tensors files, from which the GPU kernels are built. With `kv_dtype`
+    "fp8_e4m3", K and V are stored in FP8 E4M3 divided by the per-layer `kv_scales`
+    ([(k_scale, v_scale)] per layer; 1.0 when not given)."""
+
+    def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
+                 weights_dir: Path | None = None, kv_dtype: str | None = None,
+                 kv_scales: list | None = None):
         self.device = device
-        self.hf_model = load_hf_model(model_dir, device, dtype)
-        self.decoder = Decoder(self.hf_model, device)
-        self.kernels = self.decoder.use_kernels(model_dir, device) if device == "cuda" else 0
-        d = self.decoder
+        self.hf_model = hf_model
+        self.decoder = d = Decoder(hf_model, device)
+        self.kernels = d.use_kernels(weights_dir, device) if device == "cuda" and weights_dir else 0
+        fp8 = kv_dtype == "fp8_e4m3"
+        cache_dtype = torch.float8_e4m3fn if fp8 else d.dtype
         slots = num_blocks * block_size
-        self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=kv_dtype or d.dtype,
+        self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=cache_dtype,
                                   device=device) for _ in range(len(d.layers))]
+        scales = kv_scales if fp8 and kv_scales else [(1.0, 1.0)] * len(d.layers)
+        d.kv_scales = [tuple(float(x) for x in pair) for pair in scales]
         self.block_size = block_size
 
     @property
     def max_context(self) -> int:
         return int(self.hf_model.config.max_position_embeddings)
 
-    def run(self, chunks: list[Chunk], blocks: BlockManager) -> torch.Tensor:
-        """Run one step; logits [chunks that sample, vocab], in chunk order."""
-        return self.decoder.forward(self._batch(chunks, blocks), self.cache)
+    def run(self, chunks: list[Chunk], blocks: BlockManager, all_rows: bool = False
+            ) -> torch.Tensor:
+        """Run one step; logits [chunks that sample, vocab], in chunk order (with
+        `all_rows`, logits of every token: [tokens, vocab], for scoring text)."""
+        batch = self._batch(chunks, blocks)
+        if all_rows:
+            batch.sample_rows = torch.arange(len(batch.input_ids), device=self.device)
+        return self.decoder.forward(batch, self.cache)
 
     def _batch(self, chunks: list[Chunk], blocks: BlockManager) -> Batch:
         """Flatten the chunks. On the GPU, one-token (decode) chunks go to the Triton

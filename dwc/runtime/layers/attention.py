@@ -11,22 +11,31 @@ import torch
 import torch.nn.functional as F
 
 
-def write_kv(cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """cache: [2, slots, kv_heads, d]; slots: [tokens]; k, v: [tokens, kv_heads, d]."""
+FP8_MAX = 448.0
+
+
+def write_kv(cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             scales: tuple[float, float] = (1.0, 1.0)) -> None:
+    """cache: [2, slots, kv_heads, d]; slots: [tokens]; k, v: [tokens, kv_heads, d].
+    An FP8 cache holds k / k_scale and v / v_scale, saturated to the FP8 range."""
+    if cache.dtype == torch.float8_e4m3fn:
+        k = (k.float() / scales[0]).clamp(-FP8_MAX, FP8_MAX)
+        v = (v.float() / scales[1]).clamp(-FP8_MAX, FP8_MAX)
     cache[0, slots] = k.to(cache.dtype)
     cache[1, slots] = v.to(cache.dtype)
 
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, seq_slots: torch.Tensor,
-                    start: int, scale: float) -> torch.Tensor:
+                    start: int, scale: float, kv_scales: tuple[float, float] = (1.0, 1.0)
+                    ) -> torch.Tensor:
     """One sequence's chunk.
 
     q: [n, heads, d] for positions start..start+n-1; seq_slots: [start + n] the slots of
     positions 0..start+n-1. Returns [n, heads, d].
     """
     n, heads, _ = q.shape
-    k = cache[0, seq_slots].to(q.dtype)                                  # [T, kv_heads, d]
-    v = cache[1, seq_slots].to(q.dtype)
+    k = cache[0, seq_slots].to(q.dtype) * kv_scales[0]                   # [T, kv_heads, d]
+    v = cache[1, seq_slots].to(q.dtype) * kv_scales[1]
     group = heads // k.shape[1]
     k = k.repeat_interleave(group, dim=1)                                # [T, heads, d]
     v = v.repeat_interleave(group, dim=1)

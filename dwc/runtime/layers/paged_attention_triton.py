@@ -15,6 +15,7 @@ import triton.language as tl
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale,
+                         k_scale, v_scale,
                          stride_qs, stride_qh, stride_ks, stride_kh, stride_ts,
                          stride_os, stride_oh,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
@@ -37,8 +38,11 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
         block = tl.load(tables_ptr + s * stride_ts + pos // PAGE, mask=valid, other=0)
         slot = block.to(tl.int64) * PAGE + pos % PAGE
         kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)     # [BLOCK_N, D]
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        # FP8 caches hold K / k_scale: widen and rescale (a no-op scale for bf16 caches).
+        k = (tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+             * k_scale).to(q.dtype)                                        # [BLOCK_N, D]
+        v = (tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+             * v_scale).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, BLOCK_N]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
@@ -53,7 +57,8 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
 
 
 def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, page: int, scale: float) -> torch.Tensor:
+                 context_lens: torch.Tensor, page: int, scale: float,
+                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """q: [seqs, heads, d] (one new token each, already in the cache); cache:
     [2, slots, kv_heads, d]; block_tables: [seqs, max_blocks] int32; context_lens: [seqs]
     int32 (tokens including the new one). Returns [seqs, heads, d]."""
@@ -61,11 +66,11 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     kv_heads = cache.shape[2]
     group = heads // kv_heads
     k, v = cache[0], cache[1]
-    q = q.to(k.dtype).contiguous()
+    q = q.contiguous()
     out = torch.empty_like(q)
     block_n = max(16, min(64, page * 4))
     _paged_decode_kernel[(seqs, kv_heads)](
-        q, k, v, out, block_tables, context_lens, scale,
+        q, k, v, out, block_tables, context_lens, scale, kv_scales[0], kv_scales[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n, PAGE=page)
