@@ -136,3 +136,43 @@ def test_full_queue_answers_429(bundle):
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 2})
         assert r.status_code == 429 and "server busy" in r.json()["error"]["message"]
+
+
+def test_sigterm_drains_in_flight_requests(bundle):
+    """`dwc serve` on SIGTERM stops accepting, finishes the stream in flight, then ends by
+    the signal (uvicorn re-raises it after draining, so supervisors see a SIGTERM exit)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dwc", "serve", str(bundle), "--port",
+                             str(port)], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+                "prompt": PROMPTS[0], "max_tokens": 60, "stream": True, "ignore_eos": True,
+                "temperature": 0}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and not lines:
+                    proc.send_signal(signal.SIGTERM)  # mid-stream
+                lines.append(line)
+        assert lines[-1] == "data: [DONE]" or "data: [DONE]" in lines
+        chunks = [json.loads(l[6:]) for l in lines if l.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
