@@ -53,6 +53,8 @@ class PassCache:
             sums = {str(p.relative_to(tmp)): sha256_file(p, memo=False)
                     for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+            if final.is_dir() and _intact(final):
+                return  # another build stored it first; it may be reading it now
             shutil.rmtree(final, ignore_errors=True)
             try:
                 os.replace(tmp, final)

@@ -55,7 +55,8 @@ def sampling_from(body: dict) -> SamplingParams:
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     checks = {"max_tokens": (int, 1, None), "temperature": ((int, float), 0, 2),
-              "top_p": ((int, float), 0, 1), "top_k": (int, 0, None), "seed": (int, None, None)}
+              "top_p": ((int, float), 1e-6, 1), "top_k": (int, 0, None),
+              "seed": (int, 0, 2 ** 63 - 1)}
     for key, (types, low, high) in checks.items():
         value = body.get(key)
         if value is None:
@@ -67,11 +68,16 @@ def sampling_from(body: dict) -> SamplingParams:
         raise BadInput("stop: expected a string or a list of strings")
     if not isinstance(body.get("ignore_eos", False), bool):
         raise BadInput("ignore_eos: expected true or false")
+    temperature, top_p = body.get("temperature"), body.get("top_p")  # null = the default
     return SamplingParams(max_tokens=body.get("max_tokens") or 16,
-                          temperature=float(body.get("temperature", 1.0)),
-                          top_k=body.get("top_k") or 0, top_p=float(body.get("top_p", 1.0)),
+                          temperature=1.0 if temperature is None else float(temperature),
+                          top_k=body.get("top_k") or 0, top_p=1.0 if top_p is None else float(top_p),
                           seed=body.get("seed"), stop=stop,
                           ignore_eos=body.get("ignore_eos", False))  # a vLLM extension
+
+
+class EngineFailed(Exception):
+    """The engine's step failed while this request was in it."""
 
 
 class Api:
@@ -121,15 +127,23 @@ class Api:
                                                   add_generation_prompt=True)
 
     async def _events(self, request: Request, http: HttpRequest):
-        """Tokens as they come; aborts the sequence if the client goes away."""
+        """Tokens as they come; aborts the sequence if the client goes away (checked at
+        least once a second, also while tokens keep coming)."""
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(request.events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
+                    kind = None
+                if time.monotonic() - checked >= 1.0 or kind is None:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         raise asyncio.CancelledError
+                if kind is None:
                     continue
+                if kind == "error":
+                    raise EngineFailed(value)
                 yield kind, value
                 if kind == "done":
                     return
@@ -144,11 +158,15 @@ class Api:
 
     async def _complete(self, request: Request, http: HttpRequest, chat: bool):
         ids, reason = [], None
-        async for kind, value in self._events(request, http):
-            if kind == "token":
-                ids.append(value)
-            else:
-                reason = value
+        try:
+            async for kind, value in self._events(request, http):
+                if kind == "token":
+                    ids.append(value)
+                else:
+                    reason = value
+        except EngineFailed as e:
+            return JSONResponse({"error": {"message": f"generation failed: {e}",
+                                           "type": "server_error"}}, status_code=500)
         self._observe_tpot(request, len(ids))
         text = self._text(ids, request.params)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
@@ -161,11 +179,24 @@ class Api:
     async def _stream(self, request: Request, http: HttpRequest, chat: bool):
         ids, sent = [], ""
         hold = max((len(s) for s in request.params.stop), default=1) - 1
-        async for kind, value in self._events(request, http):
+        events = self._events(request, http)
+        while True:
+            try:
+                kind, value = await events.__anext__()
+            except StopAsyncIteration:
+                break
+            except EngineFailed as e:
+                error = {"error": {"message": f"generation failed: {e}", "type": "server_error"}}
+                yield f"data: {json.dumps(error)}\n\n"
+                return
             if kind == "token":
                 ids.append(value)
                 text = self._text(ids, request.params)
+                # Hold back a possible start of a stop string, and a character whose bytes
+                # have not all arrived yet (decoded as U+FFFD until they have).
                 ready = text[:max(len(sent), len(text) - hold)]
+                while ready.endswith("\ufffd") and len(ready) > len(sent):
+                    ready = ready[:-1]
             else:
                 ready = self._text(ids, request.params)
             delta, sent = ready[len(sent):], ready
@@ -191,7 +222,7 @@ class Api:
                                                          "owned_by": "dwc"}]})
 
     async def health(self, _):
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "failed_steps": self.core.errors})
 
     async def prometheus(self, _):
         self.metrics.observe_engine(self.engine)

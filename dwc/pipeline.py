@@ -136,7 +136,8 @@ def cache_key(p, options, ctx: BuildContext) -> str:
     reads = p.reads + tuple(a for a in p.optional_reads if a in ctx.fingerprints)
     return sha256_json({
         "dwc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "pass": p.name, "options": options_dict(options),
+        "python": platform.python_version(), "device": ctx.compute_device,
+        "pass": p.name, "options": options_dict(options),
         "reads": {a: ctx.fingerprints[a] for a in reads}, "extra": p.key_material(ctx, options),
     })
 

@@ -1,6 +1,7 @@
 """The quality measurement and budget shared by `evaluate` and the quantize back-off.
 
-One definition, so the back-off in `quantize` stops exactly where `evaluate` will pass.
+One definition (and the same KV cache, see dwc.kvcache), so the back-off in `quantize`
+stops where `evaluate` will pass.
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ from typing import Optional
 
 from dwc.config import option, positive
 from dwc.errors import TargetError
+from dwc.kvcache import kv_scales
 from dwc.passes.base import Pass, PassResult
 from dwc.reports import json_bytes
 
 GB = 1e9
-FP8_MAX = 448.0
 KV_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8_e4m3": 1}
 COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -53,6 +53,13 @@ class KvLayout(Pass):
     writes = ("kv_plan",)
     Options = KvLayoutOptions
 
+    def key_material(self, ctx, options):
+        """Everything the plan reads besides the artifacts: the target and the SLO."""
+        t, slo = ctx.target, ctx.build.slo
+        return {"target": t.name, "kv": t.kv_cache_dtype, "hardware": vars(t.hardware),
+                "weights": vars(t.weights), "device": t.device,
+                "slo": vars(slo) if slo else None}
+
     def run(self, ctx, options) -> PassResult:
         plan = plan_kv(ctx, options)
         if plan["dtype"] == "fp8_e4m3":
@@ -63,22 +70,6 @@ class KvLayout(Pass):
             metrics["max_k_scale"] = max(k for k, _ in plan["kv_scales"])
         return PassResult(outputs={"kv_plan": plan}, metrics=metrics,
                           reports={"kv_plan.json": json_bytes(plan)})
-
-
-def kv_scales(ctx) -> list[list[float]]:
-    """Per layer [k_scale, v_scale] for an FP8 cache: the largest |K| and |V| seen in
-    calibration over FP8's largest value (448). K is stored after the rotary embedding,
-    which turns each pair (a, b) into a rotation of it, so |K| can reach sqrt(2) times the
-    largest projection output; the K scale allows for that."""
-    stats = ctx.artifacts.get("calibration")
-    if stats is None or not stats.out_absmax:
-        return [[1.0, 1.0]] * ctx.info.num_layers  # vLLM's default without calibration
-    scales = []
-    for i in range(ctx.info.num_layers):
-        k = float(stats.out_absmax[f"model.layers.{i}.self_attn.k_proj"]) * 2 ** 0.5
-        v = float(stats.out_absmax[f"model.layers.{i}.self_attn.v_proj"])
-        scales.append([max(k, 1e-6) / FP8_MAX, max(v, 1e-6) / FP8_MAX])
-    return scales
 
 
 def weight_bytes(ctx) -> int:

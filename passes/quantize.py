@@ -22,6 +22,7 @@ from typing import Literal, Optional
 from dwc.config import option, positive
 from dwc.data import token_windows
 from dwc.hashing import sha256_file
+from dwc.kvcache import kv_plan_for_measuring
 from dwc.passes.base import Pass, PassResult
 from dwc.quality import measure, over_budget
 from dwc.quantization import load_compressed, recipe, run_oneshot, save_compressed
@@ -72,6 +73,7 @@ class Quantize(Pass):
                    "(FP8 W8A8, INT8 SmoothQuant W8A8, INT4 AWQ/GPTQ/RTN W4A16) in the "
                    "compressed-tensors layout; back off layer by layer to meet the budget.")
     reads = ("model", "reference", "tokenizer")
+    optional_reads = ("calibration",)  # K / V ranges, for the FP8 KV cache in the back-off
     writes = ("model", "quantized")
     Options = QuantizeOptions
     cacheable = True
@@ -94,9 +96,10 @@ class Quantize(Pass):
             folder, errors, model = self._attempt(ctx, s, keep + fallback, windows, options)
             reason = None
             if _backoff_on(ctx, options):
-                quality = measure(ctx, model, 4, "checking budget").result()
+                quality = measure(ctx, model, 4, "checking budget",
+                                  kv_plan=kv_plan_for_measuring(ctx)).result()
                 reason = over_budget(quality, ctx.build.evaluation)
-            if not reason or len(fallback) >= options.max_backoff_layers:
+            if not reason or not errors or len(fallback) >= options.max_backoff_layers:
                 break
             worst = max(errors, key=errors.get)
             ctx.reporter.info(f"      over budget ({reason}); keeping {worst} in bf16")
@@ -110,7 +113,8 @@ class Quantize(Pass):
             outputs={"model": model, "quantized": Quantized(folder, summary)},
             metrics={"scheme": s["scheme"], "method": s["method"],
                      "fallback_layers": len(fallback),
-                     "max_layer_error": max(errors.values()), "weight_bytes": summary["weight_bytes"]},
+                     "max_layer_error": max(errors.values(), default=0.0),
+                     "weight_bytes": summary["weight_bytes"]},
             reports={"layer_error.json": json_bytes({"scheme": s, "layers": errors,
                                                      "fallback_layers": fallback}),
                      "layer_error.png": png})

@@ -41,7 +41,7 @@ def server(bundle):
 def test_endpoints_and_errors(server):
     url, engine = server
     with httpx.Client(base_url=url, timeout=30) as c:
-        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/health").json() == {"status": "ok", "failed_steps": 0}
         assert c.get("/v1/models").json()["data"][0]["id"] == "stdlib-coder"
         r = c.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 6,
                                             "temperature": 0})
@@ -56,6 +56,12 @@ def test_endpoints_and_errors(server):
         long = c.post("/v1/completions", json={"prompt": "x " * 2000, "max_tokens": 4})
         assert long.status_code == 400 and "context limit of 1024" in long.json()["error"]["message"]
         assert c.post("/v1/chat/completions", json={"messages": "hi"}).status_code == 400
+        for bad in ({"seed": 2 ** 64}, {"seed": -1}, {"top_p": 0}, {"temperature": 3}):
+            r = c.post("/v1/completions", json={"prompt": "x", **bad})
+            assert r.status_code == 400, bad
+        ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2,
+                                             "temperature": None, "top_p": None})
+        assert ok.status_code == 200
         metrics = c.get("/metrics").text
         for name in ("dwc_queue_depth", "dwc_running_sequences", "dwc_kv_blocks_used",
                      "dwc_prefix_cache_hit_rate", "dwc_time_to_first_token_seconds_bucket",
@@ -176,3 +182,28 @@ def test_sigterm_drains_in_flight_requests(bundle):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(bundle, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from dwc.http_server import make_app
+
+    engine = Engine.from_bundle(bundle, EngineConfig(num_blocks=64))
+    real_run = engine.runner.run
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "run", flaky)
+    with TestClient(make_app(engine, "x")) as client:
+        first = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 3})
+        assert first.status_code == 500 and "injected failure" in first.json()["error"]["message"]
+        second = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 3})
+        assert second.status_code == 200
+        assert client.get("/health").json()["failed_steps"] == 1
+    assert engine.blocks.num_free == 64

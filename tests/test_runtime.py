@@ -179,3 +179,30 @@ def test_quantized_bundles_match_the_fake_quant_reference(build_for, target):
     want = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None,
                        pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
     assert out.output_ids == want
+
+
+def test_requests_beyond_the_cache_are_refused_and_generate_is_all_or_nothing(bundle):
+    from dwc.errors import BadInput
+
+    eng = engine(bundle, num_blocks=4, block_size=16)  # 64 tokens of KV in all
+    with pytest.raises(BadInput, match="context limit of 64 tokens"):
+        eng.add([1] * 50, SamplingParams(max_tokens=20))
+    with pytest.raises(BadInput):
+        eng.generate([PROMPTS[0], [1] * 60], SamplingParams(max_tokens=10))
+    assert not eng.has_work()  # the first prompt was not left queued
+
+
+def test_prefix_keys_are_exact_not_hashed():
+    """Python's hash(-1) == hash(-2): keys built from hashes could match the wrong
+    prefix. Keys name the parent block exactly, so a different prefix never matches."""
+    blocks = BlockManager(num_blocks=8, block_size=2)
+    a = Sequence([-1, 5, 7, 7, 9], SamplingParams())
+    blocks.grow(a, 5)
+    a.num_computed = 5
+    blocks.seal_full_blocks(a)
+    b = Sequence([-2, 5, 7, 7, 9], SamplingParams())
+    blocks.match_prefix(b)
+    assert b.num_cached == 0 and b.block_table == []
+    c = Sequence([-1, 5, 7, 7, 3], SamplingParams())
+    blocks.match_prefix(c)
+    assert c.num_cached == 4 and c.block_table == a.block_table[:2]

@@ -23,7 +23,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("token", id) | ("done", reason)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (token|done|error, value)
     arrived: float = field(default_factory=time.perf_counter)
     seq: Sequence | None = None
     sent: int = 0                       # tokens already pushed to `events`
@@ -42,6 +42,7 @@ class AsyncEngine:
         self.inbox: queue.Queue = queue.Queue()
         self.live: dict[int, Request] = {}
         self.stopping = False
+        self.errors = 0                       # failed steps, for /health
         self.thread = threading.Thread(target=self._loop, name="dwc-engine", daemon=True)
         self.thread.start()
 
@@ -61,13 +62,26 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self.stopping:
-            self._drain_inbox(block=not self.engine.has_work())
-            if not self.engine.has_work():
-                continue
-            finished = self.engine.step()
-            self._publish(finished)
+            try:
+                self._drain_inbox(block=not self.engine.has_work())
+                if not self.engine.has_work():
+                    continue
+                finished = self.engine.step()
+                self._publish(finished)
+            except Exception as e:  # noqa: BLE001  the thread must outlive any one batch
+                self._fail_all(e)
             if self.metrics:
                 self.metrics.observe_engine(self.engine)
+
+    def _fail_all(self, error: Exception) -> None:
+        """A step failed: end every live request with the error and free its blocks, so
+        no client waits forever and the engine serves the next requests."""
+        self.errors += 1
+        for request in list(self.live.values()):
+            self.engine.abort(request.seq)
+            request.loop.call_soon_threadsafe(request.events.put_nowait,
+                                              ("error", f"{type(error).__name__}: {error}"))
+        self.live.clear()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -78,7 +92,7 @@ class AsyncEngine:
             kind, request = item
             if kind == "add":
                 request.seq = self.engine.add(request.prompt_ids, request.params)
-                self.live[request.seq.id] = request
+                self.live[request.seq.id] = request  # added first: a failure reaches it
             elif request.seq is not None and request.seq.id in self.live:
                 self.engine.abort(request.seq)
                 del self.live[request.seq.id]

@@ -1,7 +1,9 @@
 """The paged KV cache's bookkeeping: fixed-size blocks, reference counts, prefix caching.
 
-Each full block gets a hash chained from its parent block's hash and its own token ids
-(as vLLM does), so equal prefixes map to equal blocks. A block whose reference count drops
+Each full block gets a key chained from its parent block and its own token ids (as vLLM
+does), so equal prefixes map to equal blocks. The key is exact, not a hash: (the parent's
+unique id, the block's token ids), looked up in a dict, so two different prefixes can
+never share KV (a hash collision there would leak one request's context into another's). A block whose reference count drops
 to zero goes to the back of the free list but keeps its hash: a later sequence with the
 same prefix takes it back without recomputing; a new allocation takes the oldest free block
 and evicts its hash (least recently freed first).
@@ -9,19 +11,20 @@ and evicts its hash (least recently freed first).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 from dwc.runtime.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("id", "ref_count", "hash", "token_ids")
+    __slots__ = ("id", "ref_count", "key", "key_id")
 
     def __init__(self, block_id: int):
         self.id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
-        self.token_ids: tuple[int, ...] = ()
+        self.key: tuple | None = None    # (parent's key_id, token ids) once sealed
+        self.key_id: int | None = None   # unique per sealing; children's keys name it
 
 
 class BlockManager:
@@ -29,7 +32,8 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.by_hash: dict[int, int] = {}
+        self.by_key: dict[tuple, int] = {}
+        self._key_ids = itertools.count()
         self.hits = 0       # prompt tokens served from the prefix cache
         self.lookups = 0    # prompt tokens looked up
 
@@ -51,9 +55,9 @@ class BlockManager:
     def _take_free(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
-        if block.hash is not None and self.by_hash.get(block.hash) == block_id:
-            del self.by_hash[block.hash]  # evict the cached prefix it held
-        block.hash, block.token_ids, block.ref_count = None, (), 1
+        if block.key is not None and self.by_key.get(block.key) == block_id:
+            del self.by_key[block.key]  # evict the cached prefix it held
+        block.key, block.key_id, block.ref_count = None, None, 1
         return block_id
 
     def match_prefix(self, seq: Sequence) -> None:
@@ -67,21 +71,20 @@ class BlockManager:
         self.lookups += len(seq.prompt_ids)
         for i in range(usable):
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
-            h = hash((parent, chunk))
-            block_id = self.by_hash.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != chunk:
+            block_id = self.by_key.get((parent, chunk))
+            if block_id is None:
                 break
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-            parent = h
+            parent = block.key_id
         seq.num_computed = seq.num_cached = len(seq.block_table) * self.block_size
         self.hits += min(seq.num_cached, len(seq.prompt_ids))
 
     def seal_full_blocks(self, seq: Sequence) -> None:
-        """Register the hash of every block `seq` has completely computed."""
+        """Register the key of every block `seq` has completely computed."""
         tokens = seq.tokens
         parent = None
         for i, block_id in enumerate(seq.block_table):
@@ -89,11 +92,11 @@ class BlockManager:
             if end > seq.num_computed:
                 break
             block = self.blocks[block_id]
-            if block.hash is None:
-                block.token_ids = tuple(tokens[end - self.block_size:end])
-                block.hash = hash((parent, block.token_ids))
-                self.by_hash.setdefault(block.hash, block_id)
-            parent = block.hash
+            if block.key is None:
+                block.key = (parent, tuple(tokens[end - self.block_size:end]))
+                block.key_id = next(self._key_ids)
+                self.by_key.setdefault(block.key, block_id)
+            parent = block.key_id
 
     def release(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody uses go to the free list, hashes kept."""

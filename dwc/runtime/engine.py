@@ -124,7 +124,7 @@ class Engine:
         """Refuse a request that cannot run, naming the limit."""
         if not ids:
             raise BadInput("empty prompt")
-        limit = self.runner.max_context
+        limit = min(self.runner.max_context, len(self.blocks.blocks) * self.blocks.block_size)
         if len(ids) + params.max_tokens > limit:
             raise BadInput(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                            f"exceeds the context limit of {limit} tokens")
@@ -182,7 +182,14 @@ class Engine:
                  ) -> list[Completion]:
         """Run prompts to completion, all batched together; results in prompt order."""
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        seqs = [self.add(p, sp) for p, sp in zip(prompts, params)]
+        seqs = []
+        try:
+            for p, sp in zip(prompts, params):
+                seqs.append(self.add(p, sp))
+        except BadInput:
+            for seq in seqs:  # all or nothing: none of this call's requests stay queued
+                self.abort(seq)
+            raise
         while self.has_work():
             self.step()
         return [Completion(s.prompt_ids, s.output_ids, self.text(s), s.finish_reason) for s in seqs]
