@@ -46,6 +46,16 @@ class Metrics:
         self.prefix_hit_rate.set(b.hits / b.lookups if b.lookups else 0.0)
 
 
+def releasable(text: str, sent: int, hold: int) -> str:
+    """The prefix of `text` that can be streamed now: not the last `hold` characters (they
+    may start a stop string), and not a trailing character whose bytes have not all
+    arrived (decoded as U+FFFD until they have). Never shorter than what was sent."""
+    ready = text[:max(sent, len(text) - hold)]
+    while ready.endswith("\ufffd") and len(ready) > sent:
+        ready = ready[:-1]
+    return ready
+
+
 def bad_request(message: str, status: int = 400) -> JSONResponse:
     kind = "invalid_request_error" if status == 400 else "server_busy"
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
@@ -191,12 +201,7 @@ class Api:
                 return
             if kind == "token":
                 ids.append(value)
-                text = self._text(ids, request.params)
-                # Hold back a possible start of a stop string, and a character whose bytes
-                # have not all arrived yet (decoded as U+FFFD until they have).
-                ready = text[:max(len(sent), len(text) - hold)]
-                while ready.endswith("\ufffd") and len(ready) > len(sent):
-                    ready = ready[:-1]
+                ready = releasable(self._text(ids, request.params), len(sent), hold)
             else:
                 ready = self._text(ids, request.params)
             delta, sent = ready[len(sent):], ready

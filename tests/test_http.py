@@ -207,3 +207,19 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(bundle, monkeyp
         assert second.status_code == 200
         assert client.get("/health").json()["failed_steps"] == 1
     assert engine.blocks.num_free == 64
+
+
+def test_streaming_holds_back_split_characters_and_stop_prefixes(bundle):
+    from dwc.http_server import releasable
+
+    tok = Engine.from_bundle(bundle, EngineConfig(num_blocks=16)).tokenizer
+    text = "h\u00e9llo \U0001F600 \u4e16\u754c"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    sent = ""
+    for n in range(1, len(ids) + 1):
+        partial = tok.decode(ids[:n])
+        ready = releasable(partial, len(sent), hold=0)
+        assert "\ufffd" not in ready and ready.startswith(sent)
+        sent = ready
+    assert sent == text
+    assert releasable("abc STO", 0, hold=3) == "abc "
