@@ -36,7 +36,8 @@ def hf_greedy(hf_reference, prompt: str, n: int) -> list[int]:
 
 
 def engine(bundle, **kw) -> Engine:
-    return Engine.from_bundle(bundle, EngineConfig(**kw))
+    """The CPU path, also on a GPU machine (GPU behaviour: tests/test_gpu.py)."""
+    return Engine.from_bundle(bundle, EngineConfig(device="cpu", **kw))
 
 
 def test_greedy_is_token_identical_to_transformers(bundle, hf_reference):
