@@ -189,27 +189,23 @@ class Api:
     async def _stream(self, request: Request, http: HttpRequest, chat: bool):
         ids, sent = [], ""
         hold = max((len(s) for s in request.params.stop), default=1) - 1
-        events = self._events(request, http)
-        while True:
-            try:
-                kind, value = await events.__anext__()
-            except StopAsyncIteration:
-                break
-            except EngineFailed as e:
-                error = {"error": {"message": f"generation failed: {e}", "type": "server_error"}}
-                yield f"data: {json.dumps(error)}\n\n"
-                return
-            if kind == "token":
-                ids.append(value)
-                ready = releasable(self._text(ids, request.params), len(sent), hold)
-            else:
-                ready = self._text(ids, request.params)
-            delta, sent = ready[len(sent):], ready
-            reason = value if kind == "done" else None
-            if delta or reason:
-                choice = ({"index": 0, "delta": {"content": delta}, "finish_reason": reason}
-                          if chat else {"index": 0, "text": delta, "finish_reason": reason})
-                yield f"data: {json.dumps(self._envelope(chat, choice, chunk=True))}\n\n"
+        try:
+            async for kind, value in self._events(request, http):
+                if kind == "token":
+                    ids.append(value)
+                    ready = releasable(self._text(ids, request.params), len(sent), hold)
+                else:
+                    ready = self._text(ids, request.params)
+                delta, sent = ready[len(sent):], ready
+                reason = value if kind == "done" else None
+                if delta or reason:
+                    choice = ({"index": 0, "delta": {"content": delta}, "finish_reason": reason}
+                              if chat else {"index": 0, "text": delta, "finish_reason": reason})
+                    yield f"data: {json.dumps(self._envelope(chat, choice, chunk=True))}\n\n"
+        except EngineFailed as e:
+            error = {"error": {"message": f"generation failed: {e}", "type": "server_error"}}
+            yield f"data: {json.dumps(error)}\n\n"
+            return
         self._observe_tpot(request, len(ids))
         yield "data: [DONE]\n\n"
 

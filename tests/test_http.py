@@ -191,11 +191,11 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(bundle, monkeyp
 
     engine = Engine.from_bundle(bundle, EngineConfig(num_blocks=64))
     real_run = engine.runner.run
-    calls = {"n": 0}
+    fail = {"next": True}
 
     def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
+        if fail["next"]:
+            fail["next"] = False
             raise RuntimeError("injected failure")
         return real_run(*args, **kwargs)
 
@@ -205,7 +205,12 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(bundle, monkeyp
         assert first.status_code == 500 and "injected failure" in first.json()["error"]["message"]
         second = client.post("/v1/completions", json={"prompt": "import os", "max_tokens": 3})
         assert second.status_code == 200
-        assert client.get("/health").json()["failed_steps"] == 1
+        fail["next"] = True
+        with client.stream("POST", "/v1/completions", json={
+                "prompt": "import os", "max_tokens": 3, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert "injected failure" in lines[-1] and "data: [DONE]" not in lines
+        assert client.get("/health").json()["failed_steps"] == 2
     assert engine.blocks.num_free == 64
 
 
