@@ -131,9 +131,8 @@ def _check_inputs(build: BuildFile) -> None:
         raise BuildFileError(f"model: {build.model}: model folder not found")
     if build.adapter is not None and not build.adapter.is_dir():
         raise BuildFileError(f"adapter: {build.adapter}: adapter folder not found")
-    if isinstance(build.draft, Path):
-        raise BuildFileError("draft: a draft checkpoint path is not supported yet "
-                             "(use auto or none)")
+    if isinstance(build.draft, Path) and not (build.draft / "config.json").is_file():
+        raise BuildFileError(f"draft: {build.draft}: not a Hugging Face checkpoint folder")
     for field, data in (("calibration.data", build.calibration.data),
                         ("evaluation.data", build.evaluation.data)):
         try:

@@ -75,6 +75,8 @@ class Step:
 
 def plan(build: BuildFile, target: Target, registry: dict) -> list[Step]:
     names = list(target.passes) if build.optimization == "auto" else list(build.optimization)
+    if build.draft == "none":
+        names = [n for n in names if n != "distill-draft"]
     where = "optimization" if build.optimization != "auto" else f"target {target.name} passes"
     for name in names:
         if name not in registry:

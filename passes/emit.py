@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from dwc.backends import EMITTERS
+from dwc.backends.torch_triton import write_draft
 from dwc.bundle.writer import BundleWriter
 from dwc.config import options_dict
 from dwc.formats import manifest as mf
@@ -23,7 +24,7 @@ class Emit(Pass):
     description = ("Write the bundle for the target's backend: model/, reports/, README.md "
                    "and manifest.json with the sha256 of every file, atomically.")
     reads = ("model", "tokenizer", "source", "quality")
-    optional_reads = ("calibration", "quantized", "draft", "kv_plan")
+    optional_reads = ("calibration", "quantized", "draft", "draft_model", "kv_plan")
     writes = ("bundle",)
 
     def run(self, ctx, options) -> PassResult:
@@ -31,6 +32,8 @@ class Emit(Pass):
         with BundleWriter(ctx.output, force=ctx.force) as writer:
             EMITTERS[ctx.target.backend](writer, ctx.artifacts["model"], ctx.info.path,
                                          ctx.artifacts.get("quantized"))
+            if ctx.artifacts.get("draft_model") is not None:
+                write_draft(writer, ctx.artifacts["draft_model"], ctx.info.path)
             for name, data in sorted(ctx.reports.items()):
                 writer.write_bytes(f"{mf.REPORTS_DIR}/{name}", data)
             record = {"name": self.name, "options": options_dict(options),

@@ -30,3 +30,12 @@ def copy_tokenizer(writer: BundleWriter, source_dir: Path, dest: str) -> None:
     for name in hf.TOKENIZER_FILES:
         if (Path(source_dir) / name).is_file():
             writer.copy_file(f"{dest}/{name}", Path(source_dir) / name)
+
+
+def write_draft(writer: BundleWriter, draft, source_dir: Path) -> None:
+    """draft/: the distilled draft in Hugging Face layout (bf16) with the shared tokenizer."""
+    import torch
+
+    out = writer.path(f"{mf.DRAFT_DIR}/{hf.CONFIG}").parent
+    draft.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(writer, source_dir, mf.DRAFT_DIR)

@@ -1,0 +1,230 @@
+"""`distill-draft`: build a small draft model for speculative decoding and measure it.
+
+Size rule: the draft keeps the target's width, tokenizer, embedding, final norm and LM
+head, and every (L / n)-th of its L decoder layers, n = max(1, L // 8) (Llama-3-8B: 4 of
+32 layers). It is initialised from those weights of the original model, then distilled
+from the optimized target's full next-token distribution (KL(target || draft)) on the
+calibration windows plus text the target itself generates from calibration prompts
+(on-policy data, as DistillSpec recommends).
+
+Measured on the evaluation text, for K = 1..max_k: how many of K greedily drafted tokens
+the target's greedy choice confirms, hence the per-position acceptance rate alpha and
+the mean tokens per verification step tau = 1 + E[accepted]; the cost ratio c of a draft
+step to a target step (timed on the GPU when there is one, else the ratio of weight bytes
+read per token); K is the one maximising tau / (1 + K c).
+
+`draft: none` leaves the pass out; `draft: <path>` measures an existing draft (same
+vocabulary required) instead of distilling one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dwc.config import option, positive
+from dwc.data import token_windows
+from dwc.errors import BadInput
+from dwc.hashing import sha256_file
+from dwc.passes.base import Pass, PassResult
+from dwc.reports import json_bytes, line_chart
+
+DRAFT_DIR = "draft-model"
+INFO = "draft.json"
+
+
+@dataclass
+class DistillOptions:
+    layers: int = option(0, help="draft decoder layers (0: the size rule, max(1, L // 8))")
+    steps: int = option(150, help="distillation steps")
+    lr: float = option(1e-3, help="AdamW learning rate")
+    batch_size: int = option(8, help="sequences per step")
+    on_policy: int = option(16, help="calibration prompts the target continues for on-policy data")
+    on_policy_tokens: int = option(64, help="tokens the target generates per on-policy prompt")
+    max_k: int = option(8, help="largest number of drafted tokens measured")
+    positions: int = option(64, help="evaluation positions where drafting is measured")
+
+    def validate(self, path: str) -> None:
+        positive(self, path, "steps", "lr", "batch_size", "max_k", "positions")
+
+
+class DistillDraft(Pass):
+    name = "distill-draft"
+    description = ("Build a draft model (the target's embedding, head and every 8th layer), "
+                   "distill it from the target's logits on calibration and on-policy text, "
+                   "measure acceptance and cost for K = 1..8 and pick K.")
+    reads = ("model", "reference", "tokenizer")
+    writes = ("draft", "draft_model")
+    Options = DistillOptions
+    cacheable = True
+
+    def key_material(self, ctx, options):
+        c, e, d = ctx.build.calibration, ctx.build.evaluation, ctx.build.draft
+        existing = str(d) if isinstance(d, Path) else None
+        return {"calibration": [sha256_file(c.data), c.samples, c.seq_len],
+                "evaluation": [sha256_file(e.data), e.seq_len], "existing": existing}
+
+    def run(self, ctx, options) -> PassResult:
+        target = ctx.artifacts["model"]
+        if isinstance(ctx.build.draft, Path):
+            draft = load_existing(ctx.build.draft, ctx)
+        else:
+            draft = make_draft(ctx.artifacts["reference"], options.layers)
+            train(draft, target, training_windows(ctx, target, options), options, ctx)
+        info = measure(draft, target, ctx, options)
+        png = line_chart({"tau (tokens per target step)": info["per_k"]["tau"],
+                          "projected speedup": info["per_k"]["speedup"]},
+                         title="Draft: tokens per verification step and projected speedup",
+                         xlabel="K - 1 (drafted tokens minus one)", ylabel="")
+        metrics = {k: info[k] for k in ("k", "mean_accepted_tokens", "acceptance_rate",
+                                        "cost_ratio", "params")}
+        return PassResult(outputs={"draft": info, "draft_model": draft}, metrics=metrics,
+                          reports={"draft.json": json_bytes(info), "draft.png": png})
+
+    def save(self, outputs, folder: Path) -> None:
+        outputs["draft_model"].save_pretrained(folder / DRAFT_DIR)
+        (folder / INFO).write_bytes(json_bytes(outputs["draft"]))
+
+    def load(self, folder: Path, ctx) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder / DRAFT_DIR).to(ctx.compute_device)
+        return {"draft": json.loads((folder / INFO).read_text()), "draft_model": model.eval()}
+
+
+def make_draft(reference, layers: int):
+    """The target's embedding, final norm, head and every (L / n)-th layer, in float32."""
+    total = reference.config.num_hidden_layers
+    n = layers or max(1, total // 8)
+    keep = [round(i * total / n) for i in range(n)]
+    draft = copy.deepcopy(reference).float()
+    draft.model.layers = torch.nn.ModuleList([draft.model.layers[i] for i in keep])
+    for i, layer in enumerate(draft.model.layers):
+        layer.self_attn.layer_idx = i
+    draft.config.num_hidden_layers = n
+    if hasattr(draft.config, "layer_types") and draft.config.layer_types:
+        draft.config.layer_types = draft.config.layer_types[:n]
+    draft.requires_grad_(True)
+    return draft
+
+
+def load_existing(path: Path, ctx):
+    from transformers import AutoModelForCausalLM
+
+    from dwc.checkpoint import model_info
+
+    info = model_info(path)
+    if info.vocab_size != ctx.info.vocab_size:
+        raise BadInput(f"draft: {path} has a vocabulary of {info.vocab_size} tokens, the model "
+                       f"{ctx.info.vocab_size}; a draft must share the tokenizer")
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(
+        ctx.compute_device).float()
+
+
+def training_windows(ctx, target, options) -> list:
+    """Calibration windows, plus the target's own continuations of their beginnings."""
+    c = ctx.build.calibration
+    windows = token_windows(c.data, ctx.artifacts["tokenizer"], c.samples, c.seq_len)
+    prompts = [w[:32] for w in windows[:options.on_policy] if len(w) >= 32]
+    if prompts:
+        torch.manual_seed(0)  # the on-policy samples, hence the draft, are reproducible
+        with torch.inference_mode():
+            out = target.generate(torch.stack(prompts).to(target.device), do_sample=True,
+                                  max_new_tokens=options.on_policy_tokens, top_k=0,
+                                  pad_token_id=0, attention_mask=torch.ones(len(prompts), 32,
+                                                                             dtype=torch.long,
+                                                                             device=target.device))
+        windows += [row.cpu() for row in out]
+    return windows
+
+
+def train(draft, target, windows, options, ctx) -> None:
+    from dwc.data import batches
+
+    groups = list(batches(windows, options.batch_size))
+    opt = torch.optim.AdamW(draft.parameters(), lr=options.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    draft.train()
+    with ctx.reporter.progress("distilling the draft", options.steps) as advance:
+        for step in range(options.steps):
+            ids = torch.stack(groups[int(torch.randint(len(groups), (1,), generator=gen))])
+            ids = ids.to(draft.device)
+            with torch.no_grad():
+                p = torch.log_softmax(target(ids).logits.float(), -1)           # [b, s, V]
+            q = torch.log_softmax(draft(ids).logits.float(), -1)
+            loss = (p.exp() * (p - q)).sum(-1).mean()                           # KL(p || q)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            advance(1)
+    draft.eval()
+    draft.requires_grad_(False)
+
+
+def measure(draft, target, ctx, options) -> dict:
+    """Greedy drafting against the target's greedy choices at evaluation positions."""
+    e = ctx.build.evaluation
+    windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
+    starts = [(w, pos) for w in windows for pos in range(16, len(w), 16)][:options.positions]
+    accepted = []
+    with torch.inference_mode(), ctx.reporter.progress("measuring acceptance", len(starts)) as adv:
+        for w, pos in starts:
+            ids = w[:pos].to(draft.device)[None]
+            for _ in range(options.max_k):
+                nxt = draft(ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            drafted = ids[0, pos:]
+            verify = target(ids.to(target.device)).logits[0, pos - 1:-1].argmax(-1).cpu()
+            agree = (verify == drafted.cpu()).int().tolist() + [0]
+            accepted.append(agree.index(0))
+            adv(1)
+    c = cost_ratio(draft, target, ctx)
+    ks = list(range(1, options.max_k + 1))
+    tau = [1 + sum(min(a, k) for a in accepted) / len(accepted) for k in ks]
+    alpha = [sum(a >= k for a in accepted) / max(1, sum(a >= k - 1 for a in accepted)) for k in ks]
+    speedup = [t / (1 + k * c) for t, k in zip(tau, ks)]
+    best = max(range(len(ks)), key=speedup.__getitem__)
+    return {"k": ks[best], "mean_accepted_tokens": round(tau[best], 4),
+            "acceptance_rate": round(sum(alpha[:ks[best]]) / ks[best], 4),
+            "cost_ratio": round(c, 4), "projected_speedup": round(speedup[best], 4),
+            "params": sum(p.numel() for p in draft.parameters()),
+            "layers": draft.config.num_hidden_layers, "positions": len(accepted),
+            "per_k": {"k": ks, "alpha": [round(a, 4) for a in alpha],
+                      "tau": [round(t, 4) for t in tau], "speedup": [round(s, 4) for s in speedup]},
+            "note": "greedy acceptance; speedup projected as tau / (1 + K c), not measured"}
+
+
+def cost_ratio(draft, target, ctx) -> float:
+    """Draft step / target step: timed on the GPU, else weight bytes read per token."""
+    if torch.cuda.is_available() and str(target.device).startswith("cuda"):
+        return _timed_ratio(draft, target)
+    quantized = ctx.artifacts.get("quantized")
+    target_bytes = quantized.summary["weight_bytes"] if quantized is not None else \
+        sum(p.numel() * p.element_size() for p in target.parameters())
+    # Decode reads every weight but the embedding (one row); the draft runs in bf16.
+    embed = draft.model.embed_tokens.weight.numel()
+    draft_bytes = 2 * (sum(p.numel() for p in draft.parameters()) - embed)
+    return draft_bytes / target_bytes
+
+
+def _timed_ratio(draft, target) -> float:
+    import time
+
+    def step_time(model):
+        ids = torch.ones(1, 16, dtype=torch.long, device=model.device)
+        for _ in range(3):
+            model(ids)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            model(ids)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        return step_time(draft) / step_time(target)
