@@ -74,20 +74,19 @@ class ModelRunner:
         """Flatten the chunks. On the GPU, one-token (decode) chunks go to the Triton
         kernel as one group; the others keep the per-sequence PyTorch path."""
         ids, positions, slots, parts, rows = [], [], [], [], []
-        decode_rows, tables = [], []
-        kernel = self.device == "cuda"
+        decode = []  # (token row, block table, context length) of the kernel's chunks
         offset = 0
         for c in chunks:
             tokens = c.seq.tokens
             span = range(c.start, c.start + c.length)
             ids.extend(tokens[i] for i in span)
             positions.extend(span)
-            slots.extend(blocks.slot(c.seq, p) for p in span)
-            if kernel and c.length == 1:
-                decode_rows.append(offset)
-                tables.append(list(c.seq.block_table))
+            if self.device == "cuda" and c.length == 1:
+                slots.append(blocks.slot(c.seq, c.start))
+                decode.append((offset, list(c.seq.block_table), c.start + 1))
             else:
                 seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
+                slots.extend(seq_slots[c.start:])
                 parts.append((offset, c.length, c.start,
                               torch.tensor(seq_slots, device=self.device)))
             offset += c.length
@@ -95,14 +94,14 @@ class ModelRunner:
                 rows.append(offset - 1)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts,
-                     as_tensor(rows), self._decode_group(chunks, decode_rows, tables))
+                     as_tensor(rows), self._decode_group(decode))
 
-    def _decode_group(self, chunks, rows, tables) -> DecodeGroup | None:
-        if not rows:
+    def _decode_group(self, decode: list) -> DecodeGroup | None:
+        if not decode:
             return None
+        rows, tables, lens = zip(*decode)
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
-        lens = [c.start + 1 for c in chunks if self.device == "cuda" and c.length == 1]
         return DecodeGroup(
             rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
