@@ -18,3 +18,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 def cache_dir() -> Path:
     """Where pass results and file hashes are cached ($DWC_CACHE_DIR, else ~/.cache/dwc)."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+# Runtime: chunks of at most this many tokens (decode and speculative verification steps)
+# run their attention in the paged decode kernel, one kernel row per token, on the GPU.
+KERNEL_MAX_CHUNK = 16

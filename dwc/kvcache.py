@@ -6,6 +6,11 @@ from __future__ import annotations
 FP8_MAX = 448.0
 
 
+def kv_bytes_per_token(info, itemsize: int) -> int:
+    """Bytes of K and V one token takes in the cache (`info`: dwc.checkpoint.ModelInfo)."""
+    return info.num_layers * 2 * info.num_kv_heads * info.head_dim * itemsize
+
+
 def kv_scales(ctx) -> list[list[float]]:
     """Per layer [k_scale, v_scale] for an FP8 cache: the largest |K| and |V| seen in
     calibration over FP8's largest value (448). K is stored after the rotary embedding,

@@ -20,7 +20,7 @@ from typing import Optional
 
 from dwc.config import option, positive
 from dwc.errors import TargetError
-from dwc.kvcache import kv_scales
+from dwc.kvcache import kv_bytes_per_token, kv_scales
 from dwc.passes.base import Pass, PassResult
 from dwc.reports import json_bytes
 
@@ -49,7 +49,7 @@ class KvLayout(Pass):
     description = ("Plan the paged KV cache from the target's memory, the weights' size and "
                    "the SLO: dtype, block size, blocks, max sequences, step token budget.")
     reads = ("model",)
-    optional_reads = ("quantized", "calibration")
+    optional_reads = ("quantized", "calibration", "draft_model")
     writes = ("kv_plan",)
     Options = KvLayoutOptions
 
@@ -58,6 +58,7 @@ class KvLayout(Pass):
         t, slo = ctx.target, ctx.build.slo
         return {"target": t.name, "kv": t.kv_cache_dtype, "hardware": vars(t.hardware),
                 "weights": vars(t.weights), "device": t.device,
+                "draft": ctx.artifacts.get("draft"),
                 "slo": vars(slo) if slo else None}
 
     def run(self, ctx, options) -> PassResult:
@@ -87,8 +88,16 @@ def plan_kv(ctx, options) -> dict:
     reserve = (options.workspace_gb or (2.0 if gpu else 0.5)) * GB
     max_context = (slo.max_context if slo and slo.max_context else
                    int(info.config.get("max_position_embeddings") or 4096))
-    per_token = info.num_layers * 2 * info.num_kv_heads * info.head_dim * KV_BYTES[t.kv_cache_dtype]
+    per_token = kv_bytes_per_token(info, KV_BYTES[t.kv_cache_dtype])
     weights = weight_bytes(ctx)
+    draft = ctx.artifacts.get("draft_model")
+    draft_per_token = 0
+    if draft is not None:  # its own cache, same slots, in the compute dtype; bf16 weights
+        act_kv = KV_BYTES[t.kv_cache_dtype] if t.kv_cache_dtype in COMPUTE_BYTES else \
+            COMPUTE_BYTES[t.weights.dtype]
+        draft_per_token = kv_bytes_per_token(draft_info(draft), act_kv)
+        weights += 2 * sum(p.numel() for p in draft.parameters())
+    per_token += draft_per_token
     budget_tokens = step_tokens(ctx, weights, gpu, options.block_size)
     act = COMPUTE_BYTES[t.weights.dtype]
     # Activations of one step (a few hidden-size and FFN-size buffers per token) and the
@@ -108,6 +117,7 @@ def plan_kv(ctx, options) -> dict:
         "dtype": t.kv_cache_dtype, "block_size": options.block_size, "num_blocks": num_blocks,
         "max_num_seqs": max_num_seqs, "max_num_batched_tokens": budget_tokens,
         "max_context": max_context, "bytes_per_token": per_token,
+        "draft_bytes_per_token": draft_per_token,
         "arithmetic": {
             "memory_bytes": int(t.hardware.memory_gb * GB), "utilization": utilization,
             "weight_bytes": weights, "workspace_reserve_bytes": int(reserve),
@@ -118,6 +128,16 @@ def plan_kv(ctx, options) -> dict:
                     "num_blocks = min(fitting, max_num_seqs x blocks per sequence)",
         },
     }
+
+
+def draft_info(draft):
+    """The draft's shape as dwc.checkpoint reads it (the draft is in memory, not on disk)."""
+    from types import SimpleNamespace
+
+    c = draft.config
+    return SimpleNamespace(num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
+                           head_dim=getattr(c, "head_dim", None) or
+                           c.hidden_size // c.num_attention_heads)
 
 
 def step_tokens(ctx, weights: int, gpu: bool, block_size: int) -> int:

@@ -109,11 +109,34 @@ def test_top_k_top_p_filtering():
     assert kept.tolist() == [True, True, True, False]
 
 
-def test_block_manager_and_scheduler_under_random_load():
-    """1,000 random requests with aborts and preemption: every block comes back."""
+def _run_scheduled(sched, blocks, chunks, rng) -> int:
+    """What the engine does after running the model: append the chunk's new tokens (a
+    verification chunk: a random number of accepted draft tokens plus one), roll back
+    the rest, seal. Returns how many sequences finished."""
+    finished = 0
+    for c in chunks:
+        seq = c.seq
+        new = rng.randrange(1, c.lookahead + 2) if c.logits else 0
+        seq.output_ids.extend(rng.randrange(50) for _ in range(new))
+        seq.num_computed = seq.num_tokens - 1 if new else c.end
+        if c.lookahead:
+            blocks.trim(seq, seq.num_tokens)
+        blocks.seal_full_blocks(seq)
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            assert len(seq.output_ids) == seq.params.max_tokens  # lookahead never overshoots
+            sched.finish(seq, "length")
+            finished += 1
+    return finished
+
+
+@pytest.mark.parametrize("speculative, num_blocks", [(0, 48), (3, 24)])
+def test_block_manager_and_scheduler_under_random_load(speculative, num_blocks):
+    """1,000 random requests with aborts, preemption and (with a draft) verification
+    steps whose rejected tokens are rolled back: every block comes back."""
     rng = random.Random(0)
-    blocks = BlockManager(num_blocks=48, block_size=4)
-    sched = Scheduler(blocks, max_num_seqs=16, max_num_batched_tokens=64)
+    blocks = BlockManager(num_blocks=num_blocks, block_size=4)
+    sched = Scheduler(blocks, max_num_seqs=16, max_num_batched_tokens=64,
+                      num_speculative=speculative)
     live: list[Sequence] = []
     finished = 0
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(5)]
@@ -124,33 +147,21 @@ def test_block_manager_and_scheduler_under_random_load():
         sched.add(seq)
         live.append(seq)
         for _ in range(rng.randrange(0, 3)):
-            for c in sched.schedule():  # what the engine does after running the model
-                c.seq.num_computed = c.start + c.length
-                blocks.seal_full_blocks(c.seq)
-                if c.samples:
-                    c.seq.output_ids.append(rng.randrange(50))
-                    if len(c.seq.output_ids) >= c.seq.params.max_tokens:
-                        sched.finish(c.seq, "length")
-                        finished += 1
+            finished += _run_scheduled(sched, blocks, sched.schedule(), rng)
         if live and rng.random() < 0.1:
             victim = live.pop(rng.randrange(len(live)))
             if victim.finish_reason is None:
                 sched.finish(victim, "abort")
         used = {b for s in sched.running for b in s.block_table}
         assert all(blocks.blocks[b].ref_count > 0 for b in used)
-        assert len(used) + blocks.num_free == 48 or any(
+        assert len(used) + blocks.num_free == num_blocks or any(
             blocks.blocks[b].ref_count > 1 for b in used)
+        for s in sched.running:  # after a step no sequence holds more than it needs
+            assert len(s.block_table) <= -(-s.num_tokens // 4)
     while sched.has_work():
-        for c in sched.schedule():
-            c.seq.num_computed = c.start + c.length
-            blocks.seal_full_blocks(c.seq)
-            if c.samples:
-                c.seq.output_ids.append(1)
-                if len(c.seq.output_ids) >= c.seq.params.max_tokens:
-                    sched.finish(c.seq, "length")
-                    finished += 1
+        finished += _run_scheduled(sched, blocks, sched.schedule(), rng)
     assert finished > 500 and sched.preemptions > 0 and blocks.hits > 0
-    assert blocks.num_free == 48
+    assert blocks.num_free == num_blocks
     assert all(b.ref_count == 0 for b in blocks.blocks)
 
 
@@ -168,7 +179,7 @@ def test_quantized_bundles_match_the_fake_quant_reference(build_for, target):
     hf = AutoModelForCausalLM.from_pretrained(bundle / "model")
     seq = eng.add(PROMPTS[3], SamplingParams(max_tokens=1))
     eng.scheduler.schedule()  # allocates the blocks
-    logits = eng.runner.run([Chunk(seq, 0, len(seq.prompt_ids))], eng.blocks)[0]
+    logits = eng.runner.run([Chunk(seq, 0, len(seq.prompt_ids), logits=1)], eng.blocks)[0]
     with torch.no_grad():
         ref = hf(torch.tensor([seq.prompt_ids])).logits[0, -1].float()
     assert (logits - ref).abs().max() < 0.05 * ref.abs().max()

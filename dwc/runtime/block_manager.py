@@ -83,13 +83,15 @@ class BlockManager:
         seq.num_computed = seq.num_cached = len(seq.block_table) * self.block_size
         self.hits += min(seq.num_cached, len(seq.prompt_ids))
 
-    def seal_full_blocks(self, seq: Sequence) -> None:
-        """Register the key of every block `seq` has completely computed."""
+    def seal_full_blocks(self, seq: Sequence, computed: int | None = None) -> None:
+        """Register the key of every block whose `computed` first tokens (default: the
+        sequence's num_computed) are all in the cache."""
+        computed = seq.num_computed if computed is None else computed
         tokens = seq.tokens
         parent = None
         for i, block_id in enumerate(seq.block_table):
             end = (i + 1) * self.block_size
-            if end > seq.num_computed:
+            if end > computed:
                 break
             block = self.blocks[block_id]
             if block.key is None:
@@ -97,6 +99,19 @@ class BlockManager:
                 block.key_id = next(self._key_ids)
                 self.by_key.setdefault(block.key, block_id)
             parent = block.key_id
+
+    def trim(self, seq: Sequence, total_tokens: int) -> None:
+        """Free the blocks past those `total_tokens` tokens need: after a verification
+        step, the slots reserved for draft tokens the target rejected (they were never
+        sealed, so no cached prefix is lost)."""
+        keep = -(-total_tokens // self.block_size)
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count == 0 and block.key is None, f"block {block_id} is shared"
+            self.free[block_id] = None
+            self.free.move_to_end(block_id, last=False)  # empty: the first to reuse
+        del seq.block_table[keep:]
 
     def release(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody uses go to the free list, hashes kept."""

@@ -12,12 +12,15 @@ from pathlib import Path
 import torch
 
 from dwc.bundle.reader import open_bundle
+from dwc.checkpoint import model_info
 from dwc.errors import BadInput
 from dwc.formats import manifest as mf
+from dwc.kvcache import kv_bytes_per_token
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import sample
 from dwc.runtime.scheduler import Scheduler
+from dwc.runtime.speculative import Drafter
 from dwc.runtime.sequence import SamplingParams, Sequence, Status
 
 CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
@@ -33,6 +36,8 @@ class EngineConfig:
     dtype: str | None = None               # None: bfloat16 on cuda, float32 on cpu
     kv_dtype: str | None = None            # "fp8_e4m3", or None: the compute dtype
     kv_scales: list | None = None          # per layer (k_scale, v_scale) for FP8
+    speculative: bool = True               # use the bundle's draft when it has one
+    num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
 
 
 @dataclass
@@ -44,7 +49,10 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model_dir: Path, config: EngineConfig | None = None):
+    def __init__(self, model_dir: Path, config: EngineConfig | None = None,
+                 draft_dir: Path | None = None, draft_k: int = 0):
+        """`draft_dir`: a draft model (same tokenizer) for speculative decoding with
+        `draft_k` drafted tokens per step (config.num_speculative_tokens overrides it)."""
         from transformers import AutoTokenizer
 
         self.config = c = config or EngineConfig()
@@ -53,11 +61,15 @@ class Engine:
         # float32 keeps greedy decoding identical to the reference.
         dtype = getattr(torch, c.dtype or ("bfloat16" if device == "cuda" else "float32"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        num_blocks = self._fit_blocks(model_dir, c, device, dtype)
+        k = (c.num_speculative_tokens or draft_k) if draft_dir and c.speculative else 0
+        draft_dir = draft_dir if k else None
+        num_blocks = self._fit_blocks(model_dir, draft_dir, c, device, dtype)
         self.runner = ModelRunner(load_hf_model(model_dir, device, dtype), num_blocks,
                                   c.block_size, device, model_dir, c.kv_dtype, c.kv_scales)
+        self.drafter = Drafter(ModelRunner(load_hf_model(draft_dir, device, dtype), num_blocks,
+                                           c.block_size, device), k) if draft_dir else None
         self.blocks = BlockManager(num_blocks, c.block_size)
-        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
         self.eos_ids = self._eos_ids()
 
     @classmethod
@@ -75,23 +87,27 @@ class Engine:
                                   max_num_batched_tokens=plan["max_num_batched_tokens"],
                                   kv_dtype=plan["dtype"] if plan["dtype"] == "fp8_e4m3" else None,
                                   kv_scales=plan.get("kv_scales"))
-        return cls(Path(bundle) / mf.MODEL_DIR, config)
+        draft = manifest.get("draft")
+        draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
+        return cls(Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0)
 
     @staticmethod
-    def _fit_blocks(model_dir: Path, c: EngineConfig, device: str, dtype: torch.dtype) -> int:
+    def _fit_blocks(model_dir: Path, draft_dir: Path | None, c: EngineConfig, device: str,
+                    dtype: torch.dtype) -> int:
         """The planned number of blocks, scaled down (with a warning) to what fits here:
         on CPU a fixed budget, on a GPU 90% of the memory free before the weights load,
-        less the weights' size on disk."""
-        import json
+        less the weights' size on disk. A block holds the target's K/V and the draft's."""
         import warnings
 
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
         itemsize = 1 if c.kv_dtype == "fp8_e4m3" else dtype.itemsize
-        per_block = cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * itemsize * c.block_size
+        per_token = kv_bytes_per_token(model_info(model_dir), itemsize)
+        folders = [model_dir]
+        if draft_dir:
+            per_token += kv_bytes_per_token(model_info(draft_dir), dtype.itemsize)
+            folders.append(draft_dir)
+        per_block = per_token * c.block_size
         if device == "cuda":
-            weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+            weights = sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
             budget = torch.cuda.mem_get_info()[0] * 0.9 - weights
         else:
             budget = CPU_KV_BUDGET_BYTES
@@ -139,24 +155,61 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Schedule, run, sample; returns the sequences that finished in this step."""
+        """Schedule, (draft,) run, sample or verify; returns the sequences that finished
+        in this step."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        if self.drafter:
+            self.drafter.propose(chunks, self.blocks)
         logits = self.runner.run(chunks, self.blocks)
-        sampling = [c for c in chunks if c.samples]
-        for c in chunks:
-            c.seq.num_computed = c.start + c.length
-            self.blocks.seal_full_blocks(c.seq)
-        finished = []
-        for c, token in zip(sampling, sample(logits, [c.seq for c in sampling])):
-            seq = c.seq
+        return [c.seq for c, tokens in zip(chunks, self._new_tokens(chunks, logits))
+                if self._advance(c, tokens)]
+
+    def _new_tokens(self, chunks, logits: torch.Tensor) -> list[list[int]]:
+        """Per chunk, the tokens it yields: none (a piece of a prefill), one sampled
+        token, or a verification step's accepted draft tokens and one more."""
+        out: list[list[int]] = [[] for _ in chunks]
+        plain, row = [], 0  # (chunk index, its logits row) of chunks that sample one token
+        for i, c in enumerate(chunks):
+            if c.lookahead and c.logits:
+                out[i] = self.drafter.verify(c, logits[row:row + c.logits])
+            elif c.logits:
+                plain.append((i, row))
+            row += c.logits
+        if plain:
+            picked = sample(logits[[r for _, r in plain]], [chunks[i].seq for i, _ in plain])
+            for (i, _), token in zip(plain, picked):
+                out[i] = [token]
+        return out
+
+    def _advance(self, c, tokens: list[int]) -> bool:
+        """Append a chunk's new tokens (up to a finishing one), roll back what the cache
+        holds past them, seal full blocks; True when the sequence finished."""
+        seq, reason = c.seq, None
+        for token in tokens:
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason:
-                self.scheduler.finish(seq, reason)
-                finished.append(seq)
-        return finished
+                break
+        # The cache now holds every token but the newest one (its K/V come next step).
+        # After a verification step that drops the rejected draft tokens' entries.
+        seq.num_computed = seq.num_tokens - 1 if tokens else c.end
+        if c.lookahead:
+            self.blocks.trim(seq, seq.num_tokens)
+        computed = seq.num_computed
+        if self.drafter:
+            seq.draft_computed = min(seq.draft_computed, computed)
+            computed = seq.draft_computed  # a block is shared only when both caches hold it
+        self.blocks.seal_full_blocks(seq, computed)
+        if reason:
+            self.scheduler.finish(seq, reason)
+        return reason is not None
+
+    def speculation(self) -> dict | None:
+        """Speculative decoding so far: steps, drafted, accepted, acceptance rate, mean
+        tokens per verification step (None without a draft)."""
+        return dict(self.drafter.stats.as_dict(), k=self.drafter.k) if self.drafter else None
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

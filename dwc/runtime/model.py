@@ -31,7 +31,7 @@ class Batch:
     positions: torch.Tensor        # [tokens]
     slots: torch.Tensor            # [tokens] cache slots the new K/V go to
     chunks: list                   # per chunk: (offset in tokens, length, start, seq_slots)
-    sample_rows: torch.Tensor      # [chunks that sample] row of their last token
+    sample_rows: torch.Tensor      # [rows whose logits are returned] token rows
     decode: "DecodeGroup | None" = None  # one-token chunks served by the GPU kernel
 
 

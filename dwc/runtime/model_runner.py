@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dwc.constants import KERNEL_MAX_CHUNK
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.model import Batch, DecodeGroup, Decoder
 from dwc.runtime.scheduler import Chunk
@@ -61,37 +62,35 @@ class ModelRunner:
     def max_context(self) -> int:
         return int(self.hf_model.config.max_position_embeddings)
 
-    def run(self, chunks: list[Chunk], blocks: BlockManager, all_rows: bool = False
-            ) -> torch.Tensor:
-        """Run one step; logits [chunks that sample, vocab], in chunk order (with
-        `all_rows`, logits of every token: [tokens, vocab], for scoring text)."""
-        batch = self._batch(chunks, blocks)
-        if all_rows:
-            batch.sample_rows = torch.arange(len(batch.input_ids), device=self.device)
-        return self.decoder.forward(batch, self.cache)
+    def run(self, chunks: list[Chunk], blocks: BlockManager) -> torch.Tensor:
+        """Run one step; logits [sum of chunk.logits, vocab]: each chunk's last
+        `chunk.logits` rows, in chunk order."""
+        return self.decoder.forward(self._batch(chunks, blocks), self.cache)
 
     def _batch(self, chunks: list[Chunk], blocks: BlockManager) -> Batch:
-        """Flatten the chunks. On the GPU, one-token (decode) chunks go to the Triton
-        kernel as one group; the others keep the per-sequence PyTorch path."""
+        """Flatten the chunks. On the GPU, short chunks (decode and verification steps)
+        go to the Triton kernel as one group, one row per token, each row seeing the
+        positions up to its own (that is the causal mask); longer chunks keep the
+        per-sequence PyTorch path."""
         ids, positions, slots, parts, rows = [], [], [], [], []
-        decode = []  # (token row, block table, context length) of the kernel's chunks
+        decode = []  # (token row, block table, context length) of the kernel's rows
         offset = 0
         for c in chunks:
-            tokens = c.seq.tokens
             span = range(c.start, c.start + c.length)
-            ids.extend(tokens[i] for i in span)
+            ids.extend(c.token_ids())
             positions.extend(span)
-            if self.device == "cuda" and c.length == 1:
-                slots.append(blocks.slot(c.seq, c.start))
-                decode.append((offset, list(c.seq.block_table), c.start + 1))
+            if self.device == "cuda" and c.length <= KERNEL_MAX_CHUNK:
+                table = list(c.seq.block_table)
+                for i, p in enumerate(span):
+                    slots.append(blocks.slot(c.seq, p))
+                    decode.append((offset + i, table, p + 1))
             else:
                 seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
                 slots.extend(seq_slots[c.start:])
                 parts.append((offset, c.length, c.start,
                               torch.tensor(seq_slots, device=self.device)))
             offset += c.length
-            if c.samples:
-                rows.append(offset - 1)
+            rows.extend(range(offset - c.logits, offset))
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts,
                      as_tensor(rows), self._decode_group(decode))

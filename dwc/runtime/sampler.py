@@ -4,22 +4,42 @@ from __future__ import annotations
 
 import torch
 
-from dwc.runtime.sequence import Sequence
+from dwc.runtime.sequence import SamplingParams, Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [len(seqs), vocab] float32 -> one token id per sequence."""
     out = []
     for row, seq in zip(logits, seqs):
-        p = seq.params
-        if p.temperature <= 0:
+        if seq.params.temperature <= 0:
             out.append(int(row.argmax()))
-            continue
-        probs = torch.softmax(filter_logits(row / p.temperature, p.top_k, p.top_p), dim=-1)
-        if seq.generator is None and p.seed is not None:
-            seq.generator = torch.Generator(device=row.device).manual_seed(p.seed)
-        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+        else:
+            out.append(draw(distribution(row, seq.params), seq))
     return out
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a request samples from, for one row [vocab] or rows [n, vocab]:
+    softmax of the temperature-scaled, top-k / top-p filtered logits; at temperature 0
+    (greedy) the one-hot vector of the argmax, so that greedy is the limit case of the
+    same rule everywhere (speculative decoding relies on it)."""
+    if logits.dim() == 2:
+        return torch.stack([distribution(row, params) for row in logits])
+    if params.temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).to(logits.dtype)
+    filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    return torch.softmax(filtered, dim=-1)
+
+
+def generator(seq: Sequence, device) -> torch.Generator | None:
+    """The request's own random stream when it has a seed (None: torch's global one)."""
+    if seq.generator is None and seq.params.seed is not None:
+        seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
+    return seq.generator
+
+
+def draw(probs: torch.Tensor, seq: Sequence) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator(seq, probs.device)))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

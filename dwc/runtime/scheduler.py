@@ -6,12 +6,18 @@ prefill), oldest first; then waiting sequences, oldest first, while the budget, 
 sequence limit and the free blocks allow. When blocks run out, the newest running
 sequence is preempted: its blocks are freed and it waits again at the front of the
 queue, to be recomputed (its generated tokens are kept).
+
+With speculative decoding (`num_speculative` = K > 0), a decoding sequence's chunk is a
+verification step: its last token plus K draft tokens the engine's drafter fills in
+before the model runs, so the scheduler reserves K + 1 slots (and budget) for it. K is
+cut so that accepting every draft token and the one after them never passes the
+request's max_tokens.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.sequence import Sequence, Status
@@ -21,17 +27,35 @@ from dwc.runtime.sequence import Sequence, Status
 class Chunk:
     seq: Sequence
     start: int      # first token position computed in this step
-    length: int     # tokens computed in this step
+    length: int     # tokens computed in this step, draft tokens included
+    logits: int = 0  # how many of its last rows' logits the step returns
+    lookahead: int = 0  # draft tokens it verifies (the last `lookahead` of `length`)
+    draft: list[int] = field(default_factory=list)         # tokens after seq.tokens
+    draft_probs: list = field(default_factory=list)        # the draft's q for each
+
+    def token_ids(self) -> list[int]:
+        return (self.seq.tokens + self.draft)[self.start:self.start + self.length]
 
     @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the sequence's last token (so a token is sampled)."""
-        return self.start + self.length == self.seq.num_tokens
+    def end(self) -> int:
+        """One past the last of the sequence's own (non-draft) positions it computes."""
+        return self.start + self.length - self.lookahead
+
+
+def chunk_for(seq: Sequence, n: int, lookahead: int = 0) -> Chunk:
+    """The next `n` of `seq`'s own tokens, plus `lookahead` draft positions; it returns
+    logits (1 + lookahead rows) when it reaches the sequence's last token."""
+    start = seq.num_computed
+    reaches_end = start + n == seq.num_tokens
+    return Chunk(seq, start, n + lookahead, logits=1 + lookahead if reaches_end else 0,
+                 lookahead=lookahead)
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_speculative: int = 0):
         self.blocks = blocks
+        self.num_speculative = num_speculative
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -53,14 +77,16 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._make_room(seq, seq.num_computed + n):
+            k = self._lookahead(seq, budget) if seq.num_tokens - seq.num_computed == 1 else 0
+            if not self._make_room(seq, seq.num_computed + n + k):
                 continue
-            chunks.append(Chunk(seq, seq.num_computed, n))
-            budget -= n
+            chunks.append(chunk_for(seq, n, k))
+            budget -= n + k
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.block_table:
                 self.blocks.match_prefix(seq)
+                seq.draft_computed = seq.num_computed  # the draft's cache mirrors the target's
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_grow(seq, seq.num_computed + n):
                 # Waiting sequences hold no blocks: give back the prefix it matched (the
@@ -74,9 +100,16 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            chunks.append(Chunk(seq, seq.num_computed, n))
+            chunks.append(chunk_for(seq, n))
             budget -= n
         return chunks
+
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """Draft tokens to verify for a decoding sequence (0: a plain decode step)."""
+        if not (self.num_speculative and seq.params.speculative):
+            return 0
+        left = seq.params.max_tokens - len(seq.output_ids) - 1
+        return max(0, min(self.num_speculative, left, budget - 1))
 
     def _make_room(self, seq: Sequence, total: int) -> bool:
         """Grow `seq` to `total` tokens, preempting the newest others if needed."""

@@ -31,6 +31,6 @@ def runtime_logits(model, device: str, weights_dir: Path | None = None,
         seqs = [Sequence(row.tolist(), SamplingParams(max_tokens=1)) for row in ids]
         for seq in seqs:
             blocks.grow(seq, s)
-        logits = state["runner"].run([Chunk(seq, 0, s) for seq in seqs], blocks, all_rows=True)
+        logits = state["runner"].run([Chunk(seq, 0, s, logits=s) for seq in seqs], blocks)
         return logits.view(b, s, -1)
     return fn

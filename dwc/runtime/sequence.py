@@ -18,6 +18,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    speculative: bool = True          # use the draft when the engine has one
 
 
 class Status(enum.Enum):
@@ -36,6 +37,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0             # tokens whose K/V are in the cache
     num_cached: int = 0               # of those, how many came from the prefix cache
+    draft_computed: int = 0           # tokens whose K/V are in the draft model's cache
     finish_reason: str | None = None
     generator: object = None          # torch.Generator when a seed is given
 
@@ -56,4 +58,5 @@ class Sequence:
         self.block_table = []
         self.num_computed = 0
         self.num_cached = 0
+        self.draft_computed = 0
         self.status = Status.WAITING
