@@ -160,8 +160,11 @@ def inspect(bundle, verify, as_json):
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
 @click.option("--max-waiting", default=256, show_default=True, type=int,
               help="Requests allowed to wait; beyond that the server answers 429.")
+@click.option("--no-draft", is_flag=True,
+              help="Do not speculate with the bundle's draft model (requests can also "
+                   "turn it off one by one with \"speculative\": false).")
 @command
-def serve(bundle, host, port, max_waiting, as_json):
+def serve(bundle, host, port, max_waiting, no_draft, as_json):
     """Serve a torch-triton bundle over the OpenAI HTTP API (refuses a tampered bundle)."""
     import uvicorn
 
@@ -169,7 +172,7 @@ def serve(bundle, host, port, max_waiting, as_json):
     from dwc.http_server import make_app
     from dwc.runtime.engine import Engine
 
-    engine = Engine.from_bundle(bundle)
+    engine = Engine.from_bundle(bundle, speculative=not no_draft)
     app = make_app(engine, read_manifest(bundle)["name"], max_waiting)
     if as_json:
         click.echo(json.dumps({"serving": str(bundle), "url": f"http://{host}:{port}"}))
@@ -189,18 +192,19 @@ def serve(bundle, host, port, max_waiting, as_json):
 @click.option("--requests", default=16, show_default=True, type=click.IntRange(1),
               help="Online: requests per rate.")
 @click.option("--no-baseline", is_flag=True, help="Skip the transformers baseline.")
+@click.option("--no-draft", is_flag=True, help="Measure without the bundle's draft model.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for bench.json and latency.png (the bundle itself is never changed).")
 @command
-def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_baseline, out,
-          as_json):
+def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_baseline,
+          no_draft, out, as_json):
     """Measure a torch-triton bundle: offline throughput and online latency, against its SLO."""
     from dwc.bench import BenchConfig, against_slo, offline, online
     from dwc.bundle.reader import read_manifest
     from dwc.reports import json_bytes, line_chart
     from dwc.runtime.engine import Engine
 
-    engine = Engine.from_bundle(bundle)
+    engine = Engine.from_bundle(bundle, speculative=not no_draft)
     cfg = BenchConfig(num_prompts, input_len, output_len, baseline=not no_baseline,
                       online_requests=requests)
     result = {"bundle": str(bundle), "device": engine.runner.device,
@@ -210,6 +214,7 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
         result["online_levels"].append(online(engine, cfg))
     result["online"] = max(result["online_levels"], key=lambda r: r["rps"])
     result["slo"] = against_slo(read_manifest(bundle).get("slo"), result)
+    result["speculation"] = engine.speculation()  # over the whole run; None without a draft
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_bytes(json_bytes(result))
@@ -231,6 +236,10 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
         click.echo(f"online   {r['rps']} rps (achieved {r['achieved_rps']}): TTFT p50/p99 "
                    f"{r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} ms, TPOT p50/p99 "
                    f"{r['tpot_ms']['p50']}/{r['tpot_ms']['p99']} ms")
+    spec = result["speculation"]
+    if spec:
+        click.echo(f"draft    K={spec['k']}: acceptance {spec['acceptance_rate']}, "
+                   f"{spec['mean_accepted_tokens']} tokens per verification step")
     for name, check in (result["slo"] or {}).items():
         click.echo(f"slo      {name} {check['target']}: p99 {check['measured_p99']} ms "
                    f"{'met' if check['met'] else 'NOT met'}")

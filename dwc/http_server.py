@@ -35,6 +35,13 @@ class Metrics:
                                      "prompt tokens served from the prefix cache", registry=r)
         self.ttft = Histogram("dwc_time_to_first_token_seconds", "time to first token",
                               registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.drafted = Gauge("dwc_spec_draft_tokens", "draft tokens proposed", registry=r)
+        self.accepted = Gauge("dwc_spec_accepted_tokens", "draft tokens the target accepted",
+                              registry=r)
+        self.acceptance = Gauge("dwc_spec_acceptance_rate", "accepted / proposed draft tokens",
+                                registry=r)
+        self.per_step = Gauge("dwc_spec_tokens_per_step",
+                              "mean tokens emitted per verification step", registry=r)
         self.tpot = Histogram("dwc_time_per_output_token_seconds", "time per output token",
                               registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
 
@@ -44,6 +51,12 @@ class Metrics:
         self.running.set(len(engine.scheduler.running))
         self.blocks_used.set(len(b.blocks) - b.num_free)
         self.prefix_hit_rate.set(b.hits / b.lookups if b.lookups else 0.0)
+        spec = engine.speculation()
+        if spec and spec["steps"]:
+            self.drafted.set(spec["drafted"])
+            self.accepted.set(spec["accepted"])
+            self.acceptance.set(spec["acceptance_rate"] or 0.0)
+            self.per_step.set(spec["mean_accepted_tokens"])
 
 
 def releasable(text: str, sent: int, hold: int) -> str:
@@ -76,14 +89,16 @@ def sampling_from(body: dict) -> SamplingParams:
             raise BadInput(f"{key}: invalid value {value!r}")
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise BadInput("stop: expected a string or a list of strings")
-    if not isinstance(body.get("ignore_eos", False), bool):
-        raise BadInput("ignore_eos: expected true or false")
+    for flag in ("ignore_eos", "speculative"):
+        if not isinstance(body.get(flag, False), bool):
+            raise BadInput(f"{flag}: expected true or false")
     temperature, top_p = body.get("temperature"), body.get("top_p")  # null = the default
     return SamplingParams(max_tokens=body.get("max_tokens") or 16,
                           temperature=1.0 if temperature is None else float(temperature),
                           top_k=body.get("top_k") or 0, top_p=1.0 if top_p is None else float(top_p),
                           seed=body.get("seed"), stop=stop,
-                          ignore_eos=body.get("ignore_eos", False))  # a vLLM extension
+                          ignore_eos=body.get("ignore_eos", False),  # a vLLM extension
+                          speculative=body.get("speculative", True))  # dwc's: draft on/off
 
 
 class EngineFailed(Exception):

@@ -93,3 +93,16 @@ def test_draft_none_skips_and_another_vocabulary_is_refused(example, tmp_path):
     result = dwc("build", bf, "-t", "cpu-bf16", "-o", tmp_path / "c" / "b")
     assert_clean_error(result, 2, "[distill-draft]", "vocabulary of 1000 tokens", "4096")
     assert not (tmp_path / "c" / "b").exists()
+
+
+def test_bench_speculates_with_the_bundle_draft_and_no_draft_turns_it_off(drafted):
+    """The bundle's draft is used by the runtime with the manifest's K; the pass's
+    measured acceptance and the runtime's are reported side by side."""
+    args = ("bench", drafted, "--num-prompts", 3, "--input-len", 24, "--output-len", 12,
+            "--requests", 2, "--rps", 50, "--no-baseline", "--json")
+    on = json.loads(dwc(*args).stdout)
+    spec = on["speculation"]
+    assert spec["k"] == manifest_of(drafted)["draft"]["k"] and spec["steps"] > 0
+    assert 1.0 <= spec["mean_accepted_tokens"] <= 1 + spec["k"]
+    off = json.loads(dwc(*args, "--no-draft").stdout)
+    assert off["speculation"] is None

@@ -4,6 +4,7 @@ disconnecting requests; every valid one answered, every block returned."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -16,15 +17,14 @@ from dwc.runtime.sequence import SamplingParams
 from tests.test_runtime import PROMPTS
 
 
-@pytest.fixture(scope="module")
-def server(bundle):
+@contextlib.contextmanager
+def serving(engine: Engine, max_waiting: int = 64):
+    """`dwc serve`'s app over loopback on a free port; yields its URL."""
     import uvicorn
 
     from dwc.http_server import make_app
 
-    engine = Engine.from_bundle(bundle, EngineConfig(num_blocks=256, max_num_seqs=16,
-                                                     max_num_batched_tokens=256))
-    app = make_app(engine, "stdlib-coder", max_waiting=64)
+    app = make_app(engine, "stdlib-coder", max_waiting=max_waiting)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -33,9 +33,19 @@ def server(bundle):
     while not (srv.started and srv.servers) and time.time() < deadline:
         time.sleep(0.05)
     port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=15)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    engine = Engine.from_bundle(bundle, EngineConfig(num_blocks=256, max_num_seqs=16,
+                                                     max_num_batched_tokens=256))
+    with serving(engine) as url:
+        yield url, engine
 
 
 def test_endpoints_and_errors(server):

@@ -217,3 +217,25 @@ def test_bundle_draft_is_used_and_can_be_switched_off(bundle, weak_draft, tmp_pa
     assert on.drafter is not None and on.drafter.k == 3
     off = Engine.from_bundle(copy, EngineConfig(device="cpu", speculative=False))
     assert off.drafter is None and off.speculation() is None
+
+
+def test_serving_with_a_draft_per_request_switch_and_metrics(bundle):
+    """Over HTTP: the same greedy text with and without speculation, the request-level
+    switch validated, and acceptance on /metrics."""
+    import httpx
+
+    from tests.test_http import serving
+
+    spec = spec_engine(bundle, bundle / "model", num_blocks=256)
+    with serving(spec) as url, httpx.Client(base_url=url, timeout=60) as c:
+        body = {"prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0}
+        off = c.post("/v1/completions", json={**body, "speculative": False}).json()
+        assert spec.speculation()["steps"] == 0
+        on = c.post("/v1/completions", json=body).json()
+        assert on["choices"][0]["text"] == off["choices"][0]["text"]
+        bad = c.post("/v1/completions", json={**body, "speculative": "no"})
+        assert bad.status_code == 400 and "speculative" in bad.json()["error"]["message"]
+        metrics = c.get("/metrics").text
+    rate = [line for line in metrics.splitlines() if line.startswith("dwc_spec_acceptance_rate")]
+    assert rate and float(rate[0].split()[-1]) > 0.9  # the target drafting for itself
+    assert spec.blocks.num_free == 256

@@ -73,9 +73,11 @@ class Engine:
         self.eos_ids = self._eos_ids()
 
     @classmethod
-    def from_bundle(cls, bundle: Path, config: EngineConfig | None = None) -> "Engine":
+    def from_bundle(cls, bundle: Path, config: EngineConfig | None = None,
+                    speculative: bool = True) -> "Engine":
         """Refuses a bundle whose files do not match its manifest. Sizes itself from the
-        bundle's KV plan unless `config` says otherwise."""
+        bundle's KV plan unless `config` says otherwise. Speculates with the bundle's draft
+        (when it has one) unless `speculative` or config.speculative is False."""
         manifest = open_bundle(bundle)
         if manifest["target"]["backend"] != "torch-triton":
             raise BadInput(f"{bundle}: a {manifest['target']['backend']} bundle; dwc's runtime "
@@ -87,7 +89,7 @@ class Engine:
                                   max_num_batched_tokens=plan["max_num_batched_tokens"],
                                   kv_dtype=plan["dtype"] if plan["dtype"] == "fp8_e4m3" else None,
                                   kv_scales=plan.get("kv_scales"))
-        draft = manifest.get("draft")
+        draft = manifest.get("draft") if speculative else None
         draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
         return cls(Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0)
 
