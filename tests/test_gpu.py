@@ -8,6 +8,7 @@ import torch
 from dwc.runtime.engine import Engine, EngineConfig
 from dwc.runtime.sequence import SamplingParams
 from tests.test_runtime import PROMPTS
+from tests.test_speculative import weak_draft  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.gpu
 
@@ -74,7 +75,7 @@ def test_quantized_kernels_match_the_fake_quant_reference(build_for, target):
     eng.scheduler.schedule()
     from dwc.runtime.scheduler import Chunk
 
-    logits = eng.runner.run([Chunk(seq, 0, len(seq.prompt_ids))], eng.blocks)[0]
+    logits = eng.runner.run([Chunk(seq, 0, len(seq.prompt_ids), logits=1)], eng.blocks)[0]
     with torch.no_grad():
         ref = hf(torch.tensor([seq.prompt_ids], device="cuda")).logits[0, -1].float()
     assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
@@ -99,3 +100,20 @@ def test_paged_decode_kernel_reads_an_fp8_cache_with_scales():
                        page, d ** -0.5, scales)
     want = paged_attention(q.float(), cache, slots, n - 1, d ** -0.5, scales)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_speculative_greedy_is_token_identical_on_the_gpu(bundle, weak_draft):
+    """Verification chunks run in the paged decode kernel (one row per token): greedy
+    output equal to plain decoding, float32, batch 1 and 12, weak and perfect drafts."""
+    from tests.test_speculative import MORE_PROMPTS
+
+    params = SamplingParams(max_tokens=33, ignore_eos=True)
+    config = EngineConfig(device="cuda", dtype="float32", num_blocks=512)
+    plain = Engine(bundle / "model", config).generate(MORE_PROMPTS, params)
+    for draft in (weak_draft, bundle / "model"):
+        spec = Engine(bundle / "model", config, draft_dir=draft, draft_k=4)
+        assert [o.output_ids for o in spec.generate(MORE_PROMPTS, params)] == \
+            [o.output_ids for o in plain]
+        alone = spec.generate([MORE_PROMPTS[5]], params)[0]
+        assert alone.output_ids == plain[5].output_ids
+        assert spec.speculation()["steps"] > 0 and spec.blocks.num_free == 512

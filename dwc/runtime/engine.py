@@ -39,6 +39,16 @@ class EngineConfig:
     speculative: bool = True               # use the bundle's draft when it has one
     num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
 
+    @classmethod
+    def from_plan(cls, plan: dict, **overrides) -> "EngineConfig":
+        """The settings of a bundle's KV plan (manifest `kv_cache`), some overridden."""
+        fp8 = plan["dtype"] == "fp8_e4m3"
+        return cls(**{"block_size": plan["block_size"], "num_blocks": plan["num_blocks"],
+                      "max_num_seqs": plan["max_num_seqs"],
+                      "max_num_batched_tokens": plan["max_num_batched_tokens"],
+                      "kv_dtype": "fp8_e4m3" if fp8 else None,
+                      "kv_scales": plan.get("kv_scales"), **overrides})
+
 
 @dataclass
 class Completion:
@@ -84,11 +94,7 @@ class Engine:
                            "runs torch-triton bundles")
         plan = manifest["kv_cache"]
         if config is None and plan.get("num_blocks"):
-            config = EngineConfig(block_size=plan["block_size"], num_blocks=plan["num_blocks"],
-                                  max_num_seqs=plan["max_num_seqs"],
-                                  max_num_batched_tokens=plan["max_num_batched_tokens"],
-                                  kv_dtype=plan["dtype"] if plan["dtype"] == "fp8_e4m3" else None,
-                                  kv_scales=plan.get("kv_scales"))
+            config = EngineConfig.from_plan(plan)
         draft = manifest.get("draft") if speculative else None
         draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
         return cls(Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0)

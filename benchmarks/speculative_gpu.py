@@ -1,0 +1,278 @@
+"""Speculative decoding on the GPU: train a target, build it with a distilled draft, measure.
+
+1. Trains a ~190M-parameter Llama (16 layers, hidden 1024, GQA 16/4) on the device's own
+   Python standard library (and transformers' and torch's sources) for `--train-seconds`,
+   with the example model's tokenizer; calibration and evaluation text are held-out
+   stdlib files.
+2. `dwc build -t h200-fp8` with `draft: auto`: calibration, FP8 quantization, the
+   distill-draft pass on the GPU (its measured tau, c and K), the KV plan, evaluation.
+3. The bundle in dwc's runtime with and without its draft, greedy, 128-token prompts from
+   the evaluation text and 256 new tokens, at batch 1, 8 and 32: output tokens/s, the
+   speedup, and the acceptance the runtime measured (the same greedy tokens both ways is
+   checked too). One sampled run (temperature 0.8) at batch 1 reports its acceptance.
+4. Projection for the Llama-3-8B shape: c from weight bytes read per token (FP8 target, bf16
+   draft by the size rule, and a ~0.5B draft), and tau / (1 + K c) with the tau measured here.
+
+    DWC_COMMIT=<hash> python3 benchmarks/speculative_gpu.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from make_example_model import corpus_files, split_of  # noqa: E402
+
+from dwc.runtime.engine import Engine, EngineConfig  # noqa: E402
+from dwc.runtime.sequence import SamplingParams  # noqa: E402
+from dwc.runtime.speculative import SpecStats  # noqa: E402
+
+TOKENIZER = ROOT / "examples" / "stdlib-coder" / "checkpoint"
+TARGET = dict(hidden=1024, layers=16, heads=16, kv_heads=4, ffn=2816)
+SEQ_LEN, BATCH = 512, 32
+
+
+def corpus(extra_mb: float) -> dict[str, list[str]]:
+    """The stdlib split as the example model splits it (calibration and evaluation text
+    are held out), plus up to `extra_mb` of the installed transformers' and torch's
+    Python sources for training only."""
+    import sysconfig
+
+    import transformers
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts: dict[str, list[str]] = {"train": [], "calib": [], "eval": []}
+    for path in corpus_files():
+        rel = path.relative_to(root).as_posix()
+        try:
+            parts[split_of(rel)].append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    budget = extra_mb * 1e6
+    for package in (Path(transformers.__file__).parent, Path(torch.__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            if budget <= 0:
+                break
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            parts["train"].append(text)
+            budget -= len(text)
+    return parts
+
+
+def train_target(text: dict, out: Path, seconds: float) -> dict:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    def encode(texts):  # a list: the fast tokenizer spreads it over the cores
+        return torch.tensor([t for ids in tok(texts)["input_ids"] for t in ids], dtype=torch.long)
+
+    ids = encode(text["train"])
+    eval_ids = encode(text["eval"])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=TARGET["hidden"],
+                      intermediate_size=TARGET["ffn"], num_hidden_layers=TARGET["layers"],
+                      num_attention_heads=TARGET["heads"], num_key_value_heads=TARGET["kv_heads"],
+                      max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=True)
+    rng = random.Random(0)
+    gpu_ids = ids.cuda()
+    t0, step, loss = time.time(), 0, float("nan")
+    while time.time() - t0 < seconds:
+        frac = (time.time() - t0) / seconds
+        for g in opt.param_groups:  # warm-up, then cosine to 10%
+            g["lr"] = 6e-4 * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        starts = torch.tensor([rng.randrange(len(ids) - SEQ_LEN - 1) for _ in range(BATCH)])
+        x = gpu_ids[starts[:, None] + torch.arange(SEQ_LEN)[None].to(starts)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_t = model(x.cuda(), labels=x.cuda()).loss
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % 100 == 0:
+            loss = loss_t.item()
+            print(f"  step {step}  loss {loss:.3f}  {time.time() - t0:.0f}s", flush=True)
+    model.eval()
+    nll, n = 0.0, 0
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for i in range(0, min(len(eval_ids) - SEQ_LEN, 64 * SEQ_LEN), SEQ_LEN):
+            w = eval_ids[i:i + SEQ_LEN][None].cuda()
+            nll += model(w, labels=w).loss.item()
+            n += 1
+    model.to(torch.bfloat16).save_pretrained(out)
+    for f in TOKENIZER.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, out / f.name)
+    params = sum(p.numel() for p in model.parameters())
+    del model, opt
+    torch.cuda.empty_cache()
+    return {"params": params, "steps": step, "tokens": step * BATCH * SEQ_LEN,
+            "train_tokens_available": len(ids), "heldout_ppl": round(math.exp(nll / n), 2),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def build(folder: Path, text: dict, steps: int) -> dict:
+    (folder / "calib.txt").write_text("\n".join(text["calib"])[:600_000])
+    (folder / "eval.txt").write_text("\n".join(text["eval"])[:600_000])
+    (folder / "model.yaml").write_text(
+        "name: spec-target\nmodel: ./target\n"
+        "calibration: {data: ./calib.txt, samples: 64, seq_len: 512}\n"
+        "evaluation: {data: ./eval.txt, samples: 32, seq_len: 512, max_ppl_increase_pct: 2.0}\n"
+        "draft: auto\noptimization: auto\n")
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-m", "dwc", "build", str(folder / "model.yaml"),
+                          "-t", "h200-fp8", "-o", str(folder / "bundle"), "--json",
+                          "--set", f"distill-draft.steps={steps}",
+                          "--set", "distill-draft.on_policy=64",
+                          "--set", "distill-draft.on_policy_tokens=128",
+                          "--set", "distill-draft.positions=128"],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"build failed ({run.returncode}): {run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    manifest = json.loads((folder / "bundle" / "manifest.json").read_text())
+    return {"seconds": round(time.time() - t0, 1), "draft": manifest["draft"],
+            "quality": manifest["quality"],
+            "passes": {p["name"]: p.get("seconds") for p in manifest["passes"]}}
+
+
+def eval_prompts(folder: Path, tok, n: int, length: int = 128) -> list[list[int]]:
+    ids = tok(Path(folder / "eval.txt").read_text())["input_ids"]
+    step = max(length, (len(ids) - length) // n)
+    return [ids[i:i + length] for i in range(0, step * n, step)][:n]
+
+
+def timed(engine: Engine, prompts: list, params: SamplingParams) -> tuple[float, list, dict | None]:
+    if engine.drafter:
+        engine.drafter.stats = SpecStats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tok_s = sum(len(o.output_ids) for o in outs) / seconds
+    return round(tok_s, 1), [o.output_ids for o in outs], engine.speculation()
+
+
+def measure(bundle: Path, prompts: list, n_out: int) -> dict:
+    results = {}
+    greedy = SamplingParams(max_tokens=n_out, ignore_eos=True)
+    # Both engines live at once: each gets a fixed cache (131k tokens), not 90% of the GPU.
+    plan = json.loads((bundle / "manifest.json").read_text())["kv_cache"]
+    config = EngineConfig.from_plan(plan, num_blocks=8192, max_num_seqs=64)
+    engines = {"off": Engine.from_bundle(bundle, config, speculative=False),
+               "on": Engine.from_bundle(bundle, config)}
+    for eng in engines.values():  # warm-up: kernels compiled, allocator primed
+        eng.generate([prompts[0][:32]] * 2, SamplingParams(max_tokens=24, ignore_eos=True))
+    for batch in (1, 8, 32):
+        # batch 1: four prompts one after another; larger batches: one batch.
+        groups = [[p] for p in prompts[:4]] if batch == 1 else [prompts[:batch]]
+        row = {}
+        for name, eng in engines.items():
+            speeds, outs, spec = [], [], None
+            for g in groups:
+                s, o, spec_g = timed(eng, g, greedy)
+                speeds.append(s)
+                outs += o
+                spec = spec_g
+            row[name] = {"tok_s": round(sum(speeds) / len(speeds), 1), "outputs": outs,
+                         "speculation": spec}
+        same = sum(a == b for a, b in zip(row["on"]["outputs"], row["off"]["outputs"]))
+        results[f"batch{batch}"] = {
+            "dwc_tok_s_no_draft": row["off"]["tok_s"], "dwc_tok_s_draft": row["on"]["tok_s"],
+            "speedup": round(row["on"]["tok_s"] / row["off"]["tok_s"], 3),
+            "runtime_speculation": row["on"]["speculation"],
+            "greedy_identical": f"{same}/{len(row['on']['outputs'])}"}
+    sampled = SamplingParams(max_tokens=n_out, temperature=0.8, ignore_eos=True, seed=0)
+    s_on, _, spec = timed(engines["on"], [prompts[0]], sampled)
+    s_off, _, _ = timed(engines["off"], [prompts[0]], sampled)
+    results["batch1_sampled_t0.8"] = {"dwc_tok_s_no_draft": s_off, "dwc_tok_s_draft": s_on,
+                                      "speedup": round(s_on / s_off, 3),
+                                      "runtime_speculation": spec}
+    return results
+
+
+def projection_8b(tau: list[float]) -> dict:
+    """c for the Llama-3-8B shape from weight bytes read per decoded token (the embedding
+    reads one row; everything else is read whole): FP8 target (bf16 lm_head), bf16 drafts."""
+    hidden, ffn, vocab, kv = 4096, 14336, 128256, 1024
+    layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn
+    target = 32 * layer * 1 + vocab * hidden * 2
+    drafts = {"size rule (4 of 32 layers, 8B head)": 4 * layer * 2 + vocab * hidden * 2,
+              "0.5B-class draft (12 layers, hidden 1024, ffn 4096)":
+                  12 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 4096) * 2 + vocab * 1024 * 2}
+    out = {}
+    for name, draft in drafts.items():
+        c = draft / target
+        speedups = [t / (1 + (k + 1) * c) for k, t in enumerate(tau)]
+        best = max(range(len(tau)), key=speedups.__getitem__)
+        out[name] = {"cost_ratio": round(c, 4), "best_k": best + 1,
+                     "projected_speedup": round(speedups[best], 3)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-seconds", type=float, default=150)
+    ap.add_argument("--distill-steps", type=int, default=600)
+    ap.add_argument("--extra-corpus-mb", type=float, default=60)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-spec"))
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    text = corpus(args.extra_corpus_mb)
+    result = {"device": torch.cuda.get_device_name(0), "date": date.today().isoformat(),
+              "commit": os.environ.get("DWC_COMMIT", "unknown"), "torch": torch.__version__}
+    result["target"] = dict(train_target(text, args.work / "target", args.train_seconds), **TARGET)
+    print("target", result["target"], flush=True)
+    result["build"] = build(args.work, text, args.distill_steps)
+    print("build", json.dumps(result["build"])[:600], flush=True)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    prompts = eval_prompts(args.work, tok, 32)
+    result["results"] = measure(args.work / "bundle", prompts, 256)
+    result["projection_8b"] = projection_8b(result["build"]["draft"]["per_k"]["tau"]
+                                            if "per_k" in result["build"]["draft"] else [])
+    (args.out / "speculative.json").write_text(json.dumps(result, indent=1))
+    d = result["build"]["draft"]
+    print(f"\ntarget {result['target']['params'] / 1e6:.0f}M params, held-out ppl "
+          f"{result['target']['heldout_ppl']}; draft {d['params'] / 1e6:.0f}M, K={d['k']}, "
+          f"pass tau {d['mean_accepted_tokens']}, c {d['cost_ratio']}")
+    print(f"{'run':<22}{'no draft':>10}{'draft':>10}{'speedup':>9}{'tau':>7}{'alpha':>7}  same")
+    for name, r in result["results"].items():
+        s = r["runtime_speculation"] or {}
+        print(f"{name:<22}{r['dwc_tok_s_no_draft']:>10}{r['dwc_tok_s_draft']:>10}"
+              f"{r['speedup']:>9}{s.get('mean_accepted_tokens')!s:>7}"
+              f"{s.get('acceptance_rate')!s:>7}  {r.get('greedy_identical', '-')}")
+    for name, p in result["projection_8b"].items():
+        print(f"8B projection, {name}: c={p['cost_ratio']} K={p['best_k']} "
+              f"speedup {p['projected_speedup']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
