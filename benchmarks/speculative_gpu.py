@@ -134,7 +134,9 @@ def train_target(text: dict, out: Path, seconds: float) -> dict:
 
 
 def build(folder: Path, text: dict, steps: int) -> dict:
-    (folder / "calib.txt").write_text("\n".join(text["calib"])[:600_000])
+    # Calibration text for the draft's distillation: held-out stdlib files and 4 MB of
+    # the target's training text (what the target knows is what the draft must learn).
+    (folder / "calib.txt").write_text(("\n".join(text["calib"]) + "\n".join(text["train"]))[:4_600_000])
     (folder / "eval.txt").write_text("\n".join(text["eval"])[:600_000])
     (folder / "model.yaml").write_text(
         "name: spec-target\nmodel: ./target\n"
@@ -145,9 +147,11 @@ def build(folder: Path, text: dict, steps: int) -> dict:
     run = subprocess.run([sys.executable, "-m", "dwc", "build", str(folder / "model.yaml"),
                           "-t", "h200-fp8", "-o", str(folder / "bundle"), "--json",
                           "--set", f"distill-draft.steps={steps}",
-                          "--set", "distill-draft.on_policy=64",
-                          "--set", "distill-draft.on_policy_tokens=128",
-                          "--set", "distill-draft.positions=128"],
+                          "--set", "distill-draft.batch_size=16",
+                          "--set", "distill-draft.windows=4096",
+                          "--set", "distill-draft.on_policy=512",
+                          "--set", "distill-draft.on_policy_tokens=256",
+                          "--set", "distill-draft.positions=256"],
                          capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(f"build failed ({run.returncode}): {run.stdout[-3000:]}\n{run.stderr[-3000:]}")
@@ -236,7 +240,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-seconds", type=float, default=150)
-    ap.add_argument("--distill-steps", type=int, default=600)
+    ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--extra-corpus-mb", type=float, default=60)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-spec"))
     args = ap.parse_args()

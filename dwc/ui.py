@@ -38,10 +38,16 @@ class Reporter:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int):
-        """A bar for `total` steps; yields a function that advances it by n."""
+        """A bar for `total` steps; yields a function that advances it by n (and, given
+        `status`, shows that text beside the bar, e.g. the current loss)."""
         bar = Progress(TextColumn("      {task.description}"), BarColumn(),
                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                        console=self.console, transient=True)
         with bar:
             task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+
+            def advance(n: int = 1, status: str | None = None) -> None:
+                bar.advance(task, n)
+                if status is not None:
+                    bar.update(task, description=f"{description}  {status}")
+            yield advance

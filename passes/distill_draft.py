@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from dwc.passes.base import Pass, PassResult
 from dwc.reports import json_bytes, line_chart
 
 DRAFT_DIR = "draft-model"
+ON_POLICY_BATCH = 128  # prompts the target continues at once
 INFO = "draft.json"
 
 
@@ -41,7 +43,9 @@ INFO = "draft.json"
 class DistillOptions:
     layers: int = option(0, help="draft decoder layers (0: the size rule, max(1, L // 8))")
     steps: int = option(150, help="distillation steps")
-    lr: float = option(1e-3, help="AdamW learning rate")
+    lr: float = option(1e-3, help="AdamW peak learning rate (cosine decay to a tenth)")
+    windows: int = option(512, help="calibration-file windows distilled on (as many as the "
+                                    "file holds, up to this; at least calibration.samples)")
     batch_size: int = option(8, help="sequences per step")
     on_policy: int = option(16, help="calibration prompts the target continues for on-policy data")
     on_policy_tokens: int = option(64, help="tokens the target generates per on-policy prompt")
@@ -49,7 +53,7 @@ class DistillOptions:
     positions: int = option(64, help="evaluation positions where drafting is measured")
 
     def validate(self, path: str) -> None:
-        positive(self, path, "steps", "lr", "batch_size", "max_k", "positions")
+        positive(self, path, "steps", "lr", "batch_size", "max_k", "positions", "windows")
 
 
 class DistillDraft(Pass):
@@ -128,16 +132,15 @@ def load_existing(path: Path, ctx):
 def training_windows(ctx, target, options) -> list:
     """Calibration windows, plus the target's own continuations of their beginnings."""
     c = ctx.build.calibration
-    windows = token_windows(c.data, ctx.artifacts["tokenizer"], c.samples, c.seq_len)
+    windows = token_windows(c.data, ctx.artifacts["tokenizer"], max(options.windows, c.samples),
+                            c.seq_len)
     prompts = [w[:32] for w in windows[:options.on_policy] if len(w) >= 32]
-    if prompts:
-        torch.manual_seed(0)  # the on-policy samples, hence the draft, are reproducible
+    torch.manual_seed(0)  # the on-policy samples, hence the draft, are reproducible
+    for i in range(0, len(prompts), ON_POLICY_BATCH):
+        group = torch.stack(prompts[i:i + ON_POLICY_BATCH]).to(target.device)
         with torch.inference_mode():
-            out = target.generate(torch.stack(prompts).to(target.device), do_sample=True,
-                                  max_new_tokens=options.on_policy_tokens, top_k=0,
-                                  pad_token_id=0, attention_mask=torch.ones(len(prompts), 32,
-                                                                             dtype=torch.long,
-                                                                             device=target.device))
+            out = target.generate(group, do_sample=True, max_new_tokens=options.on_policy_tokens,
+                                  top_k=0, pad_token_id=0, attention_mask=torch.ones_like(group))
         windows += [row.cpu() for row in out]
     return windows
 
@@ -147,6 +150,8 @@ def train(draft, target, windows, options, ctx) -> None:
 
     groups = list(batches(windows, options.batch_size))
     opt = torch.optim.AdamW(draft.parameters(), lr=options.lr, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(  # cosine from lr to lr / 10
+        opt, lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * step / options.steps)))
     gen = torch.Generator().manual_seed(0)
     draft.train()
     with ctx.reporter.progress("distilling the draft", options.steps) as advance:
@@ -160,8 +165,9 @@ def train(draft, target, windows, options, ctx) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
             opt.step()
+            decay.step()
             opt.zero_grad(set_to_none=True)
-            advance(1)
+            advance(1, f"KL {loss.item():.3f}" if step % 10 == 0 else None)
     draft.eval()
     draft.requires_grad_(False)
 

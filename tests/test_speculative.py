@@ -11,7 +11,7 @@ import torch
 
 from dwc.runtime.engine import Engine, EngineConfig
 from dwc.runtime.sequence import SamplingParams
-from dwc.runtime.speculative import accept
+from dwc.runtime.speculative import accept, accept_greedy
 from tests.test_runtime import PROMPTS
 
 # Upper 0.1% points of the chi-square distribution (statistical tables), by degrees of
@@ -64,6 +64,21 @@ def test_accept_rule_is_greedy_at_temperature_zero():
     assert accept(p, q, [1, 1]) == ([1, 0], 1)           # second rejected: target's 0
     q = distribution(torch.tensor([[0., 9, 1], [9, 0, 1]]), greedy)
     assert accept(p, q, [1, 0]) == ([1, 0, 2], 2)        # all accepted, plus the bonus
+
+
+def test_greedy_closed_form_equals_the_rule_on_one_hot_inputs():
+    """accept_greedy (the fast path) is accept() at temperature 0, on random cases."""
+    from dwc.runtime.sampler import distribution
+
+    g = torch.Generator().manual_seed(1)
+    greedy = SamplingParams(temperature=0)
+    for _ in range(300):
+        k = int(torch.randint(1, 6, (1,), generator=g))
+        target = torch.randn(k + 1, 3, generator=g)
+        draft_logits = torch.randn(k, 3, generator=g)
+        drafted = draft_logits.argmax(-1).tolist()
+        want = accept(distribution(target, greedy), distribution(draft_logits, greedy), drafted)
+        assert accept_greedy(target.argmax(-1).tolist(), drafted) == want
 
 
 @pytest.fixture(scope="module")

@@ -179,12 +179,18 @@ class Engine:
         token, or a verification step's accepted draft tokens and one more."""
         out: list[list[int]] = [[] for _ in chunks]
         plain, row = [], 0  # (chunk index, its logits row) of chunks that sample one token
+        verifying = []      # (chunk index, its logits rows) of verification chunks
         for i, c in enumerate(chunks):
             if c.lookahead and c.logits:
-                out[i] = self.drafter.verify(c, logits[row:row + c.logits])
+                verifying.append((i, logits[row:row + c.logits]))
             elif c.logits:
                 plain.append((i, row))
             row += c.logits
+        if verifying:
+            tokens = self.drafter.verify([chunks[i] for i, _ in verifying],
+                                         [rows for _, rows in verifying])
+            for (i, _), t in zip(verifying, tokens):
+                out[i] = t
         if plain:
             picked = sample(logits[[r for _, r in plain]], [chunks[i].seq for i, _ in plain])
             for (i, _), token in zip(plain, picked):

@@ -9,13 +9,9 @@ from dwc.runtime.sequence import SamplingParams, Sequence
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [len(seqs), vocab] float32 -> one token id per sequence."""
-    out = []
-    for row, seq in zip(logits, seqs):
-        if seq.params.temperature <= 0:
-            out.append(int(row.argmax()))
-        else:
-            out.append(draw(distribution(row, seq.params), seq))
-    return out
+    greedy = logits.argmax(-1).tolist()  # one device sync for every greedy request
+    return [g if seq.params.temperature <= 0 else draw(distribution(row, seq.params), seq)
+            for row, seq, g in zip(logits, seqs, greedy)]
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
