@@ -48,8 +48,11 @@ def show_manifest(m: dict, bundle: Path) -> None:
     _OUT.print(f"source     {s['model']['path']} ({s['architecture']}, "
                f"{s['parameters']:,} parameters, {s['stored_dtype']}{adapter})")
     quant = m["quantization"]
+    d = m["draft"]
+    draft = (f"{d['params']:,} parameters, K={d['k']}, tau {d['mean_accepted_tokens']}, "
+             f"c {d['cost_ratio']}") if d else "none"
     _OUT.print(f"weights    {quant['scheme']} ({quant['weight_dtype']}); "
-               f"KV cache {m['kv_cache']['dtype']}; draft {m['draft'] or 'none'}")
+               f"KV cache {m['kv_cache']['dtype']}; draft {draft}")
     verdict = "[green]passed[/]" if q["passed"] else "[red]FAILED[/]"
     _OUT.print(f"quality    perplexity {q['baseline']:.4f} -> {q['optimized']:.4f} "
                f"({q['delta_pct']:+.3f}%, budget {q['budget_pct']}%) {verdict}; "
