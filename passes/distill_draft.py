@@ -206,9 +206,10 @@ def measure(draft, target, ctx, options) -> dict:
 
 
 def cost_ratio(draft, target, ctx) -> float:
-    """Draft step / target step: timed on the GPU, else weight bytes read per token."""
+    """Draft step / target step: timed in dwc's runtime on the GPU (the runtime and the
+    hardware that will serve them), else weight bytes read per token."""
     if torch.cuda.is_available() and str(target.device).startswith("cuda"):
-        return _timed_ratio(draft, target)
+        return _timed_ratio(draft, target, ctx)
     quantized = ctx.artifacts.get("quantized")
     target_bytes = quantized.summary["weight_bytes"] if quantized is not None else \
         sum(p.numel() * p.element_size() for p in target.parameters())
@@ -218,19 +219,14 @@ def cost_ratio(draft, target, ctx) -> float:
     return draft_bytes / target_bytes
 
 
-def _timed_ratio(draft, target) -> float:
-    import time
+def _timed_ratio(draft, target, ctx) -> float:
+    """Batch-1 decode steps of the bf16 draft over those of the target with its GPU
+    kernels and KV cache dtype, both in dwc's ModelRunner."""
+    from dwc.runtime.model_runner import ModelRunner, decode_step_seconds
 
-    def step_time(model):
-        ids = torch.ones(1, 16, dtype=torch.long, device=model.device)
-        for _ in range(3):
-            model(ids)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            model(ids)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    with torch.inference_mode():
-        return step_time(draft) / step_time(target)
+    quantized = ctx.artifacts.get("quantized")
+    kv = ctx.target.kv_cache_dtype if ctx.target.kv_cache_dtype == "fp8_e4m3" else None
+    target_runner = ModelRunner(target, 64, 16, "cuda",
+                                quantized.folder if quantized is not None else None, kv)
+    draft_runner = ModelRunner(copy.deepcopy(draft).to(torch.bfloat16), 64, 16, "cuda")
+    return decode_step_seconds(draft_runner) / decode_step_seconds(target_runner)

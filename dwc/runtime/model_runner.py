@@ -106,3 +106,26 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
             page=self.block_size)
+
+
+def decode_step_seconds(runner: ModelRunner, context: int = 128, steps: int = 32) -> float:
+    """Seconds of one batch-1 decode step after `context` tokens (median of `steps`),
+    synchronised: what a draft's cost ratio is measured with."""
+    import statistics
+    import time
+
+    from dwc.runtime.sequence import SamplingParams, Sequence
+
+    blocks = BlockManager(-(-(context + steps + 4) // runner.block_size), runner.block_size)
+    seq = Sequence([1 + i % 100 for i in range(context + steps + 4)], SamplingParams())
+    blocks.grow(seq, seq.num_tokens)
+    runner.run([Chunk(seq, 0, context, logits=1)], blocks)
+    times = []
+    for pos in range(context, context + steps + 4):
+        sync = torch.cuda.synchronize if runner.device == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        runner.run([Chunk(seq, pos, 1, logits=1)], blocks)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[4:])  # the first steps warm up
