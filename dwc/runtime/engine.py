@@ -24,6 +24,7 @@ from dwc.runtime.speculative import Drafter
 from dwc.runtime.sequence import SamplingParams, Sequence, Status
 
 CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
+MAX_GRAPH_TOKENS = 256  # the largest captured step; larger steps run eagerly
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EngineConfig:
     dtype: str | None = None               # None: bfloat16 on cuda, float32 on cpu
     kv_dtype: str | None = None            # "fp8_e4m3", or None: the compute dtype
     kv_scales: list | None = None          # per layer (k_scale, v_scale) for FP8
+    cuda_graphs: bool = True               # GPU: replay captured decode steps
     speculative: bool = True               # use the bundle's draft when it has one
     num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
 
@@ -74,10 +76,14 @@ class Engine:
         k = (c.num_speculative_tokens or draft_k) if draft_dir and c.speculative else 0
         draft_dir = draft_dir if k else None
         num_blocks = self._fit_blocks(model_dir, draft_dir, c, device, dtype)
+        # Graphs cover steps of up to max_num_seqs sequences of 1 + K tokens (capped).
+        graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
         self.runner = ModelRunner(load_hf_model(model_dir, device, dtype), num_blocks,
-                                  c.block_size, device, model_dir, c.kv_dtype, c.kv_scales)
+                                  c.block_size, device, model_dir, c.kv_dtype, c.kv_scales,
+                                  graph_tokens=graph)
         self.drafter = Drafter(ModelRunner(load_hf_model(draft_dir, device, dtype), num_blocks,
-                                           c.block_size, device), k) if draft_dir else None
+                                           c.block_size, device, graph_tokens=graph),
+                               k) if draft_dir else None
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
         self.eos_ids = self._eos_ids()

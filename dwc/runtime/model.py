@@ -37,7 +37,7 @@ class Batch:
 
 @dataclass
 class DecodeGroup:
-    rows: torch.Tensor             # [n] token rows of the one-token chunks
+    rows: torch.Tensor | None      # [n] token rows the kernel serves (None: every row)
     block_tables: torch.Tensor     # [n, max_blocks] int32
     context_lens: torch.Tensor     # [n] int32, tokens in the cache after this step
     page: int                      # block size
@@ -106,8 +106,12 @@ class Decoder:
             from dwc.runtime.layers.paged_attention_triton import paged_decode
 
             dg = batch.decode
-            out[dg.rows] = paged_decode(q[dg.rows], layer_cache, dg.block_tables,
-                                        dg.context_lens, dg.page, self.scale, scales)
+            if dg.rows is None:
+                out = paged_decode(q, layer_cache, dg.block_tables, dg.context_lens, dg.page,
+                                   self.scale, scales)
+            else:
+                out[dg.rows] = paged_decode(q[dg.rows], layer_cache, dg.block_tables,
+                                            dg.context_lens, dg.page, self.scale, scales)
         for offset, length, start, seq_slots in batch.chunks:
             out[offset:offset + length] = paged_attention(
                 q[offset:offset + length], layer_cache, seq_slots, start, self.scale, scales)

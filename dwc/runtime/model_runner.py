@@ -44,19 +44,29 @@ class ModelRunner:
 
     def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
                  weights_dir: Path | None = None, kv_dtype: str | None = None,
-                 kv_scales: list | None = None):
+                 kv_scales: list | None = None, graph_tokens: int = 0):
+        """`graph_tokens` > 0 (GPU only): capture CUDA graphs for kernel-only steps of up
+        to that many tokens (see cuda_graphs.py)."""
         self.device = device
         self.hf_model = hf_model
         self.decoder = d = Decoder(hf_model, device)
         self.kernels = d.use_kernels(weights_dir, device) if device == "cuda" and weights_dir else 0
         fp8 = kv_dtype == "fp8_e4m3"
         cache_dtype = torch.float8_e4m3fn if fp8 else d.dtype
-        slots = num_blocks * block_size
+        graphs = device == "cuda" and graph_tokens > 0
+        slots = (num_blocks + graphs) * block_size  # graphs: one scratch block for padding
         self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=cache_dtype,
                                   device=device) for _ in range(len(d.layers))]
         scales = kv_scales if fp8 and kv_scales else [(1.0, 1.0)] * len(d.layers)
         d.kv_scales = [tuple(float(x) for x in pair) for pair in scales]
         self.block_size = block_size
+        self.graphs = None
+        if graphs:
+            from dwc.runtime.cuda_graphs import DecodeGraphs
+
+            width = -(-min(self.max_context, num_blocks * block_size) // block_size)
+            self.graphs = DecodeGraphs(d, self.cache, block_size, width, num_blocks, graph_tokens)
+            self.graphs.capture()
 
     @property
     def max_context(self) -> int:
@@ -65,7 +75,26 @@ class ModelRunner:
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> torch.Tensor:
         """Run one step; logits [sum of chunk.logits, vocab]: each chunk's last
         `chunk.logits` rows, in chunk order."""
+        g = self.graphs
+        if g is not None and all(c.length <= KERNEL_MAX_CHUNK for c in chunks) and \
+                g.fits(sum(c.length for c in chunks)):
+            return g.run(*self._kernel_rows(chunks, blocks))
         return self.decoder.forward(self._batch(chunks, blocks), self.cache)
+
+    @staticmethod
+    def _kernel_rows(chunks: list[Chunk], blocks: BlockManager):
+        """A kernel-only step as lists, one row per token: ids, positions, slots, block
+        tables, context lengths, and the rows whose logits are returned."""
+        ids, positions, slots, tables, lens, rows = [], [], [], [], [], []
+        for c in chunks:
+            span = range(c.start, c.start + c.length)
+            ids.extend(c.token_ids())
+            positions.extend(span)
+            slots.extend(blocks.slot(c.seq, p) for p in span)
+            tables.extend([c.seq.block_table] * c.length)
+            lens.extend(p + 1 for p in span)
+            rows.extend(range(len(ids) - c.logits, len(ids)))
+        return ids, positions, slots, tables, lens, rows
 
     def _batch(self, chunks: list[Chunk], blocks: BlockManager) -> Batch:
         """Flatten the chunks. On the GPU, short chunks (decode and verification steps)
