@@ -143,6 +143,8 @@ def test_cuda_graph_steps_match_eager_steps(bundle):
                                                     cuda_graphs=graphs))
         seqs = [eng.add(p, SamplingParams(max_tokens=4)) for p in PROMPTS[:3]]
         eng.step()  # the prefills
+        for s in seqs:
+            eng.blocks.grow(s, s.num_tokens)
         chunks = [Chunk(s, s.num_computed, 1, logits=1) for s in seqs]
         logits[graphs] = eng.runner.run(chunks, eng.blocks)
     torch.testing.assert_close(logits[True], logits[False], atol=0.05, rtol=0.02)
