@@ -40,9 +40,14 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, seq_slots: torch.Tenso
     k = k.repeat_interleave(group, dim=1)                                # [T, heads, d]
     v = v.repeat_interleave(group, dim=1)
     total = k.shape[0]
-    # Query i (position start + i) sees positions 0..start + i.
-    mask = torch.arange(total, device=q.device)[None, :] <= \
-        (start + torch.arange(n, device=q.device))[:, None]              # [n, T]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                         v.transpose(0, 1), attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)                                           # [n, heads, d]
+    # 4-D [1, heads, tokens, d]: SDPA's flash and memory-efficient kernels need it (3-D
+    # inputs fall back to the math path, which materialises heads x n x T scores).
+    q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    if start == 0:  # a whole prompt: plain causal attention
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+    else:
+        # Query i (position start + i) sees positions 0..start + i.
+        mask = torch.arange(total, device=q.device)[None, :] <= \
+            (start + torch.arange(n, device=q.device))[:, None]          # [n, T]
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)                                        # [n, heads, d]
