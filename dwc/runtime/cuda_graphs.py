@@ -85,4 +85,4 @@ class DecodeGraphs:
         self.lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
         self._pad_from(n)
         self.graphs[size].replay()
-        return self.outputs[size][torch.tensor(rows, device=self.ids.device)]
+        return self.outputs[size][torch.tensor(rows, dtype=torch.long, device=self.ids.device)]
