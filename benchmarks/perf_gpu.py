@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from build_8b import EXAMPLE, make_checkpoint  # noqa: E402
 
 from dwc.runtime.engine import Engine, EngineConfig  # noqa: E402
+from dwc.runtime.fusion import DEFAULT_PLAN  # noqa: E402
 from dwc.runtime.sequence import SamplingParams  # noqa: E402
 
 GOALS = {"decode_bs1_bf16": 250, "decode_bs1_fp8": 465, "decode_bs1_int4_awq": 700,
@@ -158,12 +159,46 @@ def measure_engine(engine: Engine, name: str, limit: float, results: dict) -> No
             "input": 128, "output": 256}
 
 
+def build(build_file: Path, target: str, out: Path) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dwc", "build", str(build_file), "-t",
+                           target, "-o", str(out), "--json"], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"build failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    return round(time.perf_counter() - t0, 1)
+
+
+def int4_run(args, ckpt: Path, build_file: Path, bandwidth: float, report: dict) -> int:
+    """The INT4 AWQ bundle alone (its build takes most of a device call)."""
+    bundle = args.work / "bundle-int4"
+    report["build_int4_awq_seconds"] = build(build_file, "h100-int4-awq", bundle)
+    limit = bandwidth / bytes_per_token(bundle / "model")
+    engine = Engine.from_bundle(bundle)
+    res = report["results"]
+    measure_engine(engine, "int4_awq", limit, res)
+    report["profile_bs1_int4_awq_eager"] = profile_step(engine)
+    report["peak_memory_gb_int4_awq"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    for key, r in res.items():
+        if key in GOALS:
+            r["goal_tok_s"] = GOALS[key]
+        if r.get("limit_tok_s"):
+            r["fraction_of_limit"] = round(r["dwc_tok_s"] / r["limit_tok_s"], 3)
+    (args.out / "perf_gpu_int4.json").write_text(json.dumps(report, indent=1))
+    for key, r in res.items():
+        print(f"{key:<28}{r['dwc_tok_s']:>11}{r.get('limit_tok_s') or '-':>9}"
+              f"{r.get('goal_tok_s', '-'):>8}")
+    for row in report["profile_bs1_int4_awq_eager"][:6]:
+        print(f"  {row['device_us_per_step']:>9} us  x{row['calls_per_step']:<6} {row['name']}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
     ap.add_argument("--prompts", type=int, default=2000)
     ap.add_argument("--long-prompts", type=int, default=256)
+    ap.add_argument("--int4-only", action="store_true", help="build and measure h100-int4-awq")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.work / "llama3-8b-shape"
@@ -181,13 +216,10 @@ def main() -> int:
         f"calibration: {{data: {EXAMPLE / 'calib.txt'}, samples: 32, seq_len: 256}}\n"
         f"evaluation: {{data: {EXAMPLE / 'eval.txt'}, samples: 8, seq_len: 256, "
         "max_ppl_increase_pct: 100}\ndraft: none\n")
-    t0 = time.perf_counter()
+    if args.int4_only:
+        return int4_run(args, ckpt, build_file, bandwidth, report)
     bundle = args.work / "bundle-fp8"
-    proc = subprocess.run([sys.executable, "-m", "dwc", "build", str(build_file), "-t",
-                           "h200-fp8", "-o", str(bundle), "--json"], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"build failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
-    report["build_fp8_seconds"] = round(time.perf_counter() - t0, 1)
+    report["build_fp8_seconds"] = build(build_file, "h200-fp8", bundle)
 
     limits = {"bf16": bandwidth / bytes_per_token(ckpt),
               "fp8": bandwidth / bytes_per_token(bundle / "model")}
@@ -195,7 +227,7 @@ def main() -> int:
                                         "fp8": bytes_per_token(bundle / "model")}
     torch.cuda.reset_peak_memory_stats()
     bf16 = Engine(ckpt, EngineConfig(num_blocks=8192, max_num_seqs=128,
-                                     max_num_batched_tokens=8192))
+                                     max_num_batched_tokens=8192), fusion=DEFAULT_PLAN)
     measure_engine(bf16, "bf16", limits["bf16"], res)
     report["profile_bs1_bf16_eager"] = profile_step(bf16)
     report["peak_memory_gb_bf16"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)

@@ -30,6 +30,7 @@ def build_manifest(ctx, emit_record: dict) -> dict:
         "passes": [r.as_dict() for r in ctx.records] + [emit_record],
         "quantization": _quantization(ctx),
         "draft": ctx.artifacts.get("draft"),
+        "fusion": ctx.artifacts.get("fusion"),
         "kv_cache": ctx.artifacts.get("kv_plan") or {"dtype": t.kv_cache_dtype, "plan": None},
         "quality": ctx.artifacts["quality"],
         "slo": vars(b.slo) | {} if b.slo else None,

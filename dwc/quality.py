@@ -14,8 +14,8 @@ from dwc.runtime.scoring import runtime_logits
 def measure(ctx, model, batch_size: int, description: str = "evaluating",
             kv_plan: dict | None = None) -> QualityTotals:
     """The reference (through transformers) vs `model` through dwc's runtime (its decoder,
-    paged attention, GPU kernels and, with a plan, its KV cache dtype), on the build
-    file's evaluation windows."""
+    paged attention, GPU kernels, the fusion plan when there is one and, with a KV plan,
+    its KV cache dtype), on the build file's evaluation windows."""
     e = ctx.build.evaluation
     windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
     quantized = ctx.artifacts.get("quantized")
@@ -23,7 +23,8 @@ def measure(ctx, model, batch_size: int, description: str = "evaluating",
     optimized = runtime_logits(model, ctx.compute_device,
                                weights_dir=quantized.folder if quantized is not None else None,
                                kv_dtype="fp8_e4m3" if fp8_kv else None,
-                               kv_scales=kv_plan.get("kv_scales") if fp8_kv else None)
+                               kv_scales=kv_plan.get("kv_scales") if fp8_kv else None,
+                               fusion=(ctx.artifacts.get("fusion") or {}).get("plan"))
     with ctx.reporter.progress(description, len(windows)) as advance:
         return compare(hf_logits(ctx.artifacts["reference"]), optimized, windows, batch_size,
                        advance)

@@ -26,7 +26,7 @@ class Evaluate(Pass):
                    "plan, vs the original on the evaluation data, KL divergence and top-1 "
                    "agreement; fails the build (exit 3) beyond the build file's budget.")
     reads = ("reference", "model", "tokenizer")
-    optional_reads = ("quantized", "kv_plan")
+    optional_reads = ("quantized", "kv_plan", "fusion")
     writes = ("quality",)
     Options = BatchOptions
     cacheable = True

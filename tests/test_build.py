@@ -17,7 +17,7 @@ def test_manifest_has_every_field(bundle):
     assert list(m) == list(mf.KEYS)
     assert m["schema"] == mf.SCHEMA and m["name"] == "stdlib-coder"
     assert set(m["target"]) >= set(mf.TARGET_KEYS) and m["target"]["name"] == "cpu-bf16"
-    assert [p["name"] for p in m["passes"]] == ["load", "calibrate", "kv-layout", "evaluate",
+    assert [p["name"] for p in m["passes"]] == ["load", "calibrate", "fuse", "kv-layout", "evaluate",
                                                 "emit"]
     assert all(set(p) == set(mf.PASS_KEYS) for p in m["passes"])
     assert set(m["quality"]) >= set(mf.QUALITY_KEYS)
@@ -96,8 +96,8 @@ def test_rebuild_reuses_cached_passes(example, bundle, tmp_path):
     out = tmp_path / "again"
     assert dwc("build", build_file, "-t", "cpu-bf16", "-o", out).exit_code == 0
     cached = {p["name"]: p["cached"] for p in manifest_of(out)["passes"]}
-    assert cached == {"load": False, "calibrate": True, "kv-layout": False, "evaluate": True,
-                      "emit": False}
+    assert cached == {"load": False, "calibrate": True, "fuse": False, "kv-layout": False,
+                      "evaluate": True, "emit": False}
     assert manifest_of(out)["files"] == manifest_of(bundle)["files"]
 
 

@@ -148,3 +148,51 @@ def test_cuda_graph_steps_match_eager_steps(bundle):
         chunks = [Chunk(s, s.num_computed, 1, logits=1) for s in seqs]
         logits[graphs] = eng.runner.run(chunks, eng.blocks)
     torch.testing.assert_close(logits[True], logits[False], atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_norm_and_silu_kernels_match_torch(residual):
+    from dwc.runtime.layers import fused_triton, norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    r = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) if residual else None
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    y, res = fused_triton.add_rms_norm(x, r, w, 1e-5)
+    want_y, want_res = norm.add_rms_norm(x, r, w, 1e-5)
+    torch.testing.assert_close(res, want_res, atol=0, rtol=0)  # the same rounded sum
+    torch.testing.assert_close(y, want_y, atol=2e-2, rtol=1e-2)
+    gu = torch.randn(37, 2 * 14336, device="cuda", dtype=torch.bfloat16, generator=gen)
+    torch.testing.assert_close(fused_triton.silu_mul(gu), norm.silu_mul(gu), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("target", ["h100-fp8", "a100-int8-sq", "h100-int4-awq"])
+def test_fused_quantized_model_matches_unfused(build_for, target):
+    """Stacked quantized GEMMs and the fused kernels against the unfused runtime: logits
+    within bf16 rounding, same greedy tokens."""
+    bundle = build_for(target)
+    fused = Engine.from_bundle(bundle, EngineConfig(device="cuda", num_blocks=256))
+    assert "qkv" in fused.runner.decoder.proj[0] and fused.runner.kernels == 28
+    plain = Engine(bundle / "model", EngineConfig(device="cuda", num_blocks=256,
+                                                  kv_dtype=fused.config.kv_dtype,
+                                                  kv_scales=fused.config.kv_scales))
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    a = [o.output_ids for o in fused.generate(PROMPTS, params)]
+    b = [o.output_ids for o in plain.generate(PROMPTS, params)]
+    same = sum(x == y for x, y in zip(a, b))
+    assert same >= len(PROMPTS) - 1, (a, b)  # bf16 near-ties may flip one late token
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336), (1000, 256)])
+def test_fp8_weight_only_kernel_matches_the_reference(m, n, k):
+    from dwc.runtime.layers.fp8_gemv_triton import fp8_weight_only
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * 100).clamp(-448, 448) \
+        .to(torch.float8_e4m3fn)
+    s = torch.rand(n, device="cuda", generator=gen) / 100 + 1e-3
+    want = x.double() @ (w.double() * s.double()[:, None]).t()
+    got = fp8_weight_only(x, w, s).double()
+    torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)

@@ -12,7 +12,7 @@ README = "README.md"
 # Top-level keys, in the order they are written.
 KEYS = (
     "schema", "dwc_version", "name", "target", "source", "passes", "quantization",
-    "draft", "kv_cache", "quality", "slo", "build", "files",
+    "draft", "fusion", "kv_cache", "quality", "slo", "build", "files",
 )
 TARGET_KEYS = ("name", "backend", "hardware")
 PASS_KEYS = ("name", "options", "seconds", "cached", "metrics")

@@ -62,9 +62,10 @@ class Completion:
 
 class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig | None = None,
-                 draft_dir: Path | None = None, draft_k: int = 0):
+                 draft_dir: Path | None = None, draft_k: int = 0, fusion: dict | None = None):
         """`draft_dir`: a draft model (same tokenizer) for speculative decoding with
-        `draft_k` drafted tokens per step (config.num_speculative_tokens overrides it)."""
+        `draft_k` drafted tokens per step (config.num_speculative_tokens overrides it).
+        `fusion`: the bundle's fusion plan (dwc.runtime.fusion), applied to both models."""
         from transformers import AutoTokenizer
 
         self.config = c = config or EngineConfig()
@@ -80,10 +81,10 @@ class Engine:
         graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
         self.runner = ModelRunner(load_hf_model(model_dir, device, dtype), num_blocks,
                                   c.block_size, device, model_dir, c.kv_dtype, c.kv_scales,
-                                  graph_tokens=graph)
+                                  graph_tokens=graph, fusion=fusion)
         self.drafter = Drafter(ModelRunner(load_hf_model(draft_dir, device, dtype), num_blocks,
-                                           c.block_size, device, graph_tokens=graph),
-                               k) if draft_dir else None
+                                           c.block_size, device, graph_tokens=graph,
+                                           fusion=fusion), k) if draft_dir else None
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
         self.eos_ids = self._eos_ids()
@@ -103,7 +104,9 @@ class Engine:
             config = EngineConfig.from_plan(plan)
         draft = manifest.get("draft") if speculative else None
         draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
-        return cls(Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0)
+        fusion = (manifest.get("fusion") or {}).get("plan")
+        return cls(Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,
+                   fusion)
 
     @staticmethod
     def _fit_blocks(model_dir: Path, draft_dir: Path | None, c: EngineConfig, device: str,

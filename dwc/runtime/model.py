@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dwc.runtime.layers.attention import paged_attention, write_kv
-from dwc.runtime.layers.norm import rms_norm
+from dwc.runtime.layers.norm import add_rms_norm, rms_norm, silu_mul
 from dwc.runtime.layers.rotary import Rotary, apply_rotary
 
 
@@ -59,46 +59,107 @@ class Decoder:
         self.scale = self.head_dim ** -0.5
         self.dtype = self.embed.weight.dtype
         self.kv_scales = [(1.0, 1.0)] * len(self.layers)  # set by the runner for FP8 caches
+        self.device = device
+        self.add_rms_norm = add_rms_norm  # the fused kernels replace these (fuse())
+        self.silu_mul = silu_mul
         # The projections each layer calls: the checkpoint's modules, or kernel-backed
         # replacements (use_kernels) on the GPU.
         self.proj = [{**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ},
                       **{n: getattr(layer.mlp, n) for n in MLP_PROJ}} for layer in self.layers]
 
-    def use_kernels(self, model_dir, device) -> int:
-        """Swap compressed-tensors Linears for the GPU kernels; returns how many."""
+    def use_kernels(self, model_dir, device, plan: dict | None = None) -> int:
+        """Swap compressed-tensors Linears for the GPU kernels, stacking q/k/v and
+        gate/up into one kernel each when `plan` says so; returns how many projections
+        the kernels serve."""
+        from dwc.runtime.fusion import GROUPS, merge_raw
         from dwc.runtime.layers.linear import gpu_linear, raw_tensors
 
         tensors = raw_tensors(model_dir, device)
         swapped = 0
         for i, proj in enumerate(self.proj):
-            for name, module in proj.items():
+            def raw(name):
                 part = "self_attn" if name in ATTN_PROJ else "mlp"
-                raw = tensors.get(f"model.layers.{i}.{part}.{name}")
-                kernel = gpu_linear(module, raw) if raw is not None else None
+                return tensors.get(f"model.layers.{i}.{part}.{name}")
+
+            for key, names in GROUPS.items():
+                if not (plan or {}).get(key) or any(raw(n) is None for n in names):
+                    continue
+                schemes = [getattr(proj[n], "quantization_scheme", None) for n in names]
+                if any(sc != schemes[0] for sc in schemes):
+                    continue
+                merged = merge_raw([raw(n) for n in names])
+                biases = [proj[n].bias for n in names]
+                bias = torch.cat(biases) if all(b is not None for b in biases) else None
+                kernel = gpu_linear(proj[names[0]], merged, bias) if merged and \
+                    (bias is not None or all(b is None for b in biases)) else None
+                if kernel is not None:
+                    for n in names:
+                        del proj[n]
+                    proj[key] = kernel
+                    swapped += len(names)
+            for name, module in list(proj.items()):
+                kernel = gpu_linear(module, raw(name)) if raw(name) is not None else None
                 if kernel is not None:
                     proj[name] = kernel
                     swapped += 1
         return swapped
 
+    def fuse(self, plan: dict) -> None:
+        """Apply a fusion plan (see dwc.runtime.fusion): one GEMM for q/k/v and one for
+        gate/up where the modules allow it (use_kernels fuses the GPU's quantized ones),
+        and the fused residual + RMSNorm and SwiGLU kernels on the GPU."""
+        from dwc.runtime.fusion import fuse_linears
+
+        for proj in self.proj:
+            if plan.get("qkv") and "qkv" not in proj:
+                fuse_linears(proj, ("q_proj", "k_proj", "v_proj"), "qkv")
+            if plan.get("gate_up") and "gate_up" not in proj:
+                fuse_linears(proj, ("gate_proj", "up_proj"), "gate_up")
+        if self.device == "cuda" and plan.get("norm_residual"):
+            from dwc.runtime.layers import fused_triton
+
+            self.add_rms_norm = fused_triton.add_rms_norm
+        if self.device == "cuda" and plan.get("silu_mul"):
+            from dwc.runtime.layers import fused_triton
+
+            self.silu_mul = fused_triton.silu_mul
+
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: list[torch.Tensor]) -> torch.Tensor:
-        """Logits [sampling chunks, vocab] of each sampling chunk's last token."""
+        """Logits [rows, vocab] of the batch's sample rows. The residual stream is added
+        inside the next norm (add_rms_norm), so a fused kernel can do both."""
         h = self.embed(batch.input_ids)                                  # [t, hidden]
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)
+        residual = None
         for layer, proj, layer_cache, scales in zip(self.layers, self.proj, cache, self.kv_scales):
-            h = h + self._attention(proj, rms_norm(h, layer.input_layernorm.weight, self.eps),
-                                    cos, sin, batch, layer_cache, scales)
-            x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-            h = h + proj["down_proj"](torch.nn.functional.silu(proj["gate_proj"](x)) *
-                                      proj["up_proj"](x))
-        h = rms_norm(h[batch.sample_rows], self.final_norm.weight, self.eps)
-        return self.lm_head(h).float()
+            x, residual = self.add_rms_norm(h, residual, layer.input_layernorm.weight, self.eps)
+            h = self._attention(proj, x, cos, sin, batch, layer_cache, scales)
+            x, residual = self.add_rms_norm(h, residual, layer.post_attention_layernorm.weight,
+                                            self.eps)
+            h = self._mlp(proj, x)
+        h = (h + residual)[batch.sample_rows]
+        return self.lm_head(rms_norm(h, self.final_norm.weight, self.eps)).float()
+
+    def _mlp(self, proj, x) -> torch.Tensor:
+        if "gate_up" in proj:
+            return proj["down_proj"](self.silu_mul(proj["gate_up"](x)))
+        return proj["down_proj"](torch.nn.functional.silu(proj["gate_proj"](x)) *
+                                 proj["up_proj"](x))
+
+    def _qkv(self, proj, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if "qkv" in proj:
+            q, k, v = proj["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = proj["q_proj"](x), proj["k_proj"](x), proj["v_proj"](x)
+        return (q.reshape(t, self.num_heads, self.head_dim),
+                k.reshape(t, self.num_kv_heads, self.head_dim),
+                v.reshape(t, self.num_kv_heads, self.head_dim))
 
     def _attention(self, proj, x, cos, sin, batch: Batch, layer_cache, scales) -> torch.Tensor:
         t = x.shape[0]
-        q = proj["q_proj"](x).view(t, self.num_heads, self.head_dim)
-        k = proj["k_proj"](x).view(t, self.num_kv_heads, self.head_dim)
-        v = proj["v_proj"](x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(proj, x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(layer_cache, batch.slots, k, v, scales)
         out = torch.empty_like(q)

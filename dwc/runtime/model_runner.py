@@ -44,13 +44,17 @@ class ModelRunner:
 
     def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
                  weights_dir: Path | None = None, kv_dtype: str | None = None,
-                 kv_scales: list | None = None, graph_tokens: int = 0):
+                 kv_scales: list | None = None, graph_tokens: int = 0,
+                 fusion: dict | None = None):
         """`graph_tokens` > 0 (GPU only): capture CUDA graphs for kernel-only steps of up
-        to that many tokens (see cuda_graphs.py)."""
+        to that many tokens (see cuda_graphs.py). `fusion`: a fusion plan (fusion.py)."""
         self.device = device
         self.hf_model = hf_model
         self.decoder = d = Decoder(hf_model, device)
-        self.kernels = d.use_kernels(weights_dir, device) if device == "cuda" and weights_dir else 0
+        self.kernels = d.use_kernels(weights_dir, device, fusion) \
+            if device == "cuda" and weights_dir else 0
+        if fusion:
+            d.fuse(fusion)
         fp8 = kv_dtype == "fp8_e4m3"
         cache_dtype = torch.float8_e4m3fn if fp8 else d.dtype
         graphs = device == "cuda" and graph_tokens > 0

@@ -16,7 +16,7 @@ from dwc.runtime.sequence import SamplingParams, Sequence
 
 def runtime_logits(model, device: str, weights_dir: Path | None = None,
                    kv_dtype: str | None = None, kv_scales: list | None = None,
-                   block_size: int = 16):
+                   block_size: int = 16, fusion: dict | None = None):
     """An ids [b, s] -> logits [b, s, vocab] function over a loaded model."""
     state: dict = {}
 
@@ -25,7 +25,7 @@ def runtime_logits(model, device: str, weights_dir: Path | None = None,
         need = b * -(-s // block_size)
         if state.get("blocks", 0) < need:
             state["runner"] = ModelRunner(model, need, block_size, device, weights_dir,
-                                          kv_dtype, kv_scales)
+                                          kv_dtype, kv_scales, fusion=fusion)
             state["blocks"] = need
         blocks = BlockManager(state["blocks"], block_size)
         seqs = [Sequence(row.tolist(), SamplingParams(max_tokens=1)) for row in ids]

@@ -2,7 +2,7 @@
 
 - FP8 W8A8 (per-channel weight scales, static per-tensor input scale): the input is
   quantized with the calibrated scale and multiplied by `torch._scaled_mm` with row-wise
-  scales (Hopper's FP8 tensor cores).
+  scales (Hopper's FP8 tensor cores); at up to 16 tokens, a weight-only Triton kernel.
 - INT8 W8A8 (per-channel weights; per-token dynamic or static per-tensor input scales):
   `torch._int_mm`, int32 accumulation, then both scales.
 - INT4 W4A16 (groups with zero points): PyTorch's tinygemm kernel
@@ -20,6 +20,9 @@ FP8_MAX = 448.0
 
 
 class Fp8Linear(torch.nn.Module):
+    """W8A8 through `_scaled_mm`; at up to 16 tokens (decode), weight-only in Triton
+    (fp8_gemv_triton.py), where quantizing the activations costs more than it saves."""
+
     def __init__(self, weight, weight_scale, input_scale, bias):
         super().__init__()
         self.weight_t = weight.t()                                   # [in, out] fp8, col-major
@@ -28,6 +31,11 @@ class Fp8Linear(torch.nn.Module):
         self.bias = bias
 
     def forward(self, x):                                            # x: [t, in] bf16
+        from dwc.runtime.layers.fp8_gemv_triton import MAX_TOKENS, fp8_weight_only
+
+        if x.shape[0] <= MAX_TOKENS and x.dtype == torch.bfloat16:
+            y = fp8_weight_only(x, self.weight_t.t(), self.scale_b.view(-1))
+            return y if self.bias is None else y + self.bias
         xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         scale_a = self.input_scale.expand(x.shape[0], 1).contiguous()   # row-wise: [t, 1]
         y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_a,
@@ -79,13 +87,15 @@ class Int4Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def gpu_linear(module, tensors: dict):
+def gpu_linear(module, tensors: dict, bias=False):
     """The kernel-backed replacement of one compressed-tensors Linear, from its raw
-    tensors ({"weight" | "weight_packed", "weight_scale", ...}), or None to keep it."""
+    tensors ({"weight" | "weight_packed", "weight_scale", ...}), or None to keep it.
+    `bias` overrides the module's (for stacked projections)."""
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is None or scheme.weights is None:
         return None
-    w, acts, bias = scheme.weights, scheme.input_activations, module.bias
+    w, acts = scheme.weights, scheme.input_activations
+    bias = module.bias if bias is False else bias
     if w.type == "float" and w.num_bits == 8 and acts is not None and not acts.dynamic:
         return Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors["input_scale"], bias)
     if w.type == "int" and w.num_bits == 8 and acts is not None:
