@@ -65,11 +65,14 @@ def test_quantized_kernels_match_the_fake_quant_reference(build_for, target):
     eng = Engine.from_bundle(bundle, EngineConfig(device="cuda", num_blocks=256))
     assert eng.runner.kernels == 28  # every quantized projection of the 4 layers
     d = eng.runner.decoder
-    ref_module = d.layers[0].self_attn.q_proj
-    x = torch.randn(37, ref_module.in_features, device="cuda", dtype=torch.bfloat16)
-    want = ref_module(x).float().to(x.device)  # the reference may run offloaded on the CPU
-    torch.testing.assert_close(d.proj[0]["q_proj"](x).float(), want,
-                               atol=0.05 * want.abs().max().item(), rtol=0.05)
+    attn = d.layers[0].self_attn
+    for rows in (37, 3):  # the W8A8 path and (FP8) the weight-only path for few tokens
+        x = torch.randn(rows, attn.q_proj.in_features, device="cuda", dtype=torch.bfloat16)
+        # The bundle's fusion plan stacked q/k/v; the reference may run offloaded on the CPU.
+        want = torch.cat([m(x).float().to(x.device) for m in (attn.q_proj, attn.k_proj,
+                                                                attn.v_proj)], dim=-1)
+        torch.testing.assert_close(d.proj[0]["qkv"](x).float(), want,
+                                   atol=0.05 * want.abs().max().item(), rtol=0.05)
     hf = AutoModelForCausalLM.from_pretrained(bundle / "model").cuda()
     seq = eng.add(PROMPTS[3], SamplingParams(max_tokens=1))
     eng.scheduler.schedule()

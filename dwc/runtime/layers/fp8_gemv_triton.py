@@ -24,7 +24,9 @@ MAX_TOKENS = 16  # above this, the W8A8 `_scaled_mm` path
 @triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
              for bn, bk, w, s in ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3),
-                                  (32, 512, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3))],
+                                  (32, 512, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3),
+                                  (16, 1024, 4, 3), (32, 1024, 8, 3), (16, 512, 4, 5),
+                                  (128, 128, 8, 4))],
     key=["N", "K"])
 @triton.jit
 def _fp8_weight_only_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
