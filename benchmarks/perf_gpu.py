@@ -255,7 +255,7 @@ def main() -> int:
     base = hf_baseline(ckpt, prompts(1, 128), 256)
     for key, r in res.items():
         if isinstance(r, dict):
-            r["baseline_tok_s"] = base if key.startswith("decode_bs1") else None
+            r["baseline_tok_s"] = base if key.startswith("decode_bs1_") else None
             if key in GOALS:
                 r["goal_tok_s"] = GOALS[key]
             if r.get("limit_tok_s"):
