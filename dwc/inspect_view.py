@@ -53,6 +53,12 @@ def show_manifest(m: dict, bundle: Path) -> None:
              f"c {d['cost_ratio']}") if d else "none"
     _OUT.print(f"weights    {quant['scheme']} ({quant['weight_dtype']}); "
                f"KV cache {m['kv_cache']['dtype']}; draft {draft}")
+    f = m.get("fusion")
+    if f:
+        on = [k for k, v in f["plan"].items() if v] or ["none"]
+        _OUT.print(f"fusion     {', '.join(on)} (checked on {f['check']['device']}: top-1 "
+                   f"agreement {f['check']['top1_agreement']}, max logit diff "
+                   f"{f['check']['max_logit_diff']})")
     verdict = "[green]passed[/]" if q["passed"] else "[red]FAILED[/]"
     _OUT.print(f"quality    perplexity {q['baseline']:.4f} -> {q['optimized']:.4f} "
                f"({q['delta_pct']:+.3f}%, budget {q['budget_pct']}%) {verdict}; "

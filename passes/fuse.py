@@ -1,7 +1,7 @@
 """`fuse`: the fusion plan and kernel table for the torch-triton runtime (DESIGN.md §4.4).
 
 The plan (dwc.runtime.fusion) stacks q/k/v and gate/up into one GEMM each and turns on
-the fused residual + RMSNorm and SwiGLU kernels; the kernel table says which kernel
+the fused residual + RMSNorm, SwiGLU and rotary + KV-write kernels; the kernel table says which kernel
 serves each op of a decoder layer on the target, with its shapes and tile settings. The
 weights in model/ are not touched: the runtime applies the plan when it loads the
 bundle (and `evaluate` measures the model with it applied).
@@ -22,7 +22,7 @@ from dwc.config import option, positive
 from dwc.data import token_windows
 from dwc.passes.base import Pass, PassResult
 from dwc.reports import json_bytes
-from dwc.runtime.fusion import kernel_table
+from dwc.runtime.fusion import DEFAULT_PLAN, kernel_table
 
 
 @dataclass
@@ -31,6 +31,7 @@ class FuseOptions:
     gate_up: bool = option(True, help="one GEMM for gate and up")
     norm_residual: bool = option(True, help="residual add + RMSNorm in one kernel (GPU)")
     silu_mul: bool = option(True, help="silu(gate) * up in one kernel (GPU)")
+    rope_kv: bool = option(True, help="rotary + K/V cache write in one kernel (GPU)")
     check_windows: int = option(2, help="evaluation windows the fused and unfused runtime "
                                         "are compared on")
 
@@ -49,13 +50,13 @@ class Fuse(Pass):
     Options = FuseOptions
 
     def run(self, ctx, options) -> PassResult:
-        plan = {k: getattr(options, k) for k in ("qkv", "gate_up", "norm_residual", "silu_mul")}
+        plan = {k: getattr(options, k) for k in DEFAULT_PLAN}
         table = kernel_table(ctx.info, ctx.target.weights.scheme, ctx.target.device, plan)
         check = lossless_check(ctx, plan, options.check_windows)
         fusion = {"plan": plan, "kernels": table, "check": check}
         metrics = {"stacked_gemms": sum(1 for row in table if row.get("fuses")),
                    "fused_kernels": sum(1 for row in table if row["kernel"].startswith(
-                       ("triton _add", "triton _silu"))), **check}
+                       ("triton _add", "triton _silu", "triton _rope"))), **check}
         return PassResult(outputs={"fusion": fusion}, metrics=metrics,
                           reports={"kernels.json": json_bytes(fusion)})
 

@@ -1,6 +1,7 @@
 """The fusion plan the `fuse` pass writes and the runtime applies when it loads a bundle.
 
-    plan = {"qkv": True, "gate_up": True, "norm_residual": True, "silu_mul": True}
+    plan = {"qkv": True, "gate_up": True, "norm_residual": True, "silu_mul": True,
+            "rope_kv": True}
 
 - qkv / gate_up: q, k and v (gate and up) read the same input, so their weights are
   stacked into one GEMM whose output is split (one launch and one pass over the input
@@ -10,6 +11,8 @@
   parts', which is exact when calibration gave them the same input, as it does).
 - norm_residual: the residual add and the next RMSNorm in one Triton kernel.
 - silu_mul: SwiGLU's silu(gate) * up in one Triton kernel on the gate/up output.
+- rope_kv: rotary on q and k and the K/V cache write (FP8 scaling included) in one
+  Triton kernel, instead of about a dozen elementwise kernels and two scatters.
 
 The weights in the bundle's model/ never change: the plan is applied in memory.
 """
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_PLAN = {"qkv": True, "gate_up": True, "norm_residual": True, "silu_mul": True}
+DEFAULT_PLAN = {"qkv": True, "gate_up": True, "norm_residual": True, "silu_mul": True,
+                "rope_kv": True}
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
@@ -128,7 +132,11 @@ def kernel_table(info, scheme: str, device: str, plan: dict) -> list[dict]:
     table.append({"op": "silu_mul", "kernel": "triton _silu_mul_kernel" if fused_act else
                   "torch silu + mul", "config": {"BLOCK": 1024, "grid": "(tokens, n / 1024)"}
                   if fused_act else {}})
-    table.append({"op": "rotary + kv_cache_write", "kernel": "torch (not fused)", "config": {}})
+    fused_rope = gpu and plan.get("rope_kv")
+    table.append({"op": "rotary + kv_cache_write", "kernel": "triton _rope_kv_kernel" if
+                  fused_rope else "torch (rotary elementwise + two scatters)",
+                  "config": {"grid": "(tokens, heads + kv_heads)", "HALF": info.head_dim // 2}
+                  if fused_rope else {}})
     table.append({"op": "attention (decode and verification rows)",
                   "kernel": "triton _paged_decode_kernel" if gpu else "torch SDPA per sequence",
                   "config": {"BLOCK_N": 64, "BLOCK_G": 16, "grid": "(rows, kv_heads)"} if gpu else {}})

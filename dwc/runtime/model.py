@@ -62,6 +62,7 @@ class Decoder:
         self.device = device
         self.add_rms_norm = add_rms_norm  # the fused kernels replace these (fuse())
         self.silu_mul = silu_mul
+        self.rope_kv = None  # fused rotary + KV write (GPU), set by fuse()
         # The projections each layer calls: the checkpoint's modules, or kernel-backed
         # replacements (use_kernels) on the GPU.
         self.proj = [{**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ},
@@ -123,6 +124,11 @@ class Decoder:
             from dwc.runtime.layers import fused_triton
 
             self.silu_mul = fused_triton.silu_mul
+        if self.device == "cuda" and plan.get("rope_kv") and self.head_dim % 2 == 0 and \
+                (self.head_dim // 2) & (self.head_dim // 2 - 1) == 0:  # power-of-two halves
+            from dwc.runtime.layers import fused_triton
+
+            self.rope_kv = fused_triton.rope_kv
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: list[torch.Tensor]) -> torch.Tensor:
@@ -160,8 +166,11 @@ class Decoder:
     def _attention(self, proj, x, cos, sin, batch: Batch, layer_cache, scales) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self._qkv(proj, x)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(layer_cache, batch.slots, k, v, scales)
+        if self.rope_kv is not None:
+            q = self.rope_kv(q, k, v, cos, sin, batch.slots, layer_cache, scales)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            write_kv(layer_cache, batch.slots, k, v, scales)
         out = torch.empty_like(q)
         if batch.decode is not None:
             from dwc.runtime.layers.paged_attention_triton import paged_decode

@@ -70,3 +70,65 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
     _silu_mul_kernel[(rows, triton.cdiv(n, SILU_BLOCK))](gate_up, out, n, BLOCK=SILU_BLOCK)
     return out
+
+
+@triton.jit
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, q_out_ptr,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_rot, stride_plane, stride_slot, stride_ch, stride_ot, stride_oh,
+                    k_scale, v_scale, H: tl.constexpr, HALF: tl.constexpr, FP8: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)                 # query heads first, then KV heads
+    d = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + t * stride_rot + d).to(tl.float32)   # cos and sin repeat
+    s = tl.load(sin_ptr + t * stride_rot + d).to(tl.float32)   # over the two halves
+    if h < H:
+        base = q_ptr + t * stride_qt + h * stride_qh
+        x1 = tl.load(base + d).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(tl.float32)
+        out = q_out_ptr + t * stride_ot + h * stride_oh
+        tl.store(out + d, (x1 * c - x2 * s).to(q_out_ptr.dtype.element_ty))
+        tl.store(out + HALF + d, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty))
+    else:
+        kh = h - H
+        slot = tl.load(slots_ptr + t)
+        base = k_ptr + t * stride_kt + kh * stride_kh
+        x1 = tl.load(base + d).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(tl.float32)
+        r1 = x1 * c - x2 * s
+        r2 = x2 * c + x1 * s
+        vb = v_ptr + t * stride_vt + kh * stride_vh
+        v1 = tl.load(vb + d).to(tl.float32)
+        v2 = tl.load(vb + HALF + d).to(tl.float32)
+        if FP8:  # an FP8 cache holds K / k_scale and V / v_scale, saturated
+            r1 = tl.clamp(r1 / k_scale, -448.0, 448.0)
+            r2 = tl.clamp(r2 / k_scale, -448.0, 448.0)
+            v1 = tl.clamp(v1 / v_scale, -448.0, 448.0)
+            v2 = tl.clamp(v2 / v_scale, -448.0, 448.0)
+        kc = cache_ptr + slot.to(tl.int64) * stride_slot + kh * stride_ch
+        vc = kc + stride_plane
+        ty = cache_ptr.dtype.element_ty
+        tl.store(kc + d, r1.to(ty))
+        tl.store(kc + HALF + d, r2.to(ty))
+        tl.store(vc + d, v1.to(ty))
+        tl.store(vc + HALF + d, v2.to(ty))
+
+
+def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
+            scales: tuple[float, float]) -> torch.Tensor:
+    """Rotary on q and k, and k, v written to the cache at `slots`, in one kernel.
+
+    q: [t, heads, d]; k, v: [t, kv_heads, d] (views of the stacked QKV output are fine);
+    cos, sin: [t, d]; cache: [2, slots, kv_heads, d]. Returns the rotated q [t, heads, d].
+    """
+    t, heads, d = q.shape
+    kv_heads = k.shape[1]
+    q_out = torch.empty(t, heads, d, dtype=q.dtype, device=q.device)
+    _rope_kv_kernel[(t, heads + kv_heads)](
+        q, k, v, cos, sin, slots, cache, q_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
+        q_out.stride(0), q_out.stride(1), float(scales[0]), float(scales[1]),
+        H=heads, HALF=d // 2, FP8=cache.dtype == torch.float8_e4m3fn)
+    return q_out
