@@ -179,11 +179,23 @@ def test_fused_quantized_model_matches_unfused(build_for, target):
     plain = Engine(bundle / "model", EngineConfig(device="cuda", num_blocks=256,
                                                   kv_dtype=fused.config.kv_dtype,
                                                   kv_scales=fused.config.kv_scales))
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    a = [o.output_ids for o in fused.generate(PROMPTS, params)]
-    b = [o.output_ids for o in plain.generate(PROMPTS, params)]
-    same = sum(x == y for x, y in zip(a, b))
-    assert same >= len(PROMPTS) - 1, (a, b)  # bf16 near-ties may flip one late token
+    # Next-token logits after each prompt (prefill) and after one decode step: within
+    # bf16 rounding, as amplified by quantizing the activations (INT8 quantizes them per
+    # token, so a last-bit difference in a norm output can move a rounding step).
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for prompt in PROMPTS:
+        logits = []
+        for eng in (fused, plain):
+            seq = eng.add(prompt, params)
+            eng.step()
+            eng.blocks.grow(seq, seq.num_tokens)
+            from dwc.runtime.scheduler import Chunk
+
+            logits.append(eng.runner.run([Chunk(seq, seq.num_computed, 1, logits=1)], eng.blocks))
+            eng.abort(seq)
+        torch.testing.assert_close(logits[0], logits[1], atol=0.05 * logits[1].abs().max().item(),
+                                   rtol=0.05)
+        assert logits[0].argmax() == logits[1].argmax()
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])
@@ -226,7 +238,10 @@ def test_fused_rope_kv_matches_rotary_and_cache_write(fp8):
     want_q = apply_rotary(q, cos, sin)
     write_kv(want_cache, slots, apply_rotary(k, cos, sin), v, scales)
     torch.testing.assert_close(got_q.float(), want_q.float(), atol=3e-2, rtol=2e-2)
-    # FP8 E4M3 keeps 3 mantissa bits: a value at a rounding boundary may land one step
-    # (12.5%) away after the kernel's single fp32 rounding.
-    torch.testing.assert_close(cache.float(), want_cache.float(), atol=0.02 if fp8 else 3e-2,
-                               rtol=0.13 if fp8 else 2e-2)
+    # Compared as the values the cache stands for (times the scales). The reference rounds
+    # each rotary product to bf16 (up to ~0.02 off on unit-sized values, more where the two
+    # terms cancel); the kernel rounds once. FP8 E4M3 keeps 3 mantissa bits, so a value at
+    # a rounding boundary may also land one step (12.5%) away.
+    scale = torch.tensor(scales, device="cuda").view(2, 1, 1, 1)
+    torch.testing.assert_close(cache.float() * scale, want_cache.float() * scale,
+                               atol=3e-2, rtol=0.13 if fp8 else 2e-2)
