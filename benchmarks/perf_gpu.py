@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,15 +70,8 @@ def bytes_per_token(model_dir: Path) -> int:
                 if "embed_tokens" in k:
                     continue
                 sl = st.get_slice(k)
-                total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+                total += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _itemsize(dtype: str) -> int:

@@ -116,19 +116,17 @@ class Decoder:
                 fuse_linears(proj, ("q_proj", "k_proj", "v_proj"), "qkv")
             if plan.get("gate_up") and "gate_up" not in proj:
                 fuse_linears(proj, ("gate_proj", "up_proj"), "gate_up")
-        if self.device == "cuda" and plan.get("norm_residual"):
-            from dwc.runtime.layers import fused_triton
+        if self.device != "cuda":
+            return
+        from dwc.runtime.layers import fused_triton
 
+        if plan.get("norm_residual"):
             self.add_rms_norm = fused_triton.add_rms_norm
-        if self.device == "cuda" and plan.get("silu_mul"):
-            from dwc.runtime.layers import fused_triton
-
+        if plan.get("silu_mul"):
             self.silu_mul = fused_triton.silu_mul
-        if self.device == "cuda" and plan.get("rope_kv") and self.head_dim % 2 == 0 and \
-                (self.head_dim // 2) & (self.head_dim // 2 - 1) == 0:  # power-of-two halves
-            from dwc.runtime.layers import fused_triton
-
-            self.rope_kv = fused_triton.rope_kv
+        half = self.head_dim // 2
+        if plan.get("rope_kv") and self.head_dim % 2 == 0 and half & (half - 1) == 0:
+            self.rope_kv = fused_triton.rope_kv  # the kernel needs power-of-two halves
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: list[torch.Tensor]) -> torch.Tensor:

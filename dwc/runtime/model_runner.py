@@ -91,12 +91,9 @@ class ModelRunner:
         tables, context lengths, and the rows whose logits are returned."""
         ids, positions, slots, tables, lens, rows = [], [], [], [], [], []
         for c in chunks:
-            span = range(c.start, c.start + c.length)
+            positions.extend(range(c.start, c.start + c.length))
             ids.extend(c.token_ids())
-            positions.extend(span)
-            slots.extend(blocks.slot(c.seq, p) for p in span)
-            tables.extend([c.seq.block_table] * c.length)
-            lens.extend(p + 1 for p in span)
+            _kernel_chunk(c, blocks, slots, tables, lens)
             rows.extend(range(len(ids) - c.logits, len(ids)))
         return ids, positions, slots, tables, lens, rows
 
@@ -106,17 +103,14 @@ class ModelRunner:
         positions up to its own (that is the causal mask); longer chunks keep the
         per-sequence PyTorch path."""
         ids, positions, slots, parts, rows = [], [], [], [], []
-        decode = []  # (token row, block table, context length) of the kernel's rows
+        kernel_rows, tables, lens = [], [], []  # the kernel's token rows, their tables and lengths
         offset = 0
         for c in chunks:
-            span = range(c.start, c.start + c.length)
             ids.extend(c.token_ids())
-            positions.extend(span)
+            positions.extend(range(c.start, c.start + c.length))
             if self.device == "cuda" and c.length <= KERNEL_MAX_CHUNK:
-                table = list(c.seq.block_table)
-                for i, p in enumerate(span):
-                    slots.append(blocks.slot(c.seq, p))
-                    decode.append((offset + i, table, p + 1))
+                kernel_rows.extend(range(offset, offset + c.length))
+                _kernel_chunk(c, blocks, slots, tables, lens)
             else:
                 seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
                 slots.extend(seq_slots[c.start:])
@@ -126,12 +120,11 @@ class ModelRunner:
             rows.extend(range(offset - c.logits, offset))
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts,
-                     as_tensor(rows), self._decode_group(decode))
+                     as_tensor(rows), self._decode_group(kernel_rows, tables, lens))
 
-    def _decode_group(self, decode: list) -> DecodeGroup | None:
-        if not decode:
+    def _decode_group(self, rows: list, tables: list, lens: list) -> DecodeGroup | None:
+        if not rows:
             return None
-        rows, tables, lens = zip(*decode)
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         return DecodeGroup(
@@ -139,6 +132,15 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
             page=self.block_size)
+
+
+def _kernel_chunk(c: Chunk, blocks: BlockManager, slots: list, tables: list, lens: list) -> None:
+    """Append a chunk's decode-kernel rows: each token's cache slot, its sequence's block
+    table, and the context it sees (every position up to its own)."""
+    span = range(c.start, c.start + c.length)
+    slots.extend(blocks.slot(c.seq, p) for p in span)
+    tables.extend([c.seq.block_table] * c.length)
+    lens.extend(p + 1 for p in span)
 
 
 def decode_step_seconds(runner: ModelRunner, context: int = 128, steps: int = 32) -> float:
@@ -154,8 +156,8 @@ def decode_step_seconds(runner: ModelRunner, context: int = 128, steps: int = 32
     blocks.grow(seq, seq.num_tokens)
     runner.run([Chunk(seq, 0, context, logits=1)], blocks)
     times = []
+    sync = torch.cuda.synchronize if runner.device == "cuda" else (lambda: None)
     for pos in range(context, context + steps + 4):
-        sync = torch.cuda.synchronize if runner.device == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         runner.run([Chunk(seq, pos, 1, logits=1)], blocks)

@@ -132,11 +132,11 @@ class Drafter:
         ([K + 1, V] per chunk): greedy chunks in closed form off one argmax of them all."""
         greedy = [i for i, c in enumerate(chunks) if c.seq.params.temperature <= 0]
         argmax = torch.cat([logits[i] for i in greedy]).argmax(-1).tolist() if greedy else []
-        out = []
-        for i, (c, rows) in enumerate(zip(chunks, logits)):
+        out, at = [], 0  # at: where the next greedy chunk's rows start in `argmax`
+        for c, rows in zip(chunks, logits):
             if c.seq.params.temperature <= 0:
-                tokens, accepted = accept_greedy(argmax[:len(rows)], c.draft)
-                argmax = argmax[len(rows):]
+                tokens, accepted = accept_greedy(argmax[at:at + len(rows)], c.draft)
+                at += len(rows)
             else:
                 p = distribution(rows, c.seq.params)
                 tokens, accepted = accept(p, torch.stack(c.draft_probs), c.draft,
