@@ -167,6 +167,9 @@ def replay_ms(engine: Engine) -> float | None:
 def measure_engine(engine: Engine, name: str, limit: float, results: dict) -> None:
     engine.generate(prompts(2, 32), SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
     for batch in (1, 8, 32, 128):
+        # Steady state: the prefill shapes of this batch compiled and planned once.
+        engine.generate(prompts(batch, 128, seed=99), SamplingParams(max_tokens=4,
+                                                                     ignore_eos=True))
         results[f"decode_bs{batch}_{name}"] = {
             "dwc_tok_s": tok_s(engine, prompts(batch, 128), 256),
             "limit_tok_s": round(limit * batch, 1) if batch == 1 else None,

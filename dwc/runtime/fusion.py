@@ -86,6 +86,15 @@ def merge_raw(parts: list[dict]) -> dict | None:
     return merged
 
 
+def skinny_config(out_features: int, fp8: bool) -> dict:
+    """The decode-size kernel's tiles for a projection (what skinny_linear launches)."""
+    from dwc.runtime.layers.skinny_tiles import BLOCK_K, BLOCK_N, split_for
+
+    tiles = -(-out_features // BLOCK_N)
+    return {"tokens": "<= 16", "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
+            "SPLIT_K": split_for(tiles, fp8), "grid": [tiles, split_for(tiles, fp8)]}
+
+
 def kernel_table(info, scheme: str, device: str, plan: dict) -> list[dict]:
     """Which kernel serves each op of a decoder layer under `plan`, with its shape and
     tile configuration where dwc chooses one (cuBLAS picks its own tiles per shape)."""
@@ -95,9 +104,9 @@ def kernel_table(info, scheme: str, device: str, plan: dict) -> list[dict]:
             "int8-w8a8": "torch._int_mm (cuBLASLt INT8) + scales",
             "int4-w4a16": "aten._weight_int4pack_mm (tinygemm, inner k tiles 8)"}.get(
                 scheme, "torch.nn.functional.linear (cuBLAS)")
-    if scheme == "fp8-w8a8" and device == "cuda":
-        gemm += "; at <= 16 tokens triton _fp8_weight_only_kernel (weight-only, autotuned " \
-                "BLOCK_N x BLOCK_K)"
+    if scheme in ("fp8-w8a8", "none") and device == "cuda":
+        gemm += "; at <= 16 tokens triton _skinny_gemm_kernel (weight-only, split-K" + \
+            (", fp16 multiply)" if scheme == "fp8-w8a8" else ")")
     if device != "cuda":
         gemm = "compressed-tensors reference Linear (CPU)" if scheme in (
             "fp8-w8a8", "int8-w8a8", "int4-w4a16") else "torch.nn.functional.linear (CPU)"
@@ -107,8 +116,11 @@ def kernel_table(info, scheme: str, device: str, plan: dict) -> list[dict]:
     table = []
 
     def linear(op, fused_from, out_features, in_features):
-        table.append({"op": op, "kernel": gemm, "fuses": list(fused_from),
-                      "shape": [in_features, out_features]})
+        row = {"op": op, "kernel": gemm, "fuses": list(fused_from),
+               "shape": [in_features, out_features]}
+        if gpu and scheme in ("fp8-w8a8", "none"):
+            row["config"] = skinny_config(out_features, scheme == "fp8-w8a8")
+        table.append(row)
 
     if plan.get("qkv") and stacks:
         linear("qkv_proj", GROUPS["qkv"], h + 2 * kv, info.hidden_size)

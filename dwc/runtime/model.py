@@ -105,6 +105,20 @@ class Decoder:
                     swapped += 1
         return swapped
 
+    def use_skinny_gemm(self) -> int:
+        """GPU: serve the plain bf16 Linears (stacked ones included; call after fuse) at
+        decode sizes with the split-K kernel (layers/linear.py SkinnyLinear); returns how
+        many it wraps."""
+        from dwc.runtime.layers.linear import SkinnyLinear
+
+        wrapped = 0
+        for proj in self.proj:
+            for name, module in proj.items():
+                if type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16:
+                    proj[name] = SkinnyLinear(module)
+                    wrapped += 1
+        return wrapped
+
     def fuse(self, plan: dict) -> None:
         """Apply a fusion plan (see dwc.runtime.fusion): one GEMM for q/k/v and one for
         gate/up where the modules allow it (use_kernels fuses the GPU's quantized ones),

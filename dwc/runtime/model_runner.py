@@ -55,6 +55,8 @@ class ModelRunner:
             if device == "cuda" and weights_dir else 0
         if fusion:
             d.fuse(fusion)
+        if device == "cuda":
+            d.use_skinny_gemm()
         fp8 = kv_dtype == "fp8_e4m3"
         cache_dtype = torch.float8_e4m3fn if fp8 else d.dtype
         graphs = device == "cuda" and graph_tokens > 0

@@ -1,0 +1,115 @@
+"""Where a batch-1 decode step's host time goes (issue 6).
+
+The 8B shape's bf16 decode step took 7.6 ms of which the captured graph's replay is
+4.7 ms: the rest is host time between replays. This script times each phase of
+`Engine.step` (schedule, runner inputs + replay launch, sampling with its device sync,
+advance) over 200 steps of one 128-token-prompt request, and writes a cProfile of the
+same steps, so the fix can be aimed.
+
+    DWC_COMMIT=<hash> python3 benchmarks/host_gpu.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from build_8b import make_checkpoint  # noqa: E402
+
+from dwc.runtime.engine import Engine, EngineConfig  # noqa: E402
+from dwc.runtime.fusion import DEFAULT_PLAN  # noqa: E402
+from dwc.runtime.sequence import SamplingParams  # noqa: E402
+
+
+def phase_times(engine: Engine, steps: int) -> dict:
+    """Mean ms per decode step of each phase, and of the replayed graph alone."""
+    seq = engine.add(list(range(10, 138)), SamplingParams(max_tokens=steps + 20,
+                                                          ignore_eos=True))
+    while seq.num_computed < 128:
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    totals = {"schedule": 0.0, "run": 0.0, "sample": 0.0, "advance": 0.0}
+    torch.cuda.synchronize()
+    t_all = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        chunks = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        logits = engine.runner.run(chunks, engine.blocks)
+        t2 = time.perf_counter()
+        tokens = engine._new_tokens(chunks, logits)
+        t3 = time.perf_counter()
+        for c, t in zip(chunks, tokens):
+            engine._advance(c, t)
+        t4 = time.perf_counter()
+        for key, a, b in (("schedule", t0, t1), ("run", t1, t2), ("sample", t2, t3),
+                          ("advance", t3, t4)):
+            totals[key] += b - a
+    torch.cuda.synchronize()
+    out = {k: round(v / steps * 1000, 3) for k, v in totals.items()}
+    out["step"] = round((time.perf_counter() - t_all) / steps * 1000, 3)
+    engine.abort(seq)
+    g = engine.runner.graphs.graphs[1]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        g.replay()
+    torch.cuda.synchronize()
+    out["replay_only"] = round((time.perf_counter() - t0) / 50 * 1000, 3)
+    return out
+
+
+def profiled(engine: Engine, steps: int) -> str:
+    seq = engine.add(list(range(10, 138)), SamplingParams(max_tokens=steps + 20,
+                                                          ignore_eos=True))
+    while seq.num_computed < 128:
+        engine.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    prof.disable()
+    engine.abort(seq)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    return text.getvalue()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.work / "llama3-8b-shape"
+    if not (ckpt / "config.json").exists():
+        make_checkpoint(ckpt)
+    engine = Engine(ckpt, EngineConfig(num_blocks=2048, max_num_seqs=8), fusion=DEFAULT_PLAN)
+    report = {"benchmark": "host_gpu", "device": torch.cuda.get_device_name(0),
+              "date": date.today().isoformat(), "commit": os.environ.get("DWC_COMMIT", "?"),
+              "phases_ms": phase_times(engine, 200)}
+    stats = profiled(engine, 100)
+    (args.out / "host_gpu.json").write_text(json.dumps(report, indent=1))
+    (args.out / "host_gpu_cprofile.txt").write_text(stats)
+    print(stats[:6000])
+    print(json.dumps(report["phases_ms"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
