@@ -73,21 +73,21 @@ def phase_times(engine: Engine, steps: int) -> dict:
     return out
 
 
-def profiled(engine: Engine, steps: int) -> str:
-    seq = engine.add(list(range(10, 138)), SamplingParams(max_tokens=steps + 20,
-                                                          ignore_eos=True))
-    while seq.num_computed < 128:
-        engine.step()
+def profiled(engine: Engine, steps: int) -> tuple[str, float]:
+    """cProfile of `generate` (one 128-token prompt, `steps` new tokens), and its tok/s."""
+    params = SamplingParams(max_tokens=steps, ignore_eos=True)
+    engine.generate([list(range(20, 148))], params)
     prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     prof.enable()
-    for _ in range(steps):
-        engine.step()
+    engine.generate([list(range(10, 138))], params)
     torch.cuda.synchronize()
     prof.disable()
-    engine.abort(seq)
+    rate = steps / (time.perf_counter() - t0)
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-    return text.getvalue()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return text.getvalue(), round(rate, 1)
 
 
 def main() -> int:
@@ -99,15 +99,22 @@ def main() -> int:
     ckpt = args.work / "llama3-8b-shape"
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt)
-    engine = Engine(ckpt, EngineConfig(num_blocks=2048, max_num_seqs=8), fusion=DEFAULT_PLAN)
     report = {"benchmark": "host_gpu", "device": torch.cuda.get_device_name(0),
               "date": date.today().isoformat(), "commit": os.environ.get("DWC_COMMIT", "?"),
-              "phases_ms": phase_times(engine, 200)}
-    stats = profiled(engine, 100)
+              "runs": []}
+    for blocks, seqs in ((2048, 8), (8192, 128)):
+        engine = Engine(ckpt, EngineConfig(num_blocks=blocks, max_num_seqs=seqs,
+                                           max_num_batched_tokens=8192), fusion=DEFAULT_PLAN)
+        run = {"num_blocks": blocks, "max_num_seqs": seqs,
+               "phases_ms": phase_times(engine, 200)}
+        stats, run["generate_tok_s"] = profiled(engine, 256)
+        report["runs"].append(run)
+        (args.out / f"host_gpu_cprofile_{seqs}.txt").write_text(stats)
+        print(stats[:3500])
+        print(json.dumps(run))
+        del engine
+        torch.cuda.empty_cache()
     (args.out / "host_gpu.json").write_text(json.dumps(report, indent=1))
-    (args.out / "host_gpu_cprofile.txt").write_text(stats)
-    print(stats[:6000])
-    print(json.dumps(report["phases_ms"]))
     return 0
 
 

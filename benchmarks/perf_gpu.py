@@ -84,13 +84,27 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(10, 4000, (n, length), generator=g).tolist()
 
 
-def tok_s(engine: Engine, batch: list, n_out: int) -> float:
+def triton_compiles() -> int:
+    """Kernels Triton has compiled so far in this machine's cache (a fresh device starts
+    empty): a timed run that compiles measures the compiler, and is flagged."""
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    return len(list(cache.glob("*/*.cubin"))) if cache.exists() else 0
+
+
+COMPILES_WHILE_TIMING: list[str] = []
+
+
+def tok_s(engine: Engine, batch: list, n_out: int, label: str = "") -> float:
     params = SamplingParams(max_tokens=n_out, ignore_eos=True)
+    before = triton_compiles()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     engine.generate(batch, params)
     torch.cuda.synchronize()
-    return round(len(batch) * n_out / (time.perf_counter() - t0), 1)
+    rate = round(len(batch) * n_out / (time.perf_counter() - t0), 1)
+    if triton_compiles() != before:
+        COMPILES_WHILE_TIMING.append(f"{label}: {triton_compiles() - before}")
+    return rate
 
 
 def ttft_ms(engine: Engine, length: int) -> float:
@@ -121,12 +135,13 @@ def hf_baseline(ckpt: Path, batch: list, n_out: int) -> float:
     return round(len(batch) * n_out / seconds, 1)
 
 
-def profile_step(engine: Engine) -> list[dict]:
-    """Kernel times of eager decode steps at batch 1 (graphs hide the breakdown)."""
+def profile_step(engine: Engine, batch: int = 1) -> list[dict]:
+    """Kernel times of eager decode steps at `batch` (graphs hide the breakdown)."""
     from torch.profiler import ProfilerActivity, profile
 
-    seq = engine.add(prompts(1, 128)[0], SamplingParams(max_tokens=40, ignore_eos=True))
-    while seq.num_computed < 128:
+    seqs = [engine.add(p, SamplingParams(max_tokens=40, ignore_eos=True))
+            for p in prompts(batch, 128, seed=7)]
+    while any(s.num_computed < 128 for s in seqs):
         engine.step()
     graphs, engine.runner.graphs = engine.runner.graphs, None
     for _ in range(3):
@@ -137,7 +152,8 @@ def profile_step(engine: Engine) -> list[dict]:
             engine.step()
         torch.cuda.synchronize()
     engine.runner.graphs = graphs
-    engine.abort(seq)
+    for seq in seqs:
+        engine.abort(seq)
     rows = []
     for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
         rows.append({"name": e.key[:80], "calls_per_step": e.count / 5,
@@ -145,16 +161,17 @@ def profile_step(engine: Engine) -> list[dict]:
     return rows
 
 
-def replay_ms(engine: Engine) -> float | None:
-    """GPU time of one batch-1 decode step: the size-1 graph replayed back to back (the
+def replay_ms(engine: Engine, batch: int = 1) -> float | None:
+    """GPU time of one decode step at `batch`: its graph replayed back to back (the
     inputs of the last step stay in its buffers). Step time minus this is host time."""
     graphs = engine.runner.graphs
     if graphs is None:
         return None
-    seq = engine.add(prompts(1, 128)[0], SamplingParams(max_tokens=8, ignore_eos=True))
-    while seq.status.value != "finished":
+    seqs = [engine.add(p, SamplingParams(max_tokens=8, ignore_eos=True))
+            for p in prompts(batch, 128, seed=5)]
+    while any(s.status.value != "finished" for s in seqs):
         engine.step()
-    g = graphs.graphs[graphs.sizes[0]]
+    g = graphs.graphs[next(s for s in graphs.sizes if s >= batch)]
     g.replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -165,18 +182,21 @@ def replay_ms(engine: Engine) -> float | None:
 
 
 def measure_engine(engine: Engine, name: str, limit: float, results: dict) -> None:
-    engine.generate(prompts(2, 32), SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    # Warm-up prompts use other seeds than the timed ones: a shared prefix would be a
+    # prefix-cache hit and time a shorter prefill.
+    engine.generate(prompts(2, 32, seed=98), SamplingParams(max_tokens=8, ignore_eos=True))
     for batch in (1, 8, 32, 128):
         # Steady state: the prefill shapes of this batch compiled and planned once.
         engine.generate(prompts(batch, 128, seed=99), SamplingParams(max_tokens=4,
                                                                      ignore_eos=True))
         results[f"decode_bs{batch}_{name}"] = {
-            "dwc_tok_s": tok_s(engine, prompts(batch, 128), 256),
+            "dwc_tok_s": tok_s(engine, prompts(batch, 128), 256, f"decode_bs{batch}_{name}"),
             "limit_tok_s": round(limit * batch, 1) if batch == 1 else None,
             "input": 128, "output": 256}
-    r = results[f"decode_bs1_{name}"]
-    r["step_ms"] = round(1000 / r["dwc_tok_s"], 3)
-    r["gpu_step_ms"] = replay_ms(engine)  # the rest of step_ms is host time
+    for batch in (1, 128):
+        r = results[f"decode_bs{batch}_{name}"]
+        r["step_ms"] = round(1000 * batch / r["dwc_tok_s"], 3)
+        r["gpu_step_ms"] = replay_ms(engine, batch)  # the rest of step_ms is host time
 
 
 def build(build_file: Path, target: str, out: Path) -> float:
@@ -262,12 +282,14 @@ def main() -> int:
     measure_engine(fp8, "fp8", limits["fp8"], res)
     res["ttft_1k_fp8_ms"] = ttft_ms(fp8, 1024)
     res["ttft_8k_fp8_ms"] = ttft_ms(fp8, 8000)
-    res["throughput_128_128_fp8"] = {"dwc_tok_s": tok_s(fp8, prompts(args.prompts, 128), 128),
+    res["throughput_128_128_fp8"] = {"dwc_tok_s": tok_s(fp8, prompts(args.prompts, 128), 128,
+                                                        "throughput_128_128"),
                                      "prompts": args.prompts}
     res["throughput_1000_1000_fp8"] = {
-        "dwc_tok_s": tok_s(fp8, prompts(args.long_prompts, 1000), 1000),
+        "dwc_tok_s": tok_s(fp8, prompts(args.long_prompts, 1000), 1000, "throughput_1000"),
         "prompts": args.long_prompts}
     report["profile_bs1_fp8_eager"] = profile_step(fp8)
+    report["profile_bs128_fp8_eager"] = profile_step(fp8, 128)
     report["peak_memory_gb_fp8"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     del fp8
     torch.cuda.empty_cache()
@@ -279,7 +301,9 @@ def main() -> int:
                 r["goal_tok_s"] = GOALS[key]
             if r.get("limit_tok_s"):
                 r["fraction_of_limit"] = round(r["dwc_tok_s"] / r["limit_tok_s"], 3)
+    report["triton_compiles_while_timing"] = COMPILES_WHILE_TIMING
     (args.out / "perf_gpu.json").write_text(json.dumps(report, indent=1))
+    print(f"compiles while timing: {COMPILES_WHILE_TIMING}")
     print(f"\n{report['device']}: read bandwidth {report['read_bandwidth_gbs']} GB/s; "
           f"FP8 build {report['build_fp8_seconds']} s; HF eager bs1 {base} tok/s")
     print(f"{'name':<28}{'dwc tok/s':>11}{'limit':>9}{'goal':>8}")
@@ -289,7 +313,9 @@ def main() -> int:
                   f"{r.get('goal_tok_s', '-'):>8}")
         else:
             print(f"{key:<28}{r:>11}")
-    for name in ("profile_bs1_bf16_eager", "profile_bs1_fp8_eager"):
+    for name in ("decode_bs1_bf16", "decode_bs1_fp8", "decode_bs128_fp8"):
+        print(f"{name}: step {res[name]['step_ms']} ms, GPU {res[name]['gpu_step_ms']} ms")
+    for name in ("profile_bs1_bf16_eager", "profile_bs1_fp8_eager", "profile_bs128_fp8_eager"):
         print(name)
         for row in report[name][:6]:
             print(f"  {row['device_us_per_step']:>9} us  x{row['calls_per_step']:<6} {row['name']}")

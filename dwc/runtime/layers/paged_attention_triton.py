@@ -13,7 +13,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The block-table width (stride_ts) changes with the longest context on the eager path;
+# specializing on it would recompile the kernel as contexts grow.
+@triton.jit(do_not_specialize=["stride_ts"])
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale,
                          k_scale, v_scale,
                          stride_qs, stride_qh, stride_ks, stride_kh, stride_ts,
