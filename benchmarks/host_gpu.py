@@ -3,7 +3,7 @@
 The 8B shape's bf16 decode step took 7.6 ms of which the captured graph's replay is
 4.7 ms: the rest is host time between replays. This script times each phase of
 `Engine.step` (schedule, runner inputs + replay launch, sampling with its device sync,
-advance) over 200 steps of one 128-token-prompt request, and writes a cProfile of the
+advance) over 100 steps at batch 1 and 128 (128-token prompts), and writes a cProfile of the
 same steps, so the fix can be aimed.
 
     DWC_COMMIT=<hash> python3 benchmarks/host_gpu.py --out $OUT
@@ -34,11 +34,15 @@ from dwc.runtime.fusion import DEFAULT_PLAN  # noqa: E402
 from dwc.runtime.sequence import SamplingParams  # noqa: E402
 
 
-def phase_times(engine: Engine, steps: int) -> dict:
+def prompt(i: int) -> list[int]:
+    return [10 + (i * 131 + j) % 4000 for j in range(128)]
+
+
+def phase_times(engine: Engine, steps: int, batch: int) -> dict:
     """Mean ms per decode step of each phase, and of the replayed graph alone."""
-    seq = engine.add(list(range(10, 138)), SamplingParams(max_tokens=steps + 20,
-                                                          ignore_eos=True))
-    while seq.num_computed < 128:
+    seqs = [engine.add(prompt(i), SamplingParams(max_tokens=steps + 20, ignore_eos=True))
+            for i in range(batch)]
+    while any(s.num_computed < 128 for s in seqs):
         engine.step()
     for _ in range(5):
         engine.step()
@@ -62,8 +66,10 @@ def phase_times(engine: Engine, steps: int) -> dict:
     torch.cuda.synchronize()
     out = {k: round(v / steps * 1000, 3) for k, v in totals.items()}
     out["step"] = round((time.perf_counter() - t_all) / steps * 1000, 3)
-    engine.abort(seq)
-    g = engine.runner.graphs.graphs[1]
+    for seq in seqs:
+        engine.abort(seq)
+    graphs = engine.runner.graphs
+    g = graphs.graphs[next(s for s in graphs.sizes if s >= batch)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(50):
@@ -73,18 +79,18 @@ def phase_times(engine: Engine, steps: int) -> dict:
     return out
 
 
-def profiled(engine: Engine, steps: int) -> tuple[str, float]:
-    """cProfile of `generate` (one 128-token prompt, `steps` new tokens), and its tok/s."""
+def profiled(engine: Engine, steps: int, batch: int) -> tuple[str, float]:
+    """cProfile of `generate` (`batch` 128-token prompts, `steps` new tokens), tok/s."""
     params = SamplingParams(max_tokens=steps, ignore_eos=True)
-    engine.generate([list(range(20, 148))], params)
+    engine.generate([prompt(1000 + i) for i in range(batch)], params)
     prof = cProfile.Profile()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     prof.enable()
-    engine.generate([list(range(10, 138))], params)
+    engine.generate([prompt(2000 + i) for i in range(batch)], params)
     torch.cuda.synchronize()
     prof.disable()
-    rate = steps / (time.perf_counter() - t0)
+    rate = batch * steps / (time.perf_counter() - t0)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
     return text.getvalue(), round(rate, 1)
@@ -94,6 +100,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 128])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.work / "llama3-8b-shape"
@@ -102,18 +109,15 @@ def main() -> int:
     report = {"benchmark": "host_gpu", "device": torch.cuda.get_device_name(0),
               "date": date.today().isoformat(), "commit": os.environ.get("DWC_COMMIT", "?"),
               "runs": []}
-    for blocks, seqs in ((2048, 8), (8192, 128)):
-        engine = Engine(ckpt, EngineConfig(num_blocks=blocks, max_num_seqs=seqs,
-                                           max_num_batched_tokens=8192), fusion=DEFAULT_PLAN)
-        run = {"num_blocks": blocks, "max_num_seqs": seqs,
-               "phases_ms": phase_times(engine, 200)}
-        stats, run["generate_tok_s"] = profiled(engine, 256)
+    engine = Engine(ckpt, EngineConfig(num_blocks=8192, max_num_seqs=256,
+                                       max_num_batched_tokens=8192), fusion=DEFAULT_PLAN)
+    for batch in args.batch:
+        run = {"batch": batch, "phases_ms": phase_times(engine, 100, batch)}
+        stats, run["generate_tok_s"] = profiled(engine, 64, batch)
         report["runs"].append(run)
-        (args.out / f"host_gpu_cprofile_{seqs}.txt").write_text(stats)
+        (args.out / f"host_gpu_cprofile_{batch}.txt").write_text(stats)
         print(stats[:3500])
         print(json.dumps(run))
-        del engine
-        torch.cuda.empty_cache()
     (args.out / "host_gpu.json").write_text(json.dumps(report, indent=1))
     return 0
 

@@ -40,8 +40,12 @@ def engine(bundle, **kw) -> Engine:
     return Engine.from_bundle(bundle, EngineConfig(device="cpu", **kw))
 
 
-def test_greedy_is_token_identical_to_transformers(bundle, hf_reference):
-    eng = engine(bundle, num_blocks=64, max_num_batched_tokens=64)  # forces chunked prefill
+@pytest.mark.parametrize("budget", [64, 2048])
+def test_greedy_is_token_identical_to_transformers(bundle, hf_reference, budget):
+    """64: chunked prefill (later chunks attend per sequence); 2048: every prompt whole in
+    the first step, attended together right-padded (prompts of 11 to 39 tokens: two
+    length groups)."""
+    eng = engine(bundle, num_blocks=64, max_num_batched_tokens=budget)
     outs = eng.generate(PROMPTS, SamplingParams(max_tokens=40, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
         assert out.output_ids == hf_greedy(hf_reference, prompt, 40), prompt

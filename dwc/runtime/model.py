@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dwc.runtime.layers.attention import paged_attention, write_kv
+from dwc.runtime.layers.attention import paged_attention, prompt_attention, write_kv
 from dwc.runtime.layers.norm import add_rms_norm, rms_norm, silu_mul
 from dwc.runtime.layers.rotary import Rotary, apply_rotary
 
@@ -33,6 +33,17 @@ class Batch:
     chunks: list                   # per chunk: (offset in tokens, length, start, seq_slots)
     sample_rows: torch.Tensor      # [rows whose logits are returned] token rows
     decode: "DecodeGroup | None" = None  # one-token chunks served by the GPU kernel
+    prompts: list = None           # PromptGroups: whole prompts attended in one call each
+
+
+@dataclass
+class PromptGroup:
+    """Whole-prompt chunks of similar length, right-padded into one [B, L] batch."""
+
+    gather: torch.Tensor           # [B, L] token rows (padding repeats a real row)
+    slots: torch.Tensor            # [B, L] their cache slots
+    valid: torch.Tensor            # [B, L] bool
+    rows: torch.Tensor             # [valid tokens] token rows, row-major order of valid
 
 
 @dataclass
@@ -194,6 +205,9 @@ class Decoder:
             else:
                 out[dg.rows] = paged_decode(q[dg.rows], layer_cache, dg.block_tables,
                                             dg.context_lens, dg.page, self.scale, scales)
+        for pg in batch.prompts or ():
+            out[pg.rows] = prompt_attention(q[pg.gather], layer_cache, pg.slots, pg.valid,
+                                            self.scale, scales)
         for offset, length, start, seq_slots in batch.chunks:
             out[offset:offset + length] = paged_attention(
                 q[offset:offset + length], layer_cache, seq_slots, start, self.scale, scales)

@@ -8,7 +8,7 @@ import torch
 
 from dwc.constants import KERNEL_MAX_CHUNK
 from dwc.runtime.block_manager import BlockManager
-from dwc.runtime.model import Batch, DecodeGroup, Decoder
+from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
 from dwc.runtime.scheduler import Chunk
 
 
@@ -102,10 +102,12 @@ class ModelRunner:
     def _batch(self, chunks: list[Chunk], blocks: BlockManager) -> Batch:
         """Flatten the chunks. On the GPU, short chunks (decode and verification steps)
         go to the Triton kernel as one group, one row per token, each row seeing the
-        positions up to its own (that is the causal mask); longer chunks keep the
-        per-sequence PyTorch path."""
+        positions up to its own (that is the causal mask). Whole prompts (chunks from
+        position 0) are attended together, padded into batches of similar length; the
+        other chunks (later pieces of a prompt) keep the per-sequence PyTorch path."""
         ids, positions, slots, parts, rows = [], [], [], [], []
         kernel_rows, tables, lens = [], [], []  # the kernel's token rows, their tables and lengths
+        prompts = []  # (offset, length) of whole-prompt chunks
         offset = 0
         for c in chunks:
             ids.extend(c.token_ids())
@@ -113,6 +115,9 @@ class ModelRunner:
             if self.device == "cuda" and c.length <= KERNEL_MAX_CHUNK:
                 kernel_rows.extend(range(offset, offset + c.length))
                 _kernel_chunk(c, blocks, slots, tables, lens)
+            elif c.start == 0:
+                slots.extend(blocks.slot(c.seq, p) for p in range(c.length))
+                prompts.append((offset, c.length))
             else:
                 seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
                 slots.extend(seq_slots[c.start:])
@@ -122,7 +127,21 @@ class ModelRunner:
             rows.extend(range(offset - c.logits, offset))
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts,
-                     as_tensor(rows), self._decode_group(kernel_rows, tables, lens))
+                     as_tensor(rows), self._decode_group(kernel_rows, tables, lens),
+                     [self._prompt_group(g, slots) for g in _similar_lengths(prompts)])
+
+    def _prompt_group(self, group: list[tuple[int, int]], slots: list[int]) -> PromptGroup:
+        """Right-pad whole-prompt chunks [(offset, length)] to the longest; padding
+        repeats each chunk's first token row (and slot)."""
+        width = max(length for _, length in group)
+        gather = [[off + i if i < length else off for i in range(width)]
+                  for off, length in group]
+        valid = [[i < length for i in range(width)] for _, length in group]
+        rows = [off + i for off, length in group for i in range(length)]
+        dev = self.device
+        return PromptGroup(torch.tensor(gather, device=dev),
+                           torch.tensor([[slots[r] for r in g] for g in gather], device=dev),
+                           torch.tensor(valid, device=dev), torch.tensor(rows, device=dev))
 
     def _decode_group(self, rows: list, tables: list, lens: list) -> DecodeGroup | None:
         if not rows:
@@ -134,6 +153,18 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
             page=self.block_size)
+
+
+def _similar_lengths(prompts: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Groups of (offset, length) whose lengths are within 2x of their group's longest,
+    so padding at most doubles a group's attention work."""
+    groups: list[list[tuple[int, int]]] = []
+    for p in sorted(prompts, key=lambda p: -p[1]):
+        if groups and 2 * p[1] >= groups[-1][0][1]:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
 
 
 def _kernel_chunk(c: Chunk, blocks: BlockManager, slots: list, tables: list, lens: list) -> None:

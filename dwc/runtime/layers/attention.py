@@ -51,3 +51,22 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, seq_slots: torch.Tenso
             (start + torch.arange(n, device=q.device))[:, None]          # [n, T]
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)                                        # [n, heads, d]
+
+
+def prompt_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                     valid: torch.Tensor, scale: float,
+                     kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Whole prompts (chunks from position 0) of several sequences in one call.
+
+    q: [B, L, heads, d], each sequence's queries right-padded to L; slots: [B, L] their
+    cache slots (padding repeats a real one); valid: [B, L] bool, False on padding.
+    Causal attention never lets a real query see a padded key (padding comes after every
+    real position), so padding only costs compute. Returns [valid tokens, heads, d] in
+    row-major order of `valid`.
+    """
+    k = cache[0, slots].to(q.dtype) * kv_scales[0]                   # [B, L, kv_heads, d]
+    v = cache[1, slots].to(q.dtype) * kv_scales[1]
+    q4, k4, v4 = (x.transpose(1, 2) for x in (q, k, v))              # [B, heads, L, d]
+    out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
+                                         enable_gqa=True)
+    return out.transpose(1, 2)[valid]
