@@ -224,6 +224,18 @@ def test_skinny_gemm_matches_the_reference(m, n, k, fp8):
         torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
 
 
+def test_quantize_fp8_kernel_matches_the_torch_expression():
+    from dwc.runtime.layers.fused_triton import quantize_fp8
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) * 40
+    scale = torch.tensor([[0.07]], device="cuda")
+    want = (x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    got = quantize_fp8(x, scale)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == x.shape
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_skinny_gemm_is_deterministic():
     """The last program of a tile sums the K slices in a fixed order: same bits each run."""
     from dwc.runtime.layers.skinny_gemm_triton import skinny_linear

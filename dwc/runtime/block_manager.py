@@ -81,24 +81,30 @@ class BlockManager:
             seq.block_table.append(block_id)
             parent = block.key_id
         seq.num_computed = seq.num_cached = len(seq.block_table) * self.block_size
+        seq.num_sealed = len(seq.block_table)
         self.hits += min(seq.num_cached, len(seq.prompt_ids))
 
     def seal_full_blocks(self, seq: Sequence, computed: int | None = None) -> None:
         """Register the key of every block whose `computed` first tokens (default: the
-        sequence's num_computed) are all in the cache."""
+        sequence's num_computed) are all in the cache. Blocks before seq.num_sealed
+        already have theirs (a block in use keeps its key), so a decode step that fills
+        no block costs nothing here."""
         computed = seq.num_computed if computed is None else computed
+        full = min(computed // self.block_size, len(seq.block_table))
+        if full <= seq.num_sealed:
+            return
         tokens = seq.tokens
-        parent = None
-        for i, block_id in enumerate(seq.block_table):
+        start = seq.num_sealed
+        parent = self.blocks[seq.block_table[start - 1]].key_id if start else None
+        for i in range(start, full):
             end = (i + 1) * self.block_size
-            if end > computed:
-                break
-            block = self.blocks[block_id]
+            block = self.blocks[seq.block_table[i]]
             if block.key is None:
                 block.key = (parent, tuple(tokens[end - self.block_size:end]))
                 block.key_id = next(self._key_ids)
-                self.by_key.setdefault(block.key, block_id)
+                self.by_key.setdefault(block.key, seq.block_table[i])
             parent = block.key_id
+        seq.num_sealed = full
 
     def trim(self, seq: Sequence, total_tokens: int) -> None:
         """Free the blocks past those `total_tokens` tokens need: after a verification
@@ -112,6 +118,7 @@ class BlockManager:
             self.free[block_id] = None
             self.free.move_to_end(block_id, last=False)  # empty: the first to reuse
         del seq.block_table[keep:]
+        seq.num_sealed = min(seq.num_sealed, keep)
 
     def release(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody uses go to the free list, hashes kept."""
@@ -122,6 +129,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
+        seq.num_sealed = 0
 
     def slot(self, seq: Sequence, position: int) -> int:
         """Flat cache slot (block * block_size + offset) of a token position of `seq`."""

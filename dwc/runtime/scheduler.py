@@ -34,7 +34,12 @@ class Chunk:
     draft_probs: list = field(default_factory=list)        # the draft's q for each
 
     def token_ids(self) -> list[int]:
-        return (self.seq.tokens + self.draft)[self.start:self.start + self.length]
+        """(prompt + output + draft)[start:start + length], without building the whole
+        list (a decode step needs one token of a long context)."""
+        seq, start, end = self.seq, self.start, self.start + self.length
+        p, n = len(seq.prompt_ids), seq.num_tokens
+        return (seq.prompt_ids[start:end] + seq.output_ids[max(start - p, 0):max(end - p, 0)]
+                + self.draft[max(start - n, 0):max(end - n, 0)])
 
     @property
     def end(self) -> int:

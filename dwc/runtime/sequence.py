@@ -38,6 +38,7 @@ class Sequence:
     num_computed: int = 0             # tokens whose K/V are in the cache
     num_cached: int = 0               # of those, how many came from the prefix cache
     draft_computed: int = 0           # tokens whose K/V are in the draft model's cache
+    num_sealed: int = 0               # leading blocks of block_table with a prefix key
     finish_reason: str | None = None
     generator: object = None          # torch.Generator when a seed is given
 
@@ -56,6 +57,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone; generated tokens stay and are recomputed."""
         self.block_table = []
+        self.num_sealed = 0
         self.num_computed = 0
         self.num_cached = 0
         self.draft_computed = 0

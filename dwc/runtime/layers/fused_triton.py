@@ -132,3 +132,22 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
         q_out.stride(0), q_out.stride(1), float(scales[0]), float(scales[1]),
         H=heads, HALF=d // 2, FP8=cache.dtype == torch.float8_e4m3fn)
     return q_out
+
+
+@triton.jit
+def _quantize_fp8_kernel(x_ptr, scale_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    y = tl.clamp(tl.div_rn(x, tl.load(scale_ptr)), -448.0, 448.0)  # IEEE, as torch divides
+    tl.store(y_ptr + i, y.to(tl.float8e4nv), mask=i < n)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 of x / scale, saturated (scale: a one-element float32 tensor), in one
+    kernel: the PyTorch expression takes four (widen, divide, clamp, narrow), 1.6 ms of
+    a 6.8 ms batch-128 step of the 8B shape (measured on the H200)."""
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    n = x.numel()
+    _quantize_fp8_kernel[(triton.cdiv(n, 1024),)](x, scale, y, n, BLOCK=1024)
+    return y

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0
-
-
 class Fp8Linear(torch.nn.Module):
     """W8A8 through `_scaled_mm`; at up to 16 tokens (decode), weight-only in Triton
     (skinny_gemm_triton.py), where quantizing the activations costs more than it saves:
@@ -32,15 +29,22 @@ class Fp8Linear(torch.nn.Module):
         self.scale_b = weight_scale.float().reshape(1, -1)          # [1, out]
         self.input_scale = input_scale.float().reshape(1, 1)        # [1, 1]
         self.bias = bias
+        self._row_scales: dict[int, torch.Tensor] = {}  # tokens -> [t, 1] input scale
 
     def forward(self, x):                                            # x: [t, in] bf16
+        from dwc.runtime.layers.fused_triton import quantize_fp8
         from dwc.runtime.layers.skinny_gemm_triton import MAX_TOKENS, skinny_linear
 
         if x.shape[0] <= MAX_TOKENS and x.dtype == torch.bfloat16:
             y = skinny_linear(x, self.weight_t.t(), self.scale_b.view(-1))
             return y if self.bias is None else y + self.bias
-        xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        scale_a = self.input_scale.expand(x.shape[0], 1).contiguous()   # row-wise: [t, 1]
+        xq = quantize_fp8(x, self.input_scale)
+        t = x.shape[0]
+        scale_a = self._row_scales.get(t)                            # row-wise: [t, 1]
+        if scale_a is None:
+            scale_a = self.input_scale.expand(t, 1).contiguous()
+            if t <= 256:  # decode-step sizes: made once (captured graphs reuse it)
+                self._row_scales[t] = scale_a
         y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_a,
                              scale_b=self.scale_b, out_dtype=x.dtype)
         return y if self.bias is None else y + self.bias
