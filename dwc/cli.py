@@ -198,12 +198,17 @@ def serve(bundle, host, port, max_waiting, no_draft, as_json):
 @command
 def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_baseline,
           no_draft, out, as_json):
-    """Measure a torch-triton bundle: offline throughput and online latency, against its SLO."""
+    """Measure a bundle. torch-triton: offline throughput and online latency, against its
+    SLO. GGUF: llama.cpp's prompt and generation tok/s against transformers on this CPU."""
     from dwc.bench import BenchConfig, against_slo, offline, online
-    from dwc.bundle.reader import read_manifest
+    from dwc.bundle.reader import open_bundle, read_manifest
     from dwc.reports import json_bytes, line_chart
     from dwc.runtime.engine import Engine
 
+    manifest = open_bundle(bundle)
+    if manifest["target"]["backend"] == "gguf":
+        return _bench_gguf(bundle, manifest, BenchConfig(num_prompts, input_len, output_len,
+                                                         baseline=not no_baseline), out, as_json)
     engine = Engine.from_bundle(bundle, speculative=not no_draft)
     cfg = BenchConfig(num_prompts, input_len, output_len, baseline=not no_baseline,
                       online_requests=requests)
@@ -243,6 +248,29 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
     for name, check in (result["slo"] or {}).items():
         click.echo(f"slo      {name} {check['target']}: p99 {check['measured_p99']} ms "
                    f"{'met' if check['met'] else 'NOT met'}")
+
+
+def _bench_gguf(bundle: Path, manifest: dict, cfg, out: Path | None, as_json: bool) -> None:
+    from dwc.bench_gguf import bench_gguf
+    from dwc.reports import json_bytes
+
+    result = {"bundle": str(bundle), "device": "cpu", **bench_gguf(bundle, manifest, cfg)}
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_bytes(json_bytes(result))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"llama.cpp     {cfg.num_prompts} x {cfg.input_len} in / {cfg.output_len} out, "
+               f"batch 1: prompt {result['prompt_tok_s']} tok/s, generation "
+               f"{result['generation_tok_s']} tok/s")
+    base = result.get("transformers") or {}
+    if "prompt_tok_s" in base:
+        click.echo(f"transformers  prompt {base['prompt_tok_s']} tok/s, generation "
+                   f"{base['generation_tok_s']} tok/s (x{result['speedup_prompt']} / "
+                   f"x{result['speedup_generation']})")
+    elif base:
+        click.echo(f"transformers  {base['skipped']}")
 
 
 @main.command()

@@ -15,10 +15,21 @@ def measure(ctx, model, batch_size: int, description: str = "evaluating",
             kv_plan: dict | None = None) -> QualityTotals:
     """The reference (through transformers) vs `model` through dwc's runtime (its decoder,
     paged attention, GPU kernels, the fusion plan when there is one and, with a KV plan,
-    its KV cache dtype), on the build file's evaluation windows."""
+    its KV cache dtype), on the build file's evaluation windows. For a GGUF target the
+    optimized side is the GGUF file itself, run by llama.cpp."""
     e = ctx.build.evaluation
     windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
     quantized = ctx.artifacts.get("quantized")
+    if ctx.target.backend == "gguf":  # the bundle's own file, run by llama.cpp
+        from dwc.backends.gguf import llama_logits
+
+        optimized = llama_logits(quantized.path, e.seq_len)
+        try:
+            with ctx.reporter.progress(description, len(windows)) as advance:
+                return compare(hf_logits(ctx.artifacts["reference"]), optimized, windows,
+                               batch_size, advance)
+        finally:
+            optimized.close()
     fp8_kv = kv_plan is not None and kv_plan["dtype"] == "fp8_e4m3"
     optimized = runtime_logits(model, ctx.compute_device,
                                weights_dir=quantized.folder if quantized is not None else None,

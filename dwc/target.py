@@ -34,8 +34,9 @@ class Hardware:
 
 @dataclass
 class Weights:
-    scheme: Literal["none", "fp8-w8a8", "int8-w8a8", "int4-w4a16"] = option(
-        help="quantization scheme of the linear layers")
+    scheme: Literal["none", "fp8-w8a8", "int8-w8a8", "int4-w4a16", "gguf-f16", "gguf-q8_0",
+                    "gguf-q4_k_m"] = option(
+        help="quantization scheme of the linear layers (gguf-*: llama.cpp's types)")
     dtype: Literal["bfloat16", "float16", "float32"] = option(
         help="dtype of the weights that are not quantized (and of activations)")
     method: Optional[Literal["rtn", "gptq", "awq"]] = option(
@@ -48,7 +49,7 @@ class Weights:
 class Target:
     name: str = option(help="target name, as given to --target")
     description: str = option(help="one line for `dwc targets`")
-    backend: Literal["torch-triton"] = option(help="serving backend of the bundle")
+    backend: Literal["torch-triton", "gguf"] = option(help="serving backend of the bundle")
     device: Literal["cpu", "cuda"] = option(help="where the runtime runs")
     hardware: Hardware = option(help="the machine's figures")
     weights: Weights = option(help="weight format")
@@ -63,6 +64,13 @@ class Target:
         if info.head_dim % 2:
             raise TargetError(f"target {self.name}: head size {info.head_dim} is odd; "
                               "rotary embeddings need an even head size")
+        if self.backend == "gguf":
+            from dwc.formats.gguf_file import check_representable
+
+            # llama.cpp's quantizer handles rows that K-quants cannot split (it falls
+            # back to another type for that tensor): no size rule here.
+            check_representable(info.path, info.config)
+            return
         # Every quantized Linear's input size must split into whole groups (INT4) or fit
         # the 16-element alignment of FP8 / INT8 matrix kernels.
         multiple = self.weights.group_size or (16 if self.weights.scheme != "none" else 1)

@@ -5,8 +5,10 @@ from dwc.passes.distill_draft import DistillDraft
 from dwc.passes.emit import Emit
 from dwc.passes.evaluate import Evaluate
 from dwc.passes.fuse import Fuse
+from dwc.passes.gguf_export import GgufExport
 from dwc.passes.kv_layout import KvLayout
 from dwc.passes.load import Load
 from dwc.passes.quantize import Quantize
 
-REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, Fuse, DistillDraft, KvLayout, Evaluate, Emit)}
+REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, GgufExport, Fuse, DistillDraft, KvLayout,
+                                 Evaluate, Emit)}

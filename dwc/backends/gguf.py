@@ -1,0 +1,156 @@
+"""The gguf backend: llama.cpp's quantizer (through llama-cpp-python), the imatrix made
+from dwc's calibration statistics, llama.cpp as the model for evaluation and bench, and
+the bundle's model/ (one .gguf) and serve/ (llama-server command line, Ollama Modelfile).
+
+llama.cpp's importance matrix is, for every matmul weight, the mean squared activation of
+each input column over calibration text: exactly what the `calibrate` pass records
+(`ActivationStats.mean_sq`, per Linear input). llama-cpp-python exposes
+`llama_model_quantize` with `params.imatrix`, a NULL-terminated array of {tensor name,
+float*, size}; that is what `llama-quantize --imatrix` hands the same function after
+reading the file, so the result is what llama.cpp itself would produce (checked byte for
+byte against the CLI while this was built).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from dwc.bundle.writer import BundleWriter
+from dwc.errors import DwcError
+from dwc.formats import manifest as mf
+
+# llama.cpp's file types (enum llama_ftype) for the targets' weight formats.
+FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
+GGUF_FILE = "model.gguf"
+SERVE_DIR = "serve"
+# Hugging Face Linear names -> llama.cpp tensor kinds (gguf.MODEL_TENSOR attribute names).
+LINEAR_KINDS = {"self_attn.q_proj": "ATTN_Q", "self_attn.k_proj": "ATTN_K",
+                "self_attn.v_proj": "ATTN_V", "self_attn.o_proj": "ATTN_OUT",
+                "mlp.gate_proj": "FFN_GATE", "mlp.up_proj": "FFN_UP",
+                "mlp.down_proj": "FFN_DOWN"}
+
+_quiet = []
+
+
+def quiet() -> None:
+    """Silence llama.cpp's own logging (it writes to stderr; dwc's output stays dwc's)."""
+    import llama_cpp
+
+    if not _quiet:
+        callback = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        _quiet.append(callback)  # keep the callback alive
+
+
+def imatrix_entries(mean_sq: dict) -> dict[str, np.ndarray]:
+    """Calibration mean squares keyed by Linear name -> llama.cpp tensor name. Q/K row
+    permutation does not touch columns, so the statistics apply unchanged."""
+    import gguf
+
+    from dwc.formats.gguf_file import tensor_name
+
+    out = {}
+    for name, values in mean_sq.items():
+        parts = name.split(".")
+        if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers":
+            continue
+        kind = LINEAR_KINDS.get(".".join(parts[3:5]))
+        if kind is None:
+            continue
+        array = np.ascontiguousarray(np.asarray(values, dtype=np.float32))
+        out[tensor_name(getattr(gguf.MODEL_TENSOR, kind), int(parts[2]))] = array
+    return out
+
+
+def quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | None,
+             threads: int = 0) -> None:
+    """llama.cpp's quantizer: F16 `src` -> `dst` of `ftype`, with the imatrix when given."""
+    import os
+
+    from llama_cpp import llama_cpp as L
+
+    quiet()
+    params = L.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads or os.cpu_count() or 1
+    keep = []
+    if imatrix:
+        entries = (L.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            keep.append(name.encode())
+            entries[i].name = keep[-1]
+            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = values.size
+        entries[len(imatrix)].name = None  # the terminator
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(L.llama_model_imatrix_data))
+    rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise DwcError(f"{src}: llama.cpp's quantizer failed ({ftype}, code {rc})")
+
+
+def open_model(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None):
+    from llama_cpp import Llama
+
+    quiet()
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                 logits_all=logits_all, verbose=False, n_threads=threads)
+
+
+def llama_logits(path: Path, seq_len: int):
+    """An ids [b, s] -> logits [b, s, vocab] function running the GGUF file in llama.cpp
+    (each window evaluated from an empty cache, as the reference sees it)."""
+    import torch
+
+    state = {}
+
+    def fn(ids):
+        if "model" not in state:
+            state["model"] = open_model(path, seq_len, logits_all=True)
+        model = state["model"]
+        out = []
+        for row in ids.tolist():
+            model.reset()
+            model.eval(row)
+            out.append(torch.from_numpy(np.array(model.scores[:len(row)], dtype=np.float32)))
+        return torch.stack(out)
+
+    def close():
+        if "model" in state:
+            state.pop("model").close()
+
+    fn.close = close
+    return fn
+
+
+def emit(writer: BundleWriter, model, source_dir: Path, quantized=None) -> None:
+    """model/model.gguf and serve/: the llama-server command and an Ollama Modelfile."""
+    writer.copy_file(f"{mf.MODEL_DIR}/{GGUF_FILE}", quantized.path)
+    ctx = min(int(model.config.max_position_embeddings), 8192)
+    writer.write_bytes(f"{SERVE_DIR}/llama-server.sh", llama_server_script(ctx).encode())
+    writer.write_bytes(f"{SERVE_DIR}/Modelfile", modelfile(source_dir).encode())
+
+
+def llama_server_script(ctx: int) -> str:
+    return f"""#!/bin/sh
+# Serve this bundle with llama.cpp's OpenAI-compatible server (llama-server), from any
+# folder: sh serve/llama-server.sh [more llama-server flags]
+# Speculative decoding: GGUF bundles carry no draft model (distill-draft is not in the
+# GGUF targets); with a GGUF draft of the same tokenizer add
+#   -md <draft.gguf> --spec-draft-n-max 8   (llama.cpp builds before the rename: --draft-max 8)
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+exec llama-server -m "$HERE/{mf.MODEL_DIR}/{GGUF_FILE}" -c {ctx} --host 127.0.0.1 --port 8080 "$@"
+"""
+
+
+def modelfile(source_dir: Path) -> str:
+    """Ollama: FROM the GGUF (its embedded chat template is read by Ollama), greedy by
+    default, stopping at the end-of-sequence token."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(source_dir, local_files_only=True).eos_token
+    stop = f'PARAMETER stop "{eos}"\n' if eos else ""
+    return (f"# Ollama: ollama create <name> -f serve/Modelfile (from the bundle's folder)\n"
+            f"FROM ../{mf.MODEL_DIR}/{GGUF_FILE}\nPARAMETER temperature 0\n{stop}")

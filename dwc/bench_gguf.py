@@ -1,0 +1,94 @@
+"""`dwc bench` on a GGUF bundle: llama.cpp's prompt-processing and generation speed on
+this machine's CPU, against transformers on the same CPU with the original model.
+
+Each of `num_prompts` random-token prompts of `input_len` tokens is evaluated from an
+empty cache (prompt processing: one batched evaluation) and then decoded greedily for
+`output_len` tokens one at a time (generation), batch 1, as llama.cpp's own
+`llama-bench` reports pp and tg. The baseline does the same with transformers
+(a forward over the prompt, timed; then `generate` with its KV cache, less that prefill
+time), same prompts, same run.
+Wall-clock times, summed over the prompts.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dwc.bench import BenchConfig
+
+
+def bench_gguf(bundle: Path, manifest: dict, cfg: BenchConfig, threads: int | None = None) -> dict:
+    from dwc.backends.gguf import GGUF_FILE, open_model
+    from dwc.formats import manifest as mf
+
+    llm = open_model(Path(bundle) / mf.MODEL_DIR / GGUF_FILE, cfg.input_len + cfg.output_len + 8,
+                     threads=threads)
+    try:
+        rng = random.Random(cfg.seed)
+        vocab = llm.n_vocab()
+        batch = [[rng.randrange(vocab) for _ in range(cfg.input_len)]
+                 for _ in range(cfg.num_prompts)]
+        _llama_one(llm, batch[0][:8], 2)  # warm-up
+        prompt_s = gen_s = 0.0
+        for ids in batch:
+            p, g = _llama_one(llm, ids, cfg.output_len)
+            prompt_s, gen_s = prompt_s + p, gen_s + g
+    finally:
+        llm.close()
+    result = {"backend": "llama.cpp", "prompts": cfg.num_prompts, "input_len": cfg.input_len,
+              "output_len": cfg.output_len,
+              "prompt_tok_s": round(cfg.num_prompts * cfg.input_len / prompt_s, 1),
+              "generation_tok_s": round(cfg.num_prompts * (cfg.output_len - 1) / gen_s, 1)}
+    source = Path(manifest["source"]["model"]["path"])
+    if cfg.baseline and (source / "config.json").is_file():
+        result["transformers"] = _transformers(source, batch, cfg.output_len, threads)
+        t = result["transformers"]
+        result["speedup_prompt"] = round(result["prompt_tok_s"] / t["prompt_tok_s"], 2)
+        result["speedup_generation"] = round(result["generation_tok_s"] / t["generation_tok_s"],
+                                             2)
+    elif cfg.baseline:
+        result["transformers"] = {"skipped": f"original model not found at {source}"}
+    return result
+
+
+def _llama_one(llm, ids: list[int], n_out: int) -> tuple[float, float]:
+    """Seconds of the prompt evaluation and of n_out - 1 greedy decode steps."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t1 = time.perf_counter()
+    for _ in range(n_out - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _transformers(source: Path, batch: list[list[int]], n_out: int, threads: int | None) -> dict:
+    """The original checkpoint in transformers on the CPU (float32: CPU bf16 matmuls are
+    slower), the same prompts and lengths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                 local_files_only=True).eval()
+    prompt_s = gen_s = 0.0
+    with torch.inference_mode():
+        for ids in batch:
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            model(x)
+            t1 = time.perf_counter()
+            model.generate(x, max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False,
+                           pad_token_id=0, attention_mask=torch.ones_like(x))
+            t2 = time.perf_counter()
+            prompt_s += t1 - t0
+            gen_s += (t2 - t1) - (t1 - t0)  # generate's own prefill, timed just before
+    return {"prompt_tok_s": round(len(batch) * len(batch[0]) / prompt_s, 1),
+            "generation_tok_s": round(len(batch) * (n_out - 1) / gen_s, 1)}
