@@ -16,7 +16,8 @@ def measure(ctx, model, batch_size: int, description: str = "evaluating",
     """The reference (through transformers) vs `model` through dwc's runtime (its decoder,
     paged attention, GPU kernels, the fusion plan when there is one and, with a KV plan,
     its KV cache dtype), on the build file's evaluation windows. For a GGUF target the
-    optimized side is the GGUF file itself, run by llama.cpp."""
+    optimized side is the GGUF file itself, run by llama.cpp; for a TensorRT-LLM target,
+    the exported checkpoint read back by dwc (formats/modelopt_hf.py) in transformers."""
     e = ctx.build.evaluation
     windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
     quantized = ctx.artifacts.get("quantized")
@@ -30,6 +31,12 @@ def measure(ctx, model, batch_size: int, description: str = "evaluating",
                                batch_size, advance)
         finally:
             optimized.close()
+    if ctx.target.backend == "tensorrt-llm":
+        # TensorRT-LLM cannot run here: the exported checkpoint through dwc's reader of
+        # it (dequantized weights, FP8 input and KV rounding as hooks) in transformers.
+        with ctx.reporter.progress(description, len(windows)) as advance:
+            return compare(hf_logits(ctx.artifacts["reference"]), hf_logits(model), windows,
+                           batch_size, advance)
     fp8_kv = kv_plan is not None and kv_plan["dtype"] == "fp8_e4m3"
     optimized = runtime_logits(model, ctx.compute_device,
                                weights_dir=quantized.folder if quantized is not None else None,

@@ -49,7 +49,8 @@ class Weights:
 class Target:
     name: str = option(help="target name, as given to --target")
     description: str = option(help="one line for `dwc targets`")
-    backend: Literal["torch-triton", "gguf"] = option(help="serving backend of the bundle")
+    backend: Literal["torch-triton", "gguf", "tensorrt-llm"] = option(
+        help="serving backend of the bundle")
     device: Literal["cpu", "cuda"] = option(help="where the runtime runs")
     hardware: Hardware = option(help="the machine's figures")
     weights: Weights = option(help="weight format")

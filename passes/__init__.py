@@ -8,7 +8,8 @@ from dwc.passes.fuse import Fuse
 from dwc.passes.gguf_export import GgufExport
 from dwc.passes.kv_layout import KvLayout
 from dwc.passes.load import Load
+from dwc.passes.modelopt_quantize import ModelOptQuantize
 from dwc.passes.quantize import Quantize
 
-REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, GgufExport, Fuse, DistillDraft, KvLayout,
-                                 Evaluate, Emit)}
+REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, ModelOptQuantize, GgufExport, Fuse,
+                                 DistillDraft, KvLayout, Evaluate, Emit)}

@@ -30,8 +30,7 @@ class Emit(Pass):
     def run(self, ctx, options) -> PassResult:
         t0 = time.perf_counter()
         with BundleWriter(ctx.output, force=ctx.force) as writer:
-            EMITTERS[ctx.target.backend](writer, ctx.artifacts["model"], ctx.info.path,
-                                         ctx.artifacts.get("quantized"))
+            EMITTERS[ctx.target.backend](writer, ctx)
             if ctx.artifacts.get("draft_model") is not None:
                 write_draft(writer, ctx.artifacts["draft_model"], ctx.info.path)
             for name, data in sorted(ctx.reports.items()):

@@ -1,5 +1,7 @@
 """Backend emitters: each writes a bundle's model/ (and serve/) in its backend's layout."""
 
-from dwc.backends import gguf, torch_triton
+from dwc.backends import gguf, tensorrt_llm, torch_triton
 
-EMITTERS = {"torch-triton": torch_triton.emit, "gguf": gguf.emit}
+# Each takes (BundleWriter, build context) and writes model/ (and serve/) for its backend.
+EMITTERS = {"torch-triton": torch_triton.emit, "gguf": gguf.emit,
+            "tensorrt-llm": tensorrt_llm.emit}

@@ -125,8 +125,10 @@ def llama_logits(path: Path, seq_len: int):
     return fn
 
 
-def emit(writer: BundleWriter, model, source_dir: Path, quantized=None) -> None:
+def emit(writer: BundleWriter, ctx) -> None:
     """model/model.gguf and serve/: the llama-server command and an Ollama Modelfile."""
+    model, source_dir, quantized = ctx.artifacts["model"], ctx.info.path, \
+        ctx.artifacts["quantized"]
     writer.copy_file(f"{mf.MODEL_DIR}/{GGUF_FILE}", quantized.path)
     ctx = min(int(model.config.max_position_embeddings), 8192)
     writer.write_bytes(f"{SERVE_DIR}/llama-server.sh", llama_server_script(ctx).encode())

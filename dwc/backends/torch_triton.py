@@ -13,8 +13,10 @@ from dwc.formats import hf
 from dwc.formats import manifest as mf
 
 
-def emit(writer: BundleWriter, model, source_dir: Path, quantized=None) -> None:
+def emit(writer: BundleWriter, ctx) -> None:
     """model/: the quantize pass's compressed-tensors files as they are, or the bf16 model."""
+    model, source_dir = ctx.artifacts["model"], ctx.info.path
+    quantized = ctx.artifacts.get("quantized")
     if quantized is not None:
         for f in sorted(quantized.folder.iterdir()):
             if f.is_file() and f.name not in hf.TOKENIZER_FILES:

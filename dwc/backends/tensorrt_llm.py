@@ -1,0 +1,65 @@
+"""The tensorrt-llm backend's bundle: model/ is ModelOpt's unified Hugging Face checkpoint
+(what `trtllm-serve <dir>` and `LLM(model=<dir>)` load in TensorRT-LLM 1.x), serve/ the
+`trtllm-serve` command and an LLM-API options file made from the kv-layout plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from dwc.bundle.writer import BundleWriter
+from dwc.formats import hf
+from dwc.formats import manifest as mf
+
+SERVE_DIR = "serve"
+OPTIONS_FILE = "llm_api_options.yaml"
+GB = 1e9
+
+
+def emit(writer: BundleWriter, ctx) -> None:
+    source_dir, quantized = ctx.info.path, ctx.artifacts["quantized"]
+    for f in sorted(quantized.folder.iterdir()):
+        if f.is_file() and f.name not in hf.TOKENIZER_FILES:
+            writer.copy_file(f"{mf.MODEL_DIR}/{f.name}", f)
+    for name in hf.TOKENIZER_FILES:  # byte for byte from the checkpoint, as every backend
+        if (Path(source_dir) / name).is_file():
+            writer.copy_file(f"{mf.MODEL_DIR}/{name}", Path(source_dir) / name)
+    options = llm_api_options(ctx.artifacts["kv_plan"], quantized.summary["weight_bytes"],
+                              ctx.target.hardware.memory_gb)
+    writer.write_bytes(f"{SERVE_DIR}/{OPTIONS_FILE}",
+                       yaml.safe_dump(options, sort_keys=False).encode())
+    writer.write_bytes(f"{SERVE_DIR}/trtllm-serve.sh", serve_script().encode())
+
+
+def llm_api_options(plan: dict, weight_bytes: int, memory_gb: float) -> dict:
+    """TensorRT-LLM's LLM-API options from dwc's KV plan: the same cache dtype, the same
+    number of KV bytes (as the fraction of the memory left after the weights that
+    TensorRT-LLM takes), batch and token limits, CUDA graphs up to the batch limit."""
+    kv_bytes = plan["num_blocks"] * plan["block_size"] * plan["bytes_per_token"]
+    free = memory_gb * GB - weight_bytes
+    batch = plan["max_num_seqs"]
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if s < batch] + [batch]
+    return {
+        "kv_cache_config": {
+            "dtype": "fp8" if plan["dtype"] == "fp8_e4m3" else "auto",
+            "free_gpu_memory_fraction": round(min(0.95, kv_bytes / free), 4),
+            "enable_block_reuse": True,
+            "tokens_per_block": plan["block_size"],
+        },
+        "max_batch_size": batch,
+        "max_num_tokens": plan["max_num_batched_tokens"],
+        "max_seq_len": plan["max_context"],
+        "cuda_graph_config": {"batch_sizes": sizes, "enable_padding": True},
+    }
+
+
+def serve_script() -> str:
+    return f"""#!/bin/sh
+# Serve this bundle with TensorRT-LLM's OpenAI-compatible server (TensorRT-LLM 1.x reads
+# the quantization from model/hf_quant_config.json): sh serve/trtllm-serve.sh [more flags]
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+exec trtllm-serve "$HERE/{mf.MODEL_DIR}" --backend pytorch \\
+  --extra_llm_api_options "$HERE/{SERVE_DIR}/{OPTIONS_FILE}" --host 127.0.0.1 --port 8000 "$@"
+"""
