@@ -43,10 +43,12 @@ def test_targets_and_passes_listings():
     targets = json.loads(dwc("targets", "--json").stdout)
     assert [t["name"] for t in targets] == ["a100-int4-awq", "a100-int8-sq", "cpu-bf16",
                                             "cpu-gguf-f16", "cpu-gguf-q4_k_m", "cpu-gguf-q8_0",
-                                            "h100-fp8", "h100-int4-awq", "h200-fp8"]
+                                            "h100-fp8", "h100-int4-awq", "h100-trtllm-fp8",
+                                            "h100-trtllm-int4-awq", "h200-fp8"]
     passes = json.loads(dwc("passes", "--json").stdout)
-    assert [p["name"] for p in passes] == ["load", "calibrate", "quantize", "gguf-export", "fuse",
-                                            "distill-draft", "kv-layout", "evaluate", "emit"]
+    assert [p["name"] for p in passes] == ["load", "calibrate", "quantize", "modelopt-quantize",
+                                            "gguf-export", "fuse", "distill-draft", "kv-layout",
+                                            "evaluate", "emit"]
     evaluate = next(p for p in passes if p["name"] == "evaluate")
     assert evaluate["reads"] == ["reference", "model", "tokenizer"] and evaluate["cacheable"]
     assert all(o["help"] for p in passes for o in p["options"])
