@@ -145,6 +145,18 @@ def test_the_options_file_follows_the_kv_plan(build_for):
     assert "trtllm-serve" in script and "llm_api_options.yaml" in script
 
 
+def test_a_draft_becomes_draft_target_speculation(build_for):
+    bundle = build_for("h100-trtllm-fp8", "draft=auto", "distill-draft.steps=20")
+    m = manifest_of(bundle)
+    options = yaml.safe_load((bundle / "serve" / "llm_api_options.yaml").read_text())
+    spec = options["speculative_config"]
+    assert spec == {"decoding_type": "DraftTarget", "max_draft_len": m["draft"]["k"],
+                    "speculative_model": "draft"}
+    assert (bundle / "draft" / "config.json").is_file()
+    assert "speculative_config" not in yaml.safe_load(
+        (build_for("h100-trtllm-fp8") / "serve" / "llm_api_options.yaml").read_text())
+
+
 def test_mistral_exports_too(example, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -27,16 +27,20 @@ def emit(writer: BundleWriter, ctx) -> None:
         if (Path(source_dir) / name).is_file():
             writer.copy_file(f"{mf.MODEL_DIR}/{name}", Path(source_dir) / name)
     options = llm_api_options(ctx.artifacts["kv_plan"], quantized.summary["weight_bytes"],
-                              ctx.target.hardware.memory_gb)
+                              ctx.target.hardware.memory_gb, ctx.artifacts.get("draft"))
     writer.write_bytes(f"{SERVE_DIR}/{OPTIONS_FILE}",
                        yaml.safe_dump(options, sort_keys=False).encode())
     writer.write_bytes(f"{SERVE_DIR}/trtllm-serve.sh", serve_script().encode())
 
 
-def llm_api_options(plan: dict, weight_bytes: int, memory_gb: float) -> dict:
+def llm_api_options(plan: dict, weight_bytes: int, memory_gb: float,
+                    draft: dict | None = None) -> dict:
     """TensorRT-LLM's LLM-API options from dwc's KV plan: the same cache dtype, the same
     number of KV bytes (as the fraction of the memory left after the weights that
-    TensorRT-LLM takes), batch and token limits, CUDA graphs up to the batch limit."""
+    TensorRT-LLM takes), batch and token limits, CUDA graphs up to the batch limit; with
+    the bundle's draft, draft-target speculation with the K the build chose (paths are
+    relative to the bundle, where serve/trtllm-serve.sh runs; TensorRT-LLM before 1.2
+    named `speculative_model` `speculative_model_dir`)."""
     kv_bytes = plan["num_blocks"] * plan["block_size"] * plan["bytes_per_token"]
     free = memory_gb * GB - weight_bytes
     batch = plan["max_num_seqs"]
@@ -52,14 +56,16 @@ def llm_api_options(plan: dict, weight_bytes: int, memory_gb: float) -> dict:
         "max_num_tokens": plan["max_num_batched_tokens"],
         "max_seq_len": plan["max_context"],
         "cuda_graph_config": {"batch_sizes": sizes, "enable_padding": True},
-    }
+    } | ({"speculative_config": {"decoding_type": "DraftTarget", "max_draft_len": draft["k"],
+                                 "speculative_model": mf.DRAFT_DIR}} if draft else {})
 
 
 def serve_script() -> str:
     return f"""#!/bin/sh
 # Serve this bundle with TensorRT-LLM's OpenAI-compatible server (TensorRT-LLM 1.x reads
 # the quantization from model/hf_quant_config.json): sh serve/trtllm-serve.sh [more flags]
-HERE="$(cd "$(dirname "$0")/.." && pwd)"
-exec trtllm-serve "$HERE/{mf.MODEL_DIR}" --backend pytorch \\
-  --extra_llm_api_options "$HERE/{SERVE_DIR}/{OPTIONS_FILE}" --host 127.0.0.1 --port 8000 "$@"
+# Runs from the bundle's folder: the options' paths (the draft) are relative to it.
+cd "$(dirname "$0")/.." || exit 1
+exec trtllm-serve {mf.MODEL_DIR} --backend pytorch \\
+  --extra_llm_api_options {SERVE_DIR}/{OPTIONS_FILE} --host 127.0.0.1 --port 8000 "$@"
 """
