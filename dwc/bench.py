@@ -130,3 +130,12 @@ def against_slo(slo: dict | None, result: dict) -> dict | None:
         checks["target_ttft_ms"] = (slo["target_ttft_ms"], result["online"]["ttft_ms"]["p99"])
     return {k: {"target": t, "measured_p99": m, "met": m is not None and m <= t}
             for k, (t, m) in checks.items()}
+
+
+def cost(usd_per_hour: float, output_tok_s: float, requests_s: float) -> dict:
+    """Dollars per million output tokens and per million requests, at a throughput, on
+    one device of the target's price."""
+    per_second = usd_per_hour / 3600
+    return {"usd_per_hour": usd_per_hour,
+            "usd_per_million_output_tokens": round(per_second / output_tok_s * 1e6, 4),
+            "usd_per_million_requests": round(per_second / requests_s * 1e6, 2)}

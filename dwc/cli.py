@@ -200,7 +200,7 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
           no_draft, out, as_json):
     """Measure a bundle. torch-triton: offline throughput and online latency, against its
     SLO. GGUF: llama.cpp's prompt and generation tok/s against transformers on this CPU."""
-    from dwc.bench import BenchConfig, against_slo, offline, online
+    from dwc.bench import BenchConfig, against_slo, cost, offline, online
     from dwc.bundle.reader import open_bundle, read_manifest
     from dwc.reports import json_bytes, line_chart
     from dwc.runtime.engine import Engine
@@ -220,6 +220,9 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
     result["online"] = max(result["online_levels"], key=lambda r: r["rps"])
     result["slo"] = against_slo(read_manifest(bundle).get("slo"), result)
     result["speculation"] = engine.speculation()  # over the whole run; None without a draft
+    off = result["offline"]
+    result["cost"] = cost(manifest["target"]["hardware"]["usd_per_hour"], off["output_tok_s"],
+                          off["prompts"] / off["seconds"])
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_bytes(json_bytes(result))
@@ -248,13 +251,24 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
     for name, check in (result["slo"] or {}).items():
         click.echo(f"slo      {name} {check['target']}: p99 {check['measured_p99']} ms "
                    f"{'met' if check['met'] else 'NOT met'}")
+    c = result["cost"]
+    click.echo(f"cost     ${c['usd_per_million_output_tokens']} per million output tokens, "
+               f"${c['usd_per_million_requests']} per million requests "
+               f"(offline throughput, ${c['usd_per_hour']}/h)")
 
 
 def _bench_gguf(bundle: Path, manifest: dict, cfg, out: Path | None, as_json: bool) -> None:
     from dwc.bench_gguf import bench_gguf
     from dwc.reports import json_bytes
 
+    from dwc.bench import cost
+
     result = {"bundle": str(bundle), "device": "cpu", **bench_gguf(bundle, manifest, cfg)}
+    # batch 1: a request takes its prompt and its generation time
+    seconds = cfg.input_len / result["prompt_tok_s"] + \
+        (cfg.output_len - 1) / result["generation_tok_s"]
+    result["cost"] = cost(manifest["target"]["hardware"]["usd_per_hour"],
+                          result["generation_tok_s"], 1 / seconds)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_bytes(json_bytes(result))
@@ -271,6 +285,46 @@ def _bench_gguf(bundle: Path, manifest: dict, cfg, out: Path | None, as_json: bo
                    f"x{result['speedup_generation']})")
     elif base:
         click.echo(f"transformers  {base['skipped']}")
+    c = result["cost"]
+    click.echo(f"cost          ${c['usd_per_million_output_tokens']} per million output tokens, "
+               f"${c['usd_per_million_requests']} per million requests (${c['usd_per_hour']}/h)")
+
+
+@main.command()
+@click.argument("bundle_a", type=click.Path(path_type=Path))
+@click.argument("bundle_b", type=click.Path(path_type=Path))
+@click.option("--bench-a", type=click.Path(path_type=Path), default=None,
+              help="A's `dwc bench --out` result (bench.json): throughput, latency, cost.")
+@click.option("--bench-b", type=click.Path(path_type=Path), default=None,
+              help="B's bench.json.")
+@click.option("--fail-on", default="", metavar="RULES",
+              help='Exit 1 when B crosses a threshold against A, e.g. "ppl>+0.5%,kl>+10%,'
+                   'tpot_p99>+5%,cost>+3%" (relative with %, absolute without).')
+@command
+def diff(bundle_a, bundle_b, bench_a, bench_b, fail_on, as_json):
+    """Compare two bundles: quality, size, measured speed and cost, changed passes."""
+    from dwc.bundle.reader import open_bundle
+    from dwc.diff import METRICS, compare, parse_rules, read_bench
+
+    rules = parse_rules(fail_on)
+    result = compare(open_bundle(bundle_a), open_bundle(bundle_b), read_bench(bench_a),
+                     read_bench(bench_b), rules)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"A {result['a']['name']} ({result['a']['target']})   "
+                   f"B {result['b']['name']} ({result['b']['target']})")
+        for name, row in result["metrics"].items():
+            pct = f"{row['change_pct']:+.3f}%" if row["change_pct"] is not None else "-"
+            click.echo(f"  {name:<14}{row['a']:>16.6g}{row['b']:>16.6g}  {pct:>10}   "
+                       f"{METRICS[name][0]}")
+        for p in result["passes_changed"]:
+            click.echo(f"  pass {p['pass']}: " + (f"only in {p['only_in']}" if "only_in" in p
+                                                  else json.dumps(p["options"])))
+        for f in result["failed"]:
+            click.echo(f"FAILED {f['rule']} (change {f['change']:+g})")
+    if result["failed"]:
+        sys.exit(1)
 
 
 @main.command()
