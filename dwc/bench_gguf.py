@@ -23,8 +23,12 @@ from dwc.bench import BenchConfig
 
 def bench_gguf(bundle: Path, manifest: dict, cfg: BenchConfig, threads: int | None = None) -> dict:
     from dwc.backends.gguf import GGUF_FILE, open_model
+    from dwc.errors import BadInput
     from dwc.formats import manifest as mf
 
+    if cfg.output_len < 2:
+        raise BadInput(f"--output-len {cfg.output_len}: a GGUF bench times generation after the "
+                       "first token, so it needs at least 2")
     llm = open_model(Path(bundle) / mf.MODEL_DIR / GGUF_FILE, cfg.input_len + cfg.output_len + 8,
                      threads=threads)
     try:
@@ -60,12 +64,21 @@ def _llama_one(llm, ids: list[int], n_out: int) -> tuple[float, float]:
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = _greedy(llm)
     t1 = time.perf_counter()
     for _ in range(n_out - 1):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = _greedy(llm)
     return t1 - t0, time.perf_counter() - t1
+
+
+def _greedy(llm) -> int:
+    """The argmax of the last evaluated position's logits, read from llama.cpp's context
+    (the model is opened without logits_all, so llama-cpp-python keeps no copy)."""
+    import llama_cpp
+
+    logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
 
 
 def _transformers(source: Path, batch: list[list[int]], n_out: int, threads: int | None) -> dict:
@@ -89,6 +102,7 @@ def _transformers(source: Path, batch: list[list[int]], n_out: int, threads: int
                            pad_token_id=0, attention_mask=torch.ones_like(x))
             t2 = time.perf_counter()
             prompt_s += t1 - t0
-            gen_s += (t2 - t1) - (t1 - t0)  # generate's own prefill, timed just before
+            # generate's own prefill, timed just before (never below a tenth of the total)
+            gen_s += max((t2 - t1) - (t1 - t0), (t2 - t1) / 10)
     return {"prompt_tok_s": round(len(batch) * len(batch[0]) / prompt_s, 1),
             "generation_tok_s": round(len(batch) * (n_out - 1) / gen_s, 1)}

@@ -58,8 +58,13 @@ class GgufExport(Pass):
     lossy = True
 
     def key_material(self, ctx, options):
-        return {"type": ctx.target.weights.scheme, "evaluation": sha256_file(
-            ctx.build.evaluation.data), "version": 1}
+        from importlib.metadata import version
+
+        # The file depends on the writer's and llama.cpp's versions (quantizer, known
+        # pre-tokenizers), the build's name (general.name) and the probe text.
+        return {"type": ctx.target.weights.scheme, "name": ctx.build.name,
+                "evaluation": sha256_file(ctx.build.evaluation.data),
+                "gguf": version("gguf"), "llama_cpp": version("llama-cpp-python"), "version": 2}
 
     def run(self, ctx, options) -> PassResult:
         from dwc.backends import gguf as backend
@@ -81,8 +86,10 @@ class GgufExport(Pass):
         f16 = folder / ("model.gguf" if ggml_type == "f16" else "model-f16.gguf")
         gguf_file.write_f16_gguf(model, ctx.info.path, f16, ctx.build.name, pre)
         stats = ctx.artifacts.get("calibration")
+        # Only the K-quants weigh rounding errors by the imatrix (Q8_0 ignores it).
         imatrix = backend.imatrix_entries(stats.mean_sq) \
-            if options.imatrix and stats is not None and ggml_type != "f16" else None
+            if options.imatrix and stats is not None and ggml_type in backend.USES_IMATRIX \
+            else None
         if ggml_type != "f16":
             backend.quantize(f16, folder / "model.gguf", ggml_type, imatrix)
             f16.unlink()

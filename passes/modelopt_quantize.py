@@ -47,10 +47,12 @@ class ModelOptQuantize(Pass):
     lossy = True
 
     def key_material(self, ctx, options):
+        from importlib.metadata import version
+
         c, t = ctx.build.calibration, ctx.target
         return {"scheme": t.weights.scheme, "group_size": t.weights.group_size,
                 "kv": t.kv_cache_dtype, "calibration": [sha256_file(c.data), c.samples, c.seq_len],
-                "version": 1}
+                "modelopt": version("nvidia-modelopt"), "version": 1}
 
     def run(self, ctx, options) -> PassResult:
         from dwc.formats.modelopt_hf import load_model, quantize_and_export

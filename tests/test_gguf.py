@@ -33,7 +33,9 @@ def f16_matches_transformers(model, source: Path, tmp: Path, ids: list[int]) -> 
     got = llama_scores(path, ids)
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].double().numpy()
-    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max(), np.abs(got - want).max()
+    # F16 rounding of the weights alone: ~1e-3 of the logits' range on these models; a
+    # wrong rope permutation or ignored rope factors give ~1e-2 (checked by mutation).
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max(), np.abs(got - want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.97
 
 
@@ -103,6 +105,10 @@ def test_f16_logits_match_transformers_llama3_rope_scaling(example, tmp_path, ev
     model, src = tiny(example, tmp_path, "llama", rope_parameters=scaling)
     factors = gguf_file.llama3_rope_factors(scaling, 32)
     assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the rule are used
+    # llama.cpp divides the base frequencies by the factors: that must be transformers' own
+    base = 1.0 / (10000.0 ** (np.arange(0, 32, 2) / 32))
+    np.testing.assert_allclose(base / factors, model.model.rotary_emb.inv_freq.numpy(),
+                               rtol=1e-5)
     f16_matches_transformers(model, src, tmp_path, eval_ids)
 
 
@@ -114,7 +120,9 @@ def test_quantized_bundles_meet_their_budget_measured_in_llama_cpp(build_for, ta
     assert q["passed"] and q["delta_pct"] <= budget, q
     assert q["top1_agreement"] > 0.8
     quant = m["quantization"]
-    assert quant["format"] == "gguf" and quant["imatrix"] is True and quant["imatrix_tensors"] == 28
+    k_quant = target == "cpu-gguf-q4_k_m"  # Q8_0 ignores an imatrix: none is passed
+    assert quant["format"] == "gguf" and quant["imatrix"] is k_quant
+    assert quant["imatrix_tensors"] == (28 if k_quant else 0)
     expected = {"cpu-gguf-q8_0": "Q8_0", "cpu-gguf-q4_k_m": "Q4_K"}[target]
     assert expected in quant["tensor_types"]
     files = set(m["files"])
@@ -145,12 +153,15 @@ def _perplexity(path: Path, manifest: dict) -> float:
 
 
 def test_imatrix_q4_k_m_is_no_worse_than_plain(build_for):
-    """KL to the original: the importance matrix weights the rounding error by how much
-    each column's activations matter."""
-    with_imatrix = manifest_of(build_for("cpu-gguf-q4_k_m"))
-    plain = manifest_of(build_for("cpu-gguf-q4_k_m", "gguf-export.imatrix=false"))
+    """The imatrix reaches llama.cpp's quantizer (the files differ: an unmatched tensor
+    name would leave them equal) and does not hurt: KL to the original no higher."""
+    from dwc.hashing import sha256_file
+
+    a, b = build_for("cpu-gguf-q4_k_m"), build_for("cpu-gguf-q4_k_m", "gguf-export.imatrix=false")
+    with_imatrix, plain = manifest_of(a), manifest_of(b)
     assert plain["quantization"]["imatrix"] is False
-    assert with_imatrix["quality"]["kl_divergence"] <= plain["quality"]["kl_divergence"] * 1.02
+    assert sha256_file(a / "model" / "model.gguf") != sha256_file(b / "model" / "model.gguf")
+    assert with_imatrix["quality"]["kl_divergence"] <= plain["quality"]["kl_divergence"]
 
 
 def test_a_model_llama_cpp_cannot_take_is_refused_before_any_pass(example, tmp_path):

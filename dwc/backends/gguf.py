@@ -24,6 +24,7 @@ from dwc.formats import manifest as mf
 
 # llama.cpp's file types (enum llama_ftype) for the targets' weight formats.
 FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
+USES_IMATRIX = ("q4_k_m",)  # llama.cpp's K-quant types weigh their rounding by it
 GGUF_FILE = "model.gguf"
 SERVE_DIR = "serve"
 # Hugging Face Linear names -> llama.cpp tensor kinds (gguf.MODEL_TENSOR attribute names).

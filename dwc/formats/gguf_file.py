@@ -33,6 +33,13 @@ from dwc.errors import TargetError
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                  "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = (None, "default", "linear", "llama3")
+F16_MAX = 65504.0
+# Appended to the probe text: what tells pre-tokenizers apart (runs of digits, spaces,
+# tabs and newlines, contractions, punctuation runs, non-Latin scripts, emoji), so that
+# a text without them cannot pick a near-miss. Written for dwc.
+PROBE_EXTRA = ("\n \n\n \t\t \t\n   \n    x  \n 1 12 123 1234 12345 123456 1234567 3.14 "
+               "1..2 1...2 don't I'm we'Re YOU'LL they've she'd 'quoted' \"\"\"!!!??? ---=== "
+               "Здравствуй мир 你好，世界2024年 こんにちは 안녕하세요 مرحبا 🙂🚀 ✅ 🦙🦙 ")
 # Pre-tokenizer names llama.cpp accepts (llama-vocab.cpp), most common byte-level BPE first.
 PRE_TOKENIZERS = ("gpt-2", "llama-bpe", "qwen2", "default", "starcoder", "falcon",
                   "deepseek-llm", "deepseek-coder", "mpt", "refact", "command-r", "olmo",
@@ -58,6 +65,9 @@ def check_representable(path: Path, config: dict) -> None:
     if rope_type not in ROPE_TYPES:
         raise TargetError(f"{path}: rope scaling {rope_type!r} is not supported in GGUF bundles "
                           f"(supported: default, linear, llama3)")
+    if ARCHITECTURES[arch] == "qwen2" and rope_type in ("linear", "llama3"):
+        raise TargetError(f"{path}: rope scaling {rope_type!r} on Qwen2 is not supported in GGUF "
+                          "bundles (llama.cpp's qwen2 takes no rope scaling tensor)")
     tok = Path(path) / "tokenizer.json"
     if not tok.is_file():
         raise TargetError(f"{path}: no tokenizer.json; GGUF bundles need a byte-level BPE "
@@ -223,7 +233,11 @@ def _tensors(model, cfg: dict, arch: str):
     state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
 
     def weight(a: np.ndarray) -> np.ndarray:
-        return a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32)
+        # F16 for matrices unless a value would overflow it (then F32, which llama.cpp
+        # also reads); F32 for vectors, as llama.cpp's converter writes them.
+        if a.ndim == 2 and np.abs(a).max() <= F16_MAX:
+            return a.astype(np.float16)
+        return a.astype(np.float32)
 
     yield tensor_name(T.TOKEN_EMBD), weight(state["model.embed_tokens.weight"])
     yield tensor_name(T.OUTPUT_NORM), weight(state["model.norm.weight"])
@@ -253,6 +267,7 @@ def choose_pre_tokenizer(config: dict, source_dir: Path, text: str, work: Path) 
     import gguf
     from transformers import AutoTokenizer
 
+    text = text + PROBE_EXTRA
     want = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)(
         text, add_special_tokens=False).input_ids
     arch = ARCHITECTURES[config["architectures"][0]]
@@ -266,7 +281,11 @@ def choose_pre_tokenizer(config: dict, source_dir: Path, text: str, work: Path) 
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-            if llama_tokenize(probe, text) == want:
+            try:
+                got = llama_tokenize(probe, text)
+            except (ValueError, RuntimeError):  # a name this llama.cpp build does not know
+                continue
+            if got == want:
                 return pre
     finally:
         probe.unlink(missing_ok=True)

@@ -79,13 +79,20 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, st
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_retired: list[tuple[torch.Tensor, torch.Tensor]] = []  # CUDA graphs may still point at them
 
 
 def _workspace(device: torch.device, floats: int, tiles: int):
     """The device's shared partial-sum buffer and zeroed tile counters, grown on demand
-    (the runtime's first calls, before graph capture, size them)."""
+    (the warm-up before each graph capture sizes them). Replaced buffers are kept alive:
+    graphs captured with them (the target's, when the draft's capture grows them) go on
+    using them, one after another on one stream as everything else."""
     ws, cnt = _workspaces.get(device, (None, None))
     if ws is None or ws.numel() < floats or cnt.numel() < tiles:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny_gemm: workspace must be sized before graph capture")
+        if ws is not None:
+            _retired.append((ws, cnt))
         ws = torch.empty(max(floats, 0 if ws is None else ws.numel()), dtype=torch.float32,
                          device=device)
         cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32,
@@ -113,6 +120,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
     (exact for FP8 E4M3 weights; x clamped to +-65504)."""
     m, k = x.shape
     n = weight.shape[0]
+    assert weight.stride(1) == 1, "skinny_gemm: the weight's rows must be contiguous"
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(n, block_n)
