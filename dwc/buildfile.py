@@ -53,10 +53,13 @@ class Slo:
     target_ttft_ms: Optional[float] = option(None, help="p99 time to first token, ms")
     target_rps: Optional[float] = option(None, help="requests per second to sustain")
     max_context: Optional[int] = option(None, help="longest prompt + output, tokens")
+    prompt_tokens: int = option(512, help="typical prompt length, for the cost model")
+    output_tokens: int = option(128, help="typical output length, for the cost model")
     enforce: bool = option(False, help="exit 4 when the SLO cannot be met")
 
     def validate(self, path: str) -> None:
-        positive(self, path, "target_latency_ms", "target_ttft_ms", "target_rps", "max_context")
+        positive(self, path, "target_latency_ms", "target_ttft_ms", "target_rps", "max_context",
+                 "prompt_tokens", "output_tokens")
 
 
 @dataclass

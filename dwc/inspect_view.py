@@ -64,8 +64,17 @@ def show_manifest(m: dict, bundle: Path) -> None:
                f"({q['delta_pct']:+.3f}%, budget {q['budget_pct']}%) {verdict}; "
                f"KL {q['kl_divergence']:.2e}; top-1 agreement {100 * q['top1_agreement']:.2f}%")
     if m.get("slo"):
-        slo = {k: v for k, v in m["slo"].items() if v is not None}
+        slo = {k: v for k, v in m["slo"].items()
+               if v is not None and k not in ("predicted", "chosen", "reason")}
         _OUT.print(f"slo        {slo}")
+        p = m["slo"].get("predicted")
+        if p:
+            _OUT.print(f"predicted  {p['max_rps']} rps at p99 TPOT {p['tpot_p99_ms']} ms, TTFT "
+                       f"{p['ttft_p99_ms']} ms ({p['prompt_tokens']} in / {p['output_tokens']} "
+                       f"out); ${p['usd_per_million_output_tokens']} per million output tokens, "
+                       f"${p['usd_per_million_requests']} per million requests (cost model)")
+        if m["slo"].get("reason"):
+            _OUT.print(f"           [red]{m['slo']['reason']}[/]")
     _OUT.print(f"files      {len(m['files'])} files, {_size(total)}")
     rows = [{"pass": p["name"], "seconds": p["seconds"], "cached": p["cached"],
              "metrics": _metrics(p["metrics"])} for p in m["passes"]]

@@ -33,9 +33,20 @@ def build_manifest(ctx, emit_record: dict) -> dict:
         "fusion": ctx.artifacts.get("fusion"),
         "kv_cache": ctx.artifacts.get("kv_plan") or {"dtype": t.kv_cache_dtype, "plan": None},
         "quality": ctx.artifacts["quality"],
-        "slo": vars(b.slo) | {} if b.slo else None,
+        "slo": _slo(ctx),
         "build": _build_info(ctx),
     }
+
+
+def _slo(ctx) -> dict | None:
+    """The build file's SLO and, after `tune`, the predicted figures and the decision."""
+    tuning = ctx.artifacts.get("tuning")
+    if not ctx.build.slo and not tuning:
+        return None
+    slo = vars(ctx.build.slo) | {} if ctx.build.slo else {}
+    if tuning:
+        slo |= {k: tuning[k] for k in ("predicted", "chosen", "replicas", "meets_slo", "reason")}
+    return slo
 
 
 def _quantization(ctx) -> dict:

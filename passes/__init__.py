@@ -10,6 +10,7 @@ from dwc.passes.kv_layout import KvLayout
 from dwc.passes.load import Load
 from dwc.passes.modelopt_quantize import ModelOptQuantize
 from dwc.passes.quantize import Quantize
+from dwc.passes.tune import Tune
 
 REGISTRY = {p.name: p for p in (Load, Calibrate, Quantize, ModelOptQuantize, GgufExport, Fuse,
-                                 DistillDraft, KvLayout, Evaluate, Emit)}
+                                 DistillDraft, KvLayout, Evaluate, Tune, Emit)}

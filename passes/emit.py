@@ -24,7 +24,7 @@ class Emit(Pass):
     description = ("Write the bundle for the target's backend: model/, reports/, README.md "
                    "and manifest.json with the sha256 of every file, atomically.")
     reads = ("model", "tokenizer", "source", "quality")
-    optional_reads = ("calibration", "quantized", "draft", "draft_model", "kv_plan")
+    optional_reads = ("calibration", "quantized", "draft", "draft_model", "kv_plan", "tuning")
     writes = ("bundle",)
 
     def run(self, ctx, options) -> PassResult:

@@ -48,7 +48,7 @@ def test_targets_and_passes_listings():
     passes = json.loads(dwc("passes", "--json").stdout)
     assert [p["name"] for p in passes] == ["load", "calibrate", "quantize", "modelopt-quantize",
                                             "gguf-export", "fuse", "distill-draft", "kv-layout",
-                                            "evaluate", "emit"]
+                                            "evaluate", "tune", "emit"]
     evaluate = next(p for p in passes if p["name"] == "evaluate")
     assert evaluate["reads"] == ["reference", "model", "tokenizer"] and evaluate["cacheable"]
     assert all(o["help"] for p in passes for o in p["options"])

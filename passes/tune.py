@@ -1,0 +1,143 @@
+"""`tune`: choose the serving configuration against the SLO with the cost model, and say
+what it costs (issue 9; dwc/costmodel.py).
+
+Candidates: the concurrency limit (max_num_seqs: powers of two up to the KV plan's) and,
+when the bundle has a draft, speculation on or off. Every candidate already meets the
+quality budget (`evaluate` ran before). For each, the model predicts the highest request
+rate whose p99 time per output token and time to first token meet `slo`
+(target_latency_ms, target_ttft_ms) for requests of `slo.prompt_tokens` /
+`slo.output_tokens`; the pick is the candidate with the highest such rate, which is also
+the cheapest per token on one device. The plan's max_num_seqs becomes the pick's. When
+one device cannot reach `slo.target_rps`, the report says how many replicas can; when no
+candidate meets the latency limits at any rate, the build says which limit and by how
+much, and exits 4 with `slo.enforce: true`.
+
+Figures are predictions (labelled so in `reports/tuning.json` and the manifest's
+`slo.predicted`), from the target's figures and constants measured on the H200; they are
+not measured on the target here.
+"""
+
+from __future__ import annotations
+
+from dwc.costmodel import Machine, ModelFigures, max_rps, predict, replicas, \
+    usd_per_million_tokens
+from dwc.errors import SloNotMet
+from dwc.passes.base import Pass, PassResult
+from dwc.reports import json_bytes, line_chart
+
+GB = 1e9
+
+
+class Tune(Pass):
+    name = "tune"
+    description = ("Predict p99 TPOT / TTFT and the sustainable request rate of each serving "
+                   "configuration with the cost model; pick the one that meets the SLO most "
+                   "cheaply; report replicas and $ per million tokens (exit 4 if none meets it "
+                   "and slo.enforce).")
+    reads = ("kv_plan", "model")
+    optional_reads = ("quantized", "draft")
+    writes = ("kv_plan", "tuning")
+
+    def run(self, ctx, options) -> PassResult:
+        slo, hw = ctx.build.slo, ctx.target.hardware
+        plan = dict(ctx.artifacts["kv_plan"])
+        prompt, output = (slo.prompt_tokens, slo.output_tokens) if slo else (512, 128)
+        machine = Machine(hw.memory_bandwidth_gbs * GB, max(hw.peak_tflops.values()) * 1e12,
+                          hw.usd_per_hour)
+        rows = [_candidate(machine, _figures(ctx, plan, draft), seqs, draft, slo, prompt, output)
+                for seqs in _powers(plan["max_num_seqs"])
+                for draft in ([False, True] if ctx.artifacts.get("draft") else [False])]
+        best = max(rows, key=lambda r: (r["max_rps"], -r["max_num_seqs"]))
+        tuning = _decision(best, rows, slo, ctx.target.name, prompt, output, hw.usd_per_hour)
+        plan["max_num_seqs"] = best["max_num_seqs"]
+        png = _load_plot(machine, _figures(ctx, plan, best["draft"]), best, slo, prompt, output)
+        if slo and slo.enforce and not tuning["meets_slo"]:
+            raise SloNotMet(f"slo: {tuning['reason']}")
+        return PassResult(outputs={"kv_plan": plan, "tuning": tuning},
+                          metrics={"max_num_seqs": best["max_num_seqs"], "draft": best["draft"],
+                                   "predicted_max_rps": best["max_rps"],
+                                   "usd_per_million_output_tokens":
+                                       tuning["predicted"]["usd_per_million_output_tokens"],
+                                   "meets_slo": tuning["meets_slo"]},
+                          reports={"tuning.json": json_bytes(tuning), "tuning.png": png})
+
+
+def _powers(limit: int) -> list[int]:
+    out, n = [], 1
+    while n < limit:
+        out.append(n)
+        n *= 2
+    return out + [limit]
+
+
+def _figures(ctx, plan: dict, draft: bool) -> ModelFigures:
+    from dwc.passes.kv_layout import weight_bytes
+
+    d = ctx.artifacts.get("draft") if draft else None
+    return ModelFigures(
+        weight_bytes=weight_bytes(ctx),  # the figure the KV plan used
+        params=sum(p.numel() for p in ctx.artifacts["model"].parameters()),
+        kv_bytes_per_token=plan["bytes_per_token"],
+        tau=d["mean_accepted_tokens"] if d else 1.0,
+        step_cost=1 + d["k"] * d["cost_ratio"] if d else 1.0)
+
+
+def _candidate(machine, figures, seqs: int, draft: bool, slo, prompt: int, output: int) -> dict:
+    limits = {"tpot_ms": slo.target_latency_ms if slo else None,
+              "ttft_ms": slo.target_ttft_ms if slo else None}
+    p = max_rps(machine, figures, prompt, output, seqs, **limits)
+    row = {"max_num_seqs": seqs, "draft": draft, "max_rps": round(p.rps, 3),
+           "at_max_rps": p.as_dict()}
+    if p.rps <= 0:  # even one request at a time misses a limit: by how much
+        alone = predict(machine, figures, 1e-6, prompt, output, seqs)
+        row["alone"] = alone.as_dict()
+    return row
+
+
+def _decision(best: dict, rows: list, slo, target: str, prompt: int, output: int,
+              usd_per_hour: float) -> dict:
+    p = best["at_max_rps"]
+    meets = best["max_rps"] > 0
+    reason = None
+    need = None
+    if not meets:
+        alone = best["alone"]
+        misses = [f"p99 {name} {alone[key]} ms > {limit} ms" for name, key, limit in (
+            ("TPOT", "tpot_p99_ms", slo.target_latency_ms if slo else None),
+            ("TTFT", "ttft_p99_ms", slo.target_ttft_ms if slo else None))
+            if limit is not None and alone[key] > limit]
+        reason = f"no configuration of {target} meets the SLO even at one request at a time: " \
+            + "; ".join(misses)
+    elif slo and slo.target_rps:
+        need = replicas(slo.target_rps, best["max_rps"])
+        if need > 1:
+            meets = False
+            reason = (f"target_rps {slo.target_rps} needs {need} x {target} at p99 TPOT "
+                      f"{slo.target_latency_ms} ms; one gives {best['max_rps']:.1f} rps")
+    tok_s = p["output_tok_s"]
+    return {"predicted": {**p, "max_rps": best["max_rps"], "prompt_tokens": prompt,
+                          "output_tokens": output,
+                          "usd_per_million_output_tokens": _round(usd_per_million_tokens(
+                              usd_per_hour, tok_s)),
+                          "usd_per_million_requests": _round(usd_per_million_tokens(
+                              usd_per_hour, best["max_rps"])) if best["max_rps"] else None},
+            "chosen": {"max_num_seqs": best["max_num_seqs"], "draft": best["draft"]},
+            "replicas": need, "meets_slo": meets, "reason": reason,
+            "candidates": rows, "label": "predicted by the cost model, not measured"}
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def _load_plot(machine, figures, best: dict, slo, prompt: int, output: int) -> bytes:
+    """Predicted p99 TPOT and TTFT at 10..100% of the chosen maximum rate, with the SLO."""
+    top = best["max_rps"] or 1.0
+    loads = [top * i / 10 for i in range(1, 11)]
+    preds = [predict(machine, figures, r, prompt, output, best["max_num_seqs"]) for r in loads]
+    series = {"p99 TPOT (ms)": [p.tpot_p99_ms for p in preds],
+              "p99 TTFT (ms)": [p.ttft_p99_ms for p in preds]}
+    if slo and slo.target_latency_ms:
+        series["SLO TPOT (ms)"] = [slo.target_latency_ms] * len(loads)
+    return line_chart(series, title=f"Predicted latency against load (max {top:.1f} rps)",
+                      xlabel="load, tenths of the chosen maximum", ylabel="ms")

@@ -1,0 +1,80 @@
+"""The cost model's arithmetic against hand-computed figures, the tuning decision, and the
+exit-4 path when the SLO cannot be met."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dwc.costmodel import (P99_FACTOR, Machine, ModelFigures, max_rps, predict, prefill_seconds,
+                           replicas, step_seconds, usd_per_million_tokens)
+from tests.conftest import assert_clean_error, dwc, write_buildfile
+
+M = Machine(bandwidth=1e12, peak_flops=1e15, usd_per_hour=3.0, eta_bw=0.5, eta_f=0.5,
+            s0=1e-3, s1=1e-5)
+F = ModelFigures(weight_bytes=1e9, params=5e8, kv_bytes_per_token=1e5)
+
+
+def test_step_and_prefill_by_hand():
+    # bytes 1e9 + 4 * 1000 * 1e5 = 1.4e9 at 0.5e12 B/s = 2.8 ms (FLOPs: 4e9 / 0.5e15 = 8 us)
+    assert step_seconds(M, F, 4, 1000) == pytest.approx(1e-3 + 4e-5 + 2.8e-3)
+    # KV-bound: 1000 sequences of 1000 tokens: bytes 1e9 + 1e11 at 0.5e12 B/s = 0.202 s
+    assert step_seconds(M, F, 1000, 1000) == pytest.approx(1e-3 + 1e-2 + 0.202)
+    # compute-bound: 4000 tokens, no context: 4e12 FLOPs / 0.5e15 = 8 ms > 2 ms of weights
+    assert step_seconds(M, F, 4000, 0) == pytest.approx(1e-3 + 4e-2 + 8e-3)
+    # prefill of 512: max(2 ms weights, 2 * 5e8 * 512 / 0.5e15 = 1.024 ms) + 1 ms
+    assert prefill_seconds(M, F, 512) == pytest.approx(3e-3)
+    big = prefill_seconds(M, F, 8192)  # compute-bound: 16.384 ms + 1 ms
+    assert big == pytest.approx(17.384e-3)
+
+
+def test_light_load_is_one_sequence_at_a_time():
+    p = predict(M, F, 1e-6, prompt=512, output=128, max_seqs=64)
+    step = step_seconds(M, F, 1, 512 + 64)
+    assert p.concurrency == pytest.approx(1.0)
+    assert p.tpot_ms == pytest.approx(step * 1000, rel=1e-6)
+    assert p.ttft_ms == pytest.approx((prefill_seconds(M, F, 512) + step) * 1000, rel=1e-6)
+    assert p.tpot_p99_ms == pytest.approx(p.tpot_ms * P99_FACTOR)
+
+
+def test_a_draft_divides_the_step_by_tau_and_multiplies_its_cost():
+    spec = ModelFigures(1e9, 5e8, 1e5, tau=3.0, step_cost=1 + 4 * 0.1)
+    plain = predict(M, F, 1e-6, 512, 128, 64)
+    fast = predict(M, spec, 1e-6, 512, 128, 64)
+    assert fast.tpot_ms == pytest.approx(plain.tpot_ms * 1.4 / 3.0, rel=1e-6)
+
+
+def test_max_rps_meets_its_limits_and_tighter_limits_give_less():
+    loose = max_rps(M, F, 512, 128, 256, tpot_ms=50)
+    tight = max_rps(M, F, 512, 128, 256, tpot_ms=10)
+    assert 0 < tight.rps < loose.rps
+    assert tight.tpot_p99_ms <= 10 + 1e-9 and tight.stable
+    # Little's law holds at the answer
+    assert tight.concurrency == pytest.approx(
+        tight.rps * (tight.ttft_ms + 128 * tight.tpot_ms) / 1000, rel=1e-3)
+    assert max_rps(M, F, 512, 128, 256, tpot_ms=1).rps == 0  # one step alone is 3.8 ms
+
+
+def test_replicas_and_dollars():
+    assert replicas(1000, 410) == 3 and replicas(400, 410) == 1 and replicas(5, 0) is None
+    # $3/h at 1,000 tok/s: 3 / 3600 / 1000 * 1e6 = $0.8333 per million
+    assert usd_per_million_tokens(3.0, 1000) == pytest.approx(0.83333, abs=1e-4)
+
+
+def test_tune_records_the_decision_and_exits_4_when_enforced(build_for, example, tmp_path):
+    bundle = build_for("h200-fp8")
+    m = json.loads((bundle / "manifest.json").read_text())
+    tuning = json.loads((bundle / "reports" / "tuning.json").read_text())
+    sizes = [c["max_num_seqs"] for c in tuning["candidates"]]
+    assert sizes[0] == 1 and sizes == sorted(sizes) and sizes[-1] >= m["kv_cache"]["max_num_seqs"]
+    assert m["kv_cache"]["max_num_seqs"] == tuning["chosen"]["max_num_seqs"]
+    assert tuning["predicted"]["max_rps"] == max(c["max_rps"] for c in tuning["candidates"])
+    assert m["slo"]["predicted"]["usd_per_million_output_tokens"] > 0
+    assert (bundle / "reports" / "tuning.png").is_file()
+    bf = write_buildfile(tmp_path / "bf", example, **{"evaluation.samples": 16,
+                                                      "slo.target_latency_ms": 0.5,
+                                                      "slo.enforce": True})
+    result = dwc("build", bf, "-t", "h200-fp8", "-o", tmp_path / "out")
+    assert_clean_error(result, 4, "p99 TPOT", "> 0.5 ms")
+    assert not (tmp_path / "out").exists()
