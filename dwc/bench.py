@@ -104,6 +104,7 @@ def online(engine: Engine, cfg: BenchConfig) -> dict:
                 first[seq.id] = now
             if seq.finish_reason and seq.id not in done:
                 done[seq.id] = (now, len(seq.output_ids))
+        live = [seq for seq in live if seq.id not in done]
     ttft = [first[i] - started[i] for i in started]
     tpot = [(done[i][0] - first[i]) / (done[i][1] - 1) for i in started if done[i][1] > 1]
     elapsed = max(d for d, _ in done.values())
