@@ -177,3 +177,30 @@ def stored_dtype(headers: list[dict]) -> str:
     if not counts:
         raise CheckpointError("checkpoint holds no floating-point weights")
     return FLOAT_DTYPES[max(sorted(counts), key=counts.get)]
+
+
+def expected_parameters(info: ModelInfo) -> int:
+    """Parameters the config describes (decoder Linears, embeddings, norms; biases left
+    out: they are a rounding error of the total)."""
+    h, layers = info.hidden_size, info.num_layers
+    q, kv = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * info.intermediate_size + 2 * h
+    embeddings = info.vocab_size * h * (1 if info.tie_word_embeddings else 2)
+    return embeddings + layers * per_layer + h
+
+
+def check_size_against_weights(info: ModelInfo, headers: list[dict]) -> None:
+    """Refuse a config that describes a much larger model than the weight files hold,
+    before transformers allocates it (a vocab_size of 10^9 would take all memory)."""
+    stored = 0
+    for header in headers:
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t["shape"]:
+                    count *= d
+                stored += count
+    described = expected_parameters(info)
+    if described > stored * 1.05:
+        raise CheckpointError(f"{info.path / hf.CONFIG}: describes {described:,} parameters but "
+                              f"the weight files hold {stored:,}")

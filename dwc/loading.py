@@ -15,11 +15,16 @@ def load_model(info: ModelInfo, dtype: str, device: str = "cpu"):
     import torch
     import transformers
 
+    from huggingface_hub.errors import StrictDataclassError
+
     cls = getattr(transformers, info.architecture)
     try:
         model, loading = cls.from_pretrained(
             info.path, dtype=getattr(torch, dtype), device_map=device, use_safetensors=True,
             trust_remote_code=False, local_files_only=True, output_loading_info=True)
+    except StrictDataclassError as e:  # transformers' own config validation
+        raise CheckpointError(f"{info.path}/{hf.CONFIG}: transformers refuses the config "
+                              f"({_first_line(e)})") from None
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{info.path}: cannot load weights ({_first_line(e)})") from None
     missing = [k for k in loading.get("missing_keys", []) if not _tied_head(k, info)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from dwc.checkpoint import safetensors_header, stored_dtype, weight_files
+from dwc.checkpoint import check_size_against_weights, safetensors_header, stored_dtype, weight_files
 from dwc.formats import hf
 from dwc.hashing import sha256_file
 from dwc.loading import adapter_config, adapter_files, load_model, load_tokenizer, merge_adapter
@@ -31,6 +31,7 @@ class Load(Pass):
         info = ctx.info
         files = weight_files(info.path)
         headers = [safetensors_header(f) for f in files]
+        check_size_against_weights(info, headers)
         dtype = stored_dtype(headers)
         reference = load_model(info, dtype, ctx.compute_device)
         adapter = None
