@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,12 +34,47 @@ def build(build_file: Path, target_name: str, output: Path, overrides=(), use_ca
     output = Path(output).absolute()
     _check_output_is_not_an_input(output, config)
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(output)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.work-", dir=output.parent) as work:
+        (Path(work) / OWNER).write_text(str(os.getpid()))
         ctx = BuildContext(build=config, build_path=build_file.resolve(), target=target,
                            info=info, output=output, workdir=Path(work), force=force,
                            reporter=reporter or Reporter())
         run(steps, ctx, PassCache(cache_dir(), enabled=use_cache))
     return read_manifest(ctx.artifacts["bundle"])
+
+
+OWNER = ".owner-pid"
+
+
+def remove_abandoned(output: Path) -> None:
+    """Scratch (`.NAME.work-*`), staging (`.partial-*`) and replaced (`.old-*`) folders of
+    earlier builds of `output` whose process is gone: a build killed with SIGKILL cannot
+    clean up after itself. When any earlier build of the same output still runs (its
+    scratch folder names a live process), nothing is touched."""
+    import shutil
+
+    works = list(output.parent.glob(f".{output.name}.work-*"))
+    for folder in works:
+        try:
+            pid = int((folder / OWNER).read_text())
+        except (OSError, ValueError):
+            return  # being created right now, or not ours: leave everything
+        if _alive(pid):
+            return
+    for kind in ("work", "partial", "old"):
+        for folder in output.parent.glob(f".{output.name}.{kind}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
 
 
 def _check_output_is_not_an_input(output: Path, config) -> None:

@@ -1,0 +1,41 @@
+"""Faults (issue 10): builds killed with SIGKILL at several points leave at the output
+path either nothing or a whole bundle that verifies (a kill after the final rename), the
+next build cleans their scratch folders, reuses what the cache holds and produces a bundle
+that verifies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import dwc, write_buildfile
+
+
+def test_sigkill_at_several_points_then_a_clean_build(example, tmp_path):
+    bf = write_buildfile(tmp_path / "bf", example)
+    out = tmp_path / "out"
+    env = dict(os.environ, DWC_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "dwc", "build", str(bf), "-t", "cpu-gguf-q4_k_m", "-o", str(out)]
+    for delay in (0.5, 2.5, 4.5, 6.5):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode in (0, -signal.SIGKILL)
+        if out.exists():  # finished, or killed after the bundle's rename: it must be whole
+            assert dwc("inspect", "--verify", out).exit_code == 0, f"killed after {delay} s"
+            shutil.rmtree(out)
+    result = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert leftovers == [], leftovers
+    assert dwc("inspect", "--verify", out).exit_code == 0
+    passes = json.loads((out / "manifest.json").read_text())["passes"]
+    assert any(p["cached"] for p in passes if p["name"] == "calibrate")  # survived a kill
