@@ -39,3 +39,22 @@ def test_sigkill_at_several_points_then_a_clean_build(example, tmp_path):
     assert dwc("inspect", "--verify", out).exit_code == 0
     passes = json.loads((out / "manifest.json").read_text())["passes"]
     assert any(p["cached"] for p in passes if p["name"] == "calibrate")  # survived a kill
+
+
+def test_a_full_disk_while_writing_the_bundle_fails_cleanly(example, tmp_path):
+    """ENOSPC from the bundle writer (simulated): one line naming it, exit 1 (an
+    environment failure), nothing at the output path, no staging or scratch left."""
+    import errno
+    from unittest import mock
+
+    from dwc.bundle import writer
+    from tests.conftest import assert_clean_error
+
+    def full(self, rel, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.staging / rel))
+
+    bf = write_buildfile(tmp_path / "bf", example)
+    with mock.patch.object(writer.BundleWriter, "write_bytes", full):
+        result = dwc("build", bf, "-t", "cpu-gguf-q8_0", "-o", tmp_path / "out")
+    assert_clean_error(result, 1, "[emit]", "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["bf"]
