@@ -1,10 +1,15 @@
 """The cost model (dwc/costmodel.py, the `tune` pass) against measurement on the H200
-(issue 9): the Llama-3-8B shape (random weights) built `-t h200-fp8` with an SLO, then
-`dwc bench`'s online measurement (Poisson arrivals, 512-token prompts, 128 new tokens) at
-three loads below the predicted maximum, beside the model's prediction at the same rate.
-Goal: predictions within 15% of measurements.
+(issue 9): the Llama-3-8B shape (random weights) built `-t h200-fp8` with an SLO (on the
+GPU, `tune` calibrates the model with short measurements), then `dwc bench`'s online
+measurement (Poisson arrivals, 512-token prompts, 128 new tokens; warm-up requests not
+counted) at three loads below the predicted maximum, beside the build's prediction at
+the same rate. Goal: predictions within 15% of measurements.
 
     DWC_COMMIT=<hash> python3 benchmarks/costmodel_gpu.py --out $OUT
+
+Also records every step's duration and prompt tokens during the measurement (the
+longest steps and the mean of steps with and without a prompt), to say where a miss
+comes from.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from datetime import date
@@ -25,23 +31,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from build_8b import EXAMPLE, make_checkpoint  # noqa: E402
 
 from dwc.bench import BenchConfig, online  # noqa: E402
-from dwc.costmodel import Machine, ModelFigures, predict  # noqa: E402
+from dwc.costmodel import Calibration, Machine, ModelFigures, predict  # noqa: E402
 from dwc.runtime.engine import Engine  # noqa: E402
 
 PROMPT, OUTPUT, TPOT_MS = 512, 128, 40.0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
-    ap.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.8])
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = args.work / "llama3-8b-shape"
+def build(work: Path) -> Path:
+    ckpt = work / "llama3-8b-shape"
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt)
-    build_file = args.work / "model-slo.yaml"
+    build_file = work / "model-slo.yaml"
     build_file.write_text(
         f"name: llama3-8b-shape\nmodel: {ckpt}\n"
         f"calibration: {{data: {EXAMPLE / 'calib.txt'}, samples: 32, seq_len: 256}}\n"
@@ -49,41 +49,102 @@ def main() -> int:
         "max_ppl_increase_pct: 100}\ndraft: none\n"
         f"slo: {{target_latency_ms: {TPOT_MS}, prompt_tokens: {PROMPT}, "
         f"output_tokens: {OUTPUT}, max_context: 2048}}\n")
-    bundle = args.work / "bundle-fp8-slo"
+    bundle = work / "bundle-fp8-slo"
     proc = subprocess.run([sys.executable, "-m", "dwc", "build", str(build_file), "-t",
                            "h200-fp8", "-o", str(bundle), "--json", "--force"],
                           capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"build failed: {proc.stderr[-2000:]}")
+        raise SystemExit(f"build failed: {proc.stdout[-1000:]} {proc.stderr[-2000:]}")
+    return bundle
+
+
+class StepLog:
+    """Each step's seconds and prompt tokens (chunks longer than one token)."""
+
+    def __init__(self, engine: Engine):
+        self.rows: list[tuple[float, int, int]] = []
+        self._last = (0, 0)
+        schedule = engine.scheduler.schedule
+
+        def logged():
+            chunks = schedule()
+            self._last = (len(chunks), sum(c.length for c in chunks if c.length > 1))
+            return chunks
+        engine.scheduler.schedule = logged
+
+    def __call__(self, seconds: float) -> None:
+        self.rows.append((seconds, *self._last))
+
+    def summary(self) -> dict:
+        mixed = [s for s, _, p in self.rows if p]
+        plain = [s for s, _, p in self.rows if not p]
+        ms = lambda xs: round(1000 * statistics.mean(xs), 3) if xs else None  # noqa: E731
+        longest = sorted(self.rows, reverse=True)[:8]
+        return {"steps": len(self.rows), "decode_steps_mean_ms": ms(plain),
+                "prompt_steps_mean_ms": ms(mixed), "prompt_steps": len(mixed),
+                "mean_sequences": round(statistics.mean(n for _, n, _ in self.rows), 1),
+                "longest": [{"ms": round(1000 * s, 2), "sequences": n, "prompt_tokens": p}
+                            for s, n, p in longest]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
+    ap.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.8])
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=100)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bundle = build(args.work)
     manifest = json.loads((bundle / "manifest.json").read_text())
     slo, plan = manifest["slo"], manifest["kv_cache"]
     hw = manifest["target"]["hardware"]
+    tuning = json.loads((bundle / "reports" / "tuning.json").read_text())
+    cal = tuning.get("calibration")
     machine = Machine(hw["memory_bandwidth_gbs"] * 1e9, max(hw["peak_tflops"].values()) * 1e12,
-                      hw["usd_per_hour"])
+                      hw["usd_per_hour"], calibration=Calibration.from_dict(cal) if cal else None)
     figures = ModelFigures(manifest["quantization"]["weight_bytes"],
                            manifest["source"]["parameters"], plan["bytes_per_token"])
     engine = Engine.from_bundle(bundle)
-    engine.generate([[5] * PROMPT] * 4, None)  # warm-up: prefill shapes, graphs
+    engine.generate([[5 + i] * PROMPT for i in range(8)], None)  # warm-up: prefill shapes
     report = {"benchmark": "costmodel_gpu", "device": torch.cuda.get_device_name(0),
               "date": date.today().isoformat(), "commit": os.environ.get("DWC_COMMIT", "?"),
-              "slo": slo, "max_num_seqs": plan["max_num_seqs"], "levels": []}
+              "slo": slo, "calibration": cal, "max_num_seqs": plan["max_num_seqs"],
+              "requests_per_level": args.requests, "warmup_per_level": args.warmup,
+              "levels": []}
     top = slo["predicted"]["max_rps"]
+    rows = []
     for load in args.loads:
         rps = round(top * load, 2)
         cfg = BenchConfig(input_len=PROMPT, output_len=OUTPUT, rps=rps,
-                          online_requests=max(64, int(rps * 4)))
-        measured = online(engine, cfg)
+                          online_requests=args.requests, online_warmup=args.warmup,
+                          seed=int(load * 100))
+        log = StepLog(engine)
+        measured = online(engine, cfg, on_step=log)
+        engine.scheduler.schedule = type(engine.scheduler).schedule.__get__(engine.scheduler)
         p = predict(machine, figures, rps, PROMPT, OUTPUT, plan["max_num_seqs"])
+        err = lambda pred, meas: round(pred / meas - 1, 3)  # noqa: E731
         level = {"load": load, "rps": rps, "measured": measured, "predicted": p.as_dict(),
-                 "tpot_p99_error": round(p.tpot_p99_ms / measured["tpot_ms"]["p99"] - 1, 3),
-                 "ttft_p99_error": round(p.ttft_p99_ms / measured["ttft_ms"]["p99"] - 1, 3),
-                 "rps_error": round(rps / measured["achieved_rps"] - 1, 3)}
+                 "steps": log.summary(),
+                 "tpot_p99_error": err(p.tpot_p99_ms, measured["tpot_ms"]["p99"]),
+                 "ttft_p99_error": err(p.ttft_p99_ms, measured["ttft_ms"]["p99"]),
+                 "tpot_mean_error": err(p.tpot_ms, measured["tpot_ms"]["mean"]),
+                 "ttft_mean_error": err(p.ttft_ms, measured["ttft_ms"]["mean"]),
+                 "rps_error": err(rps, measured["achieved_rps"])}
         report["levels"].append(level)
         (args.out / "costmodel_gpu.json").write_text(json.dumps(report, indent=1))
-        print(f"load {load:.2f} rps {rps:>8}: TPOT p99 measured {measured['tpot_ms']['p99']:>8} "
-              f"predicted {p.tpot_p99_ms:8.2f} | TTFT p99 measured {measured['ttft_ms']['p99']:>8} "
-              f"predicted {p.ttft_p99_ms:8.2f} | achieved rps {measured['achieved_rps']}",
-              flush=True)
+        rows.append(level)
+    print(f"calibration: {json.dumps(cal)}")
+    print("load   rps    | TPOT p99 meas/pred (err) | TPOT mean meas/pred | "
+          "TTFT p99 meas/pred (err) | TTFT mean meas/pred | achieved rps")
+    for lv in rows:
+        m, p = lv["measured"], lv["predicted"]
+        print(f"{lv['load']:.2f} {lv['rps']:7.2f} | {m['tpot_ms']['p99']:7.2f}/{p['tpot_p99_ms']:7.2f}"
+              f" ({lv['tpot_p99_error']:+.1%}) | {m['tpot_ms']['mean']:6.2f}/{p['tpot_ms']:6.2f} | "
+              f"{m['ttft_ms']['p99']:7.2f}/{p['ttft_p99_ms']:7.2f} ({lv['ttft_p99_error']:+.1%}) | "
+              f"{m['ttft_ms']['mean']:6.2f}/{p['ttft_ms']:6.2f} | {m['achieved_rps']}")
+        print(f"      steps: {json.dumps(lv['steps'])}")
     return 0
 
 

@@ -26,6 +26,7 @@ class BenchConfig:
     output_len: int = 64
     rps: float = 2.0
     online_requests: int = 16
+    online_warmup: int = 0    # first requests of the arrivals, sent but not measured
     baseline: bool = True
     seed: int = 0
 
@@ -51,7 +52,7 @@ def offline(engine: Engine, cfg: BenchConfig) -> dict:
     _sync(engine)
     seconds = time.perf_counter() - t0
     result = {"prompts": cfg.num_prompts, "input_len": cfg.input_len,
-              "output_len": cfg.output_len, "seconds": round(seconds, 3),
+              "output_len": cfg.output_len, "seconds": round(seconds, 4),
               "output_tok_s": round(cfg.num_prompts * cfg.output_len / seconds, 2)}
     if cfg.baseline:
         result["transformers_output_tok_s"] = _baseline(engine, batch, cfg.output_len)
@@ -71,10 +72,13 @@ def _baseline(engine: Engine, batch: list[list[int]], output_len: int) -> float:
     return round(len(batch) * output_len / (time.perf_counter() - t0), 2)
 
 
-def online(engine: Engine, cfg: BenchConfig) -> dict:
-    """Poisson arrivals, stepped in this thread: a request joins at its arrival time."""
+def online(engine: Engine, cfg: BenchConfig, on_step=None) -> dict:
+    """Poisson arrivals, stepped in this thread: a request joins at its arrival time. The
+    first `online_warmup` requests load the engine but are not measured (steady state).
+    `on_step(seconds)`, if given, sees every step's duration (diagnostics)."""
     rng = random.Random(cfg.seed + 1)
-    batch = prompts(engine, cfg.online_requests, cfg.input_len, cfg.seed + 2)
+    total = cfg.online_warmup + cfg.online_requests
+    batch = prompts(engine, total, cfg.input_len, cfg.seed + 2)
     arrivals, t = [], 0.0
     for _ in batch:
         t += rng.expovariate(cfg.rps)
@@ -84,6 +88,7 @@ def online(engine: Engine, cfg: BenchConfig) -> dict:
     started: dict[int, float] = {}
     first: dict[int, float] = {}
     done: dict[int, tuple[float, int]] = {}
+    measured = []
     t0 = time.perf_counter()
     live = []
     while pending or engine.has_work():
@@ -92,23 +97,28 @@ def online(engine: Engine, cfg: BenchConfig) -> dict:
             at, ids = pending.pop(0)
             seq = engine.add(ids, params)
             started[seq.id] = at
+            if total - len(pending) > cfg.online_warmup:
+                measured.append(seq.id)
             live.append(seq)
         if not engine.has_work():
             time.sleep(min(0.01, max(0.0, pending[0][0] - now)))
             continue
         engine.step()
         _sync(engine)
-        now = time.perf_counter() - t0
+        end = time.perf_counter() - t0
+        if on_step:
+            on_step(end - now)
         for seq in live:
             if seq.output_ids and seq.id not in first:
-                first[seq.id] = now
+                first[seq.id] = end
             if seq.finish_reason and seq.id not in done:
-                done[seq.id] = (now, len(seq.output_ids))
+                done[seq.id] = (end, len(seq.output_ids))
         live = [seq for seq in live if seq.id not in done]
-    ttft = [first[i] - started[i] for i in started]
-    tpot = [(done[i][0] - first[i]) / (done[i][1] - 1) for i in started if done[i][1] > 1]
-    elapsed = max(d for d, _ in done.values())
-    return {"rps": cfg.rps, "requests": len(batch), "achieved_rps": round(len(batch) / elapsed, 3),
+    ttft = [first[i] - started[i] for i in measured]
+    tpot = [(done[i][0] - first[i]) / (done[i][1] - 1) for i in measured if done[i][1] > 1]
+    window = max(done[i][0] for i in measured) - started[measured[0]]
+    return {"rps": cfg.rps, "requests": len(measured), "warmup_requests": cfg.online_warmup,
+            "achieved_rps": round(len(measured) / window, 3),
             "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot)}
 
 
@@ -117,7 +127,10 @@ def _percentiles(values: list[float]) -> dict:
 
     def pick(q):
         return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-    return {"p50": pick(0.50), "p99": pick(0.99)} if ordered else {"p50": None, "p99": None}
+    if not ordered:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
+            "mean": round(1000 * sum(ordered) / len(ordered), 3)}
 
 
 def against_slo(slo: dict | None, result: dict) -> dict | None:

@@ -1,36 +1,61 @@
-"""A roofline cost model of dwc's runtime on a target: predicted time per output token,
-time to first token and sustainable request rate, the replicas a request rate needs, and
-dollars per million tokens (issue 9).
+"""A cost model of dwc's runtime on a target: predicted time per output token, time to
+first token and sustainable request rate, the replicas a request rate needs, and dollars
+per million tokens (issue 9).
 
-A decode step of n sequences at mean context c reads the weights once and every
-sequence's K/V, and does 2 FLOPs per parameter per token:
+Two step costs drive it:
 
-    step(n, c) = s0 + s1 * n + max(bytes(n, c) / (eta_bw * BW), 2 * P * n / (eta_f * F))
+- decode(n, c): a decode step of n sequences at mean context c. Calibrated (measured by
+  dwc's engine on the target's GPU, dwc/calibration.py): interpolated between measured
+  sizes, plus the K/V bytes of the context beyond the measured one. Otherwise a roofline:
+  the step reads the weights once and every sequence's K/V, and does 2 FLOPs per
+  parameter per token,
 
-BW and F are the target's bandwidth and peak FLOP/s (its YAML); eta_bw and eta_f the
-fraction dwc's kernels reach, s0 and s1 the host time per step and per sequence. The
-defaults were measured on the H200 with dwc's runtime (benchmarks/results/
-h200-2026-11-24-perf-b6b09c6.json, 8B shape, FP8): batch 1 step 4.1 ms with 3.4 ms on the
-GPU against 1.8 ms of weight reads at full bandwidth (eta_bw 0.54), batch 128 step 8.5 ms
-with 5.3 ms on the GPU (host 0.75 ms + 25 us per sequence). With a draft, a step yields tau
-tokens per sequence and costs (1 + K c) steps.
+      decode(n, c) = s0 + s1 * n + max(bytes(n, c) / (eta_bw * BW), 2 * P * n / (eta_f * F))
 
-Load: requests of P prompt and O output tokens arriving at rate r. By Little's law the
-number in the system is n = r (TTFT + O * TPOT); a prefill of P tokens takes
-prefill(P) = s0 + max(weights / (eta_bw BW), 2 P params / (eta_f F)) and shares steps
-with decoding (chunked prefill), so per second the GPU spends r * prefill(P) on prompts and
-the rest on decode steps. The model iterates n to a fixed point; it has none (the queue
-grows) when prompts and decode steps need more than the whole second. p99 figures are
-the mean times P99_FACTOR (arrivals are Poisson; a step's length varies with the batch's
-prefill share): measured against dwc bench, see benchmarks/.
+  BW and F are the target's bandwidth and peak FLOP/s (its YAML); eta_bw, eta_f, s0, s1
+  defaults measured on the H200 (benchmarks/results/h200-2026-11-24-perf-b6b09c6.json).
+- extra(n): what one prompt of the SLO's length adds to a step of n decoding sequences
+  (chunked prefill: prompts join decode steps). Calibrated, or the roofline's prefill.
+
+Load: requests of P prompt and O output tokens arrive as a Poisson process at rate r.
+Prompts take r * extra of each second; decode steps share the rest, so the mean time per
+output token is decode / tau / (1 - r * extra) (tau: tokens per step with a draft). By
+Little's law n = r (TTFT + O * TPOT); the model iterates n to a fixed point, and there
+is none (the queue grows) when prompts need the whole second or n passes the concurrency
+limit.
+
+The p99 figures come from the same arrivals: a request's TPOT is its O - 1 decode steps
+plus the prompts that joined them, a Poisson count whose 99th percentile k gives
+(steps * decode + k * extra) / (O - 1); its TTFT is the rest of the step in progress when
+it arrived and its own prefill step, each carrying the 99th percentile of the prompts that
+arrive within a step. Measured against dwc bench on the H200: benchmarks/costmodel_gpu.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
-P99_FACTOR = 1.25
+QUANTILE = 0.99
+
+
+@dataclass
+class Calibration:
+    """Step times measured by dwc's engine on the target's GPU (dwc/calibration.py)."""
+
+    context: int                                           # context the decode steps had
+    prompt_tokens: int                                     # length of the prompts timed
+    decode: list = field(default_factory=list)             # [(sequences, seconds)]
+    prefill: list = field(default_factory=list)            # [(sequences, extra seconds)]
+    device: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(d["context"], d["prompt_tokens"], [tuple(x) for x in d["decode"]],
+                   [tuple(x) for x in d["prefill"]], d.get("device", ""))
 
 
 @dataclass
@@ -42,6 +67,7 @@ class Machine:
     eta_f: float = 0.35       # fraction of peak FLOP/s reached at large batches
     s0: float = 0.75e-3       # host seconds per step
     s1: float = 25e-6         # host seconds per sequence per step
+    calibration: Calibration | None = None
 
 
 @dataclass
@@ -53,15 +79,49 @@ class ModelFigures:
     step_cost: float = 1.0    # a decode step's cost relative to the target's alone (1 + K c)
 
 
+def interpolate(points: list, x: float) -> float:
+    """Linear through (x, y) points sorted by x; the end segments extend beyond them."""
+    if len(points) == 1:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1 or (x1, y1) == points[-1]:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise AssertionError("unreachable")
+
+
 def step_seconds(m: Machine, f: ModelFigures, n: float, context: float) -> float:
+    """A decode step of n sequences at mean context `context`."""
+    cal = m.calibration
+    if cal:
+        more_kv = n * (context - cal.context) * f.kv_bytes_per_token
+        return interpolate(cal.decode, n) + more_kv / (m.eta_bw * m.bandwidth)
     bytes_ = f.weight_bytes + n * context * f.kv_bytes_per_token
     flops = 2 * f.params * n
     return m.s0 + m.s1 * n + max(bytes_ / (m.eta_bw * m.bandwidth), flops / (m.eta_f * m.peak_flops))
 
 
-def prefill_seconds(m: Machine, f: ModelFigures, tokens: int) -> float:
+def prefill_seconds(m: Machine, f: ModelFigures, tokens: int, n: float = 1) -> float:
+    """What a prompt of `tokens` adds to a step of n decoding sequences."""
+    cal = m.calibration
+    if cal and cal.prefill:
+        return interpolate(cal.prefill, n) * tokens / cal.prompt_tokens
     return m.s0 + max(f.weight_bytes / (m.eta_bw * m.bandwidth),
                       2 * f.params * tokens / (m.eta_f * m.peak_flops))
+
+
+def poisson_quantile(q: float, mean: float) -> int:
+    """The smallest k with P(X <= k) >= q for X ~ Poisson(mean)."""
+    if mean <= 0:
+        return 0
+    if mean > 500:  # normal approximation; the sum below underflows
+        return math.ceil(mean + 2.326 * math.sqrt(mean))
+    k, term = 0, math.exp(-mean)
+    total = term
+    while total < q:
+        k += 1
+        term *= mean / k
+        total += term
+    return k
 
 
 @dataclass
@@ -70,16 +130,10 @@ class Prediction:
     concurrency: float        # sequences in the system (Little's law)
     tpot_ms: float            # mean
     ttft_ms: float            # mean
+    tpot_p99_ms: float
+    ttft_p99_ms: float
     output_tok_s: float
     stable: bool
-
-    @property
-    def tpot_p99_ms(self) -> float:
-        return self.tpot_ms * P99_FACTOR
-
-    @property
-    def ttft_p99_ms(self) -> float:
-        return self.ttft_ms * P99_FACTOR
 
     def as_dict(self) -> dict:
         return {"rps": round(self.rps, 3), "concurrency": round(self.concurrency, 2),
@@ -90,21 +144,28 @@ class Prediction:
 
 def predict(m: Machine, f: ModelFigures, rps: float, prompt: int, output: int,
             max_seqs: int) -> Prediction:
-    """Steady state at `rps` requests/s (mean figures; see the module docstring)."""
-    prefill = prefill_seconds(m, f, prompt)
-    decode_share = 1 - rps * prefill        # of each second, what decode steps get
+    """Steady state at `rps` requests/s (see the module docstring)."""
     n = 1.0
     for _ in range(200):
-        context = prompt + output / 2
-        step = step_seconds(m, f, n, context) * f.step_cost
-        tpot = step / f.tau / max(decode_share, 1e-9)
-        ttft = prefill + step
+        decode = step_seconds(m, f, n, prompt + output / 2) * f.step_cost
+        extra = prefill_seconds(m, f, prompt, n)
+        busy = rps * extra                      # of each second, what prompts take
+        tpot = decode / f.tau / max(1 - busy, 1e-9)
+        per_step = rps * decode / max(1 - busy, 1e-9)  # prompts arriving per step
+        step = decode + per_step * extra        # the mean step
+        ttft = step / 2 + decode + (1 + per_step / 2) * extra
         new_n = min(max_seqs, max(1.0, rps * (ttft + output * tpot)))
         if abs(new_n - n) < 1e-6:
             break
         n = new_n
-    stable = decode_share > 0 and rps * (ttft + output * tpot) <= max_seqs + 1e-6
-    return Prediction(rps, n, tpot * 1000, ttft * 1000, rps * output, stable)
+    stable = busy < 1 and rps * (ttft + output * tpot) <= max_seqs + 1e-6
+    steps = max(output - 1, 1)
+    joined = poisson_quantile(QUANTILE, rps * steps * tpot)
+    tpot99 = (steps / f.tau * decode + joined * extra) / steps
+    crowd = poisson_quantile(QUANTILE, per_step)  # prompts arriving within one step
+    ttft99 = 2 * decode + (1 + 2 * crowd) * extra
+    return Prediction(rps, n, tpot * 1000, ttft * 1000, tpot99 * 1000, ttft99 * 1000,
+                      rps * output, stable)
 
 
 def max_rps(m: Machine, f: ModelFigures, prompt: int, output: int, max_seqs: int,

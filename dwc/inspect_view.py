@@ -65,7 +65,7 @@ def show_manifest(m: dict, bundle: Path) -> None:
                f"KL {q['kl_divergence']:.2e}; top-1 agreement {100 * q['top1_agreement']:.2f}%")
     if m.get("slo"):
         slo = {k: v for k, v in m["slo"].items()
-               if v is not None and k not in ("predicted", "chosen", "reason")}
+               if v is not None and k not in ("predicted", "chosen", "reason", "measured")}
         _OUT.print(f"slo        {slo}")
         p = m["slo"].get("predicted")
         if p:
@@ -73,6 +73,11 @@ def show_manifest(m: dict, bundle: Path) -> None:
                        f"{p['ttft_p99_ms']} ms ({p['prompt_tokens']} in / {p['output_tokens']} "
                        f"out); ${p['usd_per_million_output_tokens']} per million output tokens, "
                        f"${p['usd_per_million_requests']} per million requests (cost model)")
+        measured = m["slo"].get("measured")
+        if measured:
+            _OUT.print(f"measured   {measured['rps']} rps ({measured['requests']} requests): p99 "
+                       f"TPOT {measured['tpot_ms']['p99']} ms, TTFT {measured['ttft_ms']['p99']} "
+                       "ms (dwc bench online, on the target's GPU)")
         if m["slo"].get("reason"):
             _OUT.print(f"           [red]{m['slo']['reason']}[/]")
     _OUT.print(f"files      {len(m['files'])} files, {_size(total)}")

@@ -46,6 +46,9 @@ def _slo(ctx) -> dict | None:
     slo = vars(ctx.build.slo) | {} if ctx.build.slo else {}
     if tuning:
         slo |= {k: tuning[k] for k in ("predicted", "chosen", "replicas", "meets_slo", "reason")}
+        if "measured" in tuning:  # on the target's GPU: the choice measured at its rate
+            slo["measured"] = {k: tuning["measured"][k] for k in ("rps", "requests", "ttft_ms",
+                                                                  "tpot_ms")}
     return slo
 
 

@@ -12,14 +12,20 @@ one device cannot reach `slo.target_rps`, the report says how many replicas can;
 candidate meets the latency limits at any rate, the build says which limit and by how
 much, and exits 4 with `slo.enforce: true`.
 
-Figures are predictions (labelled so in `reports/tuning.json` and the manifest's
-`slo.predicted`), from the target's figures and constants measured on the H200; they are
-not measured on the target here.
+When the target's GPU is the one present, the model is calibrated first: dwc's engine
+times decode steps and prompt arrivals on it (dwc/calibration.py), and after the choice
+`dwc bench`'s online measurement runs the chosen configuration at the chosen rate; its
+p99 figures go to the manifest's `slo.measured` and decide `meets_slo`. Elsewhere the
+figures are roofline predictions from the target's YAML (labelled so).
 """
 
 from __future__ import annotations
 
-from dwc.costmodel import Machine, ModelFigures, max_rps, predict, replicas, \
+import shutil
+from dataclasses import dataclass
+
+from dwc.config import option
+from dwc.costmodel import Calibration, Machine, ModelFigures, max_rps, predict, replicas, \
     usd_per_million_tokens
 from dwc.errors import SloNotMet
 from dwc.passes.base import Pass, PassResult
@@ -28,27 +34,51 @@ from dwc.reports import json_bytes, line_chart
 GB = 1e9
 
 
+@dataclass
+class TuneOptions:
+    calibrate: bool = option(True, help="on the target's GPU: time the engine first, and "
+                                        "measure the choice at its rate")
+    confirm_requests: int = option(200, help="requests of the confirming measurement")
+    warmup_requests: int = option(50, help="requests sent first and not measured")
+
+    def validate(self, path: str) -> None:
+        from dwc.config import positive
+
+        positive(self, path, "confirm_requests")
+
+
 class Tune(Pass):
     name = "tune"
     description = ("Predict p99 TPOT / TTFT and the sustainable request rate of each serving "
                    "configuration with the cost model; pick the one that meets the SLO most "
                    "cheaply; report replicas and $ per million tokens (exit 4 if none meets it "
                    "and slo.enforce).")
-    reads = ("kv_plan", "model")
-    optional_reads = ("quantized", "draft")
+    reads = ("kv_plan", "model", "tokenizer")
+    optional_reads = ("quantized", "draft", "fusion")
     writes = ("kv_plan", "tuning")
+    Options = TuneOptions
 
     def run(self, ctx, options) -> PassResult:
         slo, hw = ctx.build.slo, ctx.target.hardware
         plan = dict(ctx.artifacts["kv_plan"])
         prompt, output = (slo.prompt_tokens, slo.output_tokens) if slo else (512, 128)
+        calibrating = options.calibrate and on_target_gpu(hw) and \
+            _longest(plan, prompt, output) <= ctx.artifacts["model"].config.max_position_embeddings
+        engine = _engine(ctx, plan, prompt, output) if calibrating else None
+        calibration = _calibrate(engine, plan, prompt) if engine else None
         machine = Machine(hw.memory_bandwidth_gbs * GB, max(hw.peak_tflops.values()) * 1e12,
-                          hw.usd_per_hour)
+                          hw.usd_per_hour, calibration=calibration)
         rows = [_candidate(machine, _figures(ctx, plan, draft), seqs, draft, slo, prompt, output)
                 for seqs in _powers(plan["max_num_seqs"])
                 for draft in ([False, True] if ctx.artifacts.get("draft") else [False])]
         best = max(rows, key=lambda r: (r["max_rps"], -r["max_num_seqs"]))
         tuning = _decision(best, rows, slo, ctx.target.name, prompt, output, hw.usd_per_hour)
+        if calibration:
+            tuning["calibration"] = calibration.as_dict()
+            tuning["label"] = f"predicted by the cost model calibrated on {calibration.device}"
+            _confirm(engine, tuning, best, slo, prompt, output, options)
+        if engine is not None:
+            _release(engine)
         plan["max_num_seqs"] = best["max_num_seqs"]
         png = _load_plot(machine, _figures(ctx, plan, best["draft"]), best, slo, prompt, output)
         if slo and slo.enforce and not tuning["meets_slo"]:
@@ -60,6 +90,88 @@ class Tune(Pass):
                                        tuning["predicted"]["usd_per_million_output_tokens"],
                                    "meets_slo": tuning["meets_slo"]},
                           reports={"tuning.json": json_bytes(tuning), "tuning.png": png})
+
+
+def on_target_gpu(hw) -> bool:
+    """A CUDA GPU is present and it is the target's (its name's words are in the target's
+    hardware name: "NVIDIA H200" in "NVIDIA H200 141GB")."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    present = torch.cuda.get_device_name(0).lower().split()
+    return all(word in hw.name.lower().split() for word in present)
+
+
+def _engine(ctx, plan: dict, prompt: int, output: int):
+    """dwc's engine on the optimized model (a folder of its files and the tokenizer),
+    sized for the calibration: every concurrency up to the plan's, each with a prompt."""
+    import os
+
+    from dwc.runtime.engine import Engine, EngineConfig
+
+    folder = ctx.workdir / "tune-model"
+    shutil.rmtree(folder, ignore_errors=True)
+    quantized = ctx.artifacts.get("quantized")
+    if quantized is not None:
+        folder.mkdir(parents=True)
+        for f in quantized.folder.iterdir():
+            os.link(f, folder / f.name)  # same file system: no copy of the weights
+    else:
+        ctx.artifacts["model"].save_pretrained(folder)
+    ctx.artifacts["tokenizer"].save_pretrained(folder)
+    from dwc.calibration import PROMPTS
+
+    seqs = plan["max_num_seqs"] + PROMPTS
+    per_seq = -(-_longest(plan, prompt, output) // plan["block_size"])
+    config = EngineConfig.from_plan(plan, num_blocks=seqs * per_seq + 4, speculative=False)
+    return Engine(folder, config, fusion=(ctx.artifacts.get("fusion") or {}).get("plan"))
+
+
+def _longest(plan: dict, prompt: int, output: int) -> int:
+    """The longest sequence calibration or confirmation runs."""
+    from dwc.calibration import output_tokens
+
+    return prompt + max(output, output_tokens(len(_powers(plan["max_num_seqs"]))))
+
+
+def _calibrate(engine, plan: dict, prompt: int) -> Calibration:
+    from dwc.calibration import calibrate
+
+    return calibrate(engine, prompt, _powers(plan["max_num_seqs"]))
+
+
+def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, options) -> None:
+    """`dwc bench`'s online measurement of the choice at the chosen rate: the measured
+    p99 figures decide whether the SLO is met."""
+    from dwc.bench import BenchConfig, online
+
+    rate = best["max_rps"]
+    if rate <= 0:
+        return
+    engine.scheduler.max_num_seqs = best["max_num_seqs"]
+    result = online(engine, BenchConfig(input_len=prompt, output_len=output, rps=rate,
+                                        online_requests=options.confirm_requests,
+                                        online_warmup=options.warmup_requests))
+    tuning["measured"] = result
+    misses = [f"measured p99 {name} {result[key]['p99']} ms > {limit} ms"
+              for name, key, limit in (("TPOT", "tpot_ms", slo.target_latency_ms if slo else None),
+                                       ("TTFT", "ttft_ms", slo.target_ttft_ms if slo else None))
+              if limit is not None and result[key]["p99"] > limit]
+    if misses:
+        tuning["meets_slo"] = False
+        tuning["reason"] = f"at the predicted {rate:.1f} rps: " + "; ".join(misses)
+
+
+def _release(engine) -> None:
+    """Give the engine's GPU memory back before the next pass."""
+    import gc
+
+    import torch
+
+    engine.runner = engine.blocks = engine.scheduler = None
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _powers(limit: int) -> list[int]:

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from dwc.costmodel import (P99_FACTOR, Machine, ModelFigures, max_rps, predict, prefill_seconds,
-                           replicas, step_seconds, usd_per_million_tokens)
+from dwc.costmodel import (Calibration, Machine, ModelFigures, interpolate, max_rps,
+                           poisson_quantile, predict, prefill_seconds, replicas, step_seconds,
+                           usd_per_million_tokens)
 from tests.conftest import assert_clean_error, dwc, write_buildfile
 
 M = Machine(bandwidth=1e12, peak_flops=1e15, usd_per_hour=3.0, eta_bw=0.5, eta_f=0.5,
@@ -29,13 +30,54 @@ def test_step_and_prefill_by_hand():
     assert big == pytest.approx(17.384e-3)
 
 
+def test_calibrated_steps_interpolate_the_measurements():
+    cal = Calibration(context=512, prompt_tokens=512, decode=[(1, 4e-3), (64, 6e-3), (256, 9e-3)],
+                      prefill=[(1, 10e-3), (65, 14e-3)])
+    m = Machine(1e12, 1e15, 3.0, eta_bw=0.5, calibration=cal)
+    assert step_seconds(m, F, 32.5, 512) == pytest.approx(5e-3)      # halfway 1..64
+    assert step_seconds(m, F, 512, 512) == pytest.approx(13e-3)      # 256.. extends the slope
+    # 64 more tokens of context for 10 sequences: 64e6 bytes at 0.5e12 B/s = 0.128 ms
+    assert step_seconds(m, F, 10, 576) == pytest.approx(4e-3 + 2e-3 * 9 / 63 + 0.128e-3)
+    assert prefill_seconds(m, F, 256, 129) == pytest.approx(18e-3 / 2)  # extended; half the tokens
+    assert interpolate([(1, 7.0)], 100) == 7.0
+    back = Calibration.from_dict(json.loads(json.dumps(cal.as_dict())))
+    assert back == cal
+
+
+def test_poisson_quantiles_by_hand():
+    # Poisson(1): P(X <= 3) = 0.981, P(X <= 4) = 0.996; Poisson(10): P(X <= 17) = 0.986,
+    # P(X <= 18) = 0.993; Poisson(0.125): P(X = 0) = 0.882, P(X <= 1) = 0.993
+    assert [poisson_quantile(0.99, x) for x in (0, 1, 10, 0.125)] == [0, 4, 18, 1]
+    assert poisson_quantile(0.99, 1000) == 1074  # normal approximation: 1000 + 2.326 * 31.6
+
+
 def test_light_load_is_one_sequence_at_a_time():
     p = predict(M, F, 1e-6, prompt=512, output=128, max_seqs=64)
     step = step_seconds(M, F, 1, 512 + 64)
+    prefill = prefill_seconds(M, F, 512)
     assert p.concurrency == pytest.approx(1.0)
     assert p.tpot_ms == pytest.approx(step * 1000, rel=1e-6)
-    assert p.ttft_ms == pytest.approx((prefill_seconds(M, F, 512) + step) * 1000, rel=1e-6)
-    assert p.tpot_p99_ms == pytest.approx(p.tpot_ms * P99_FACTOR)
+    assert p.tpot_p99_ms == pytest.approx(step * 1000, rel=1e-6)  # no prompt joins its steps
+    assert p.ttft_ms == pytest.approx((1.5 * step + prefill) * 1000, rel=1e-5)
+    assert p.ttft_p99_ms == pytest.approx((2 * step + prefill) * 1000, rel=1e-5)
+
+
+def test_a_loaded_prediction_by_hand():
+    # Steps of 10 ms whatever the batch, prompts adding 20 ms, no K/V term: at 10 rps the
+    # prompts take 0.2 of each second, so TPOT = 10 / 0.8 = 12.5 ms; 0.125 prompts arrive
+    # per step, the mean step is 12.5 ms, and TTFT = 6.25 + 10 + 1.0625 * 20 = 37.5 ms.
+    cal = Calibration(512, 512, decode=[(1, 0.01), (256, 0.01)], prefill=[(1, 0.02), (256, 0.02)])
+    m = Machine(1e12, 1e15, 3.0, calibration=cal)
+    f = ModelFigures(1e9, 5e8, kv_bytes_per_token=0)
+    p = predict(m, f, 10, prompt=512, output=128, max_seqs=256)
+    assert (p.tpot_ms, p.ttft_ms) == (pytest.approx(12.5), pytest.approx(37.5))
+    assert p.concurrency == pytest.approx(10 * (0.0375 + 128 * 0.0125))
+    # p99 TPOT: the prompts joining a request's 127 steps (lifetime 1.5875 s: Poisson 15.875)
+    joined = poisson_quantile(0.99, 10 * 127 * 0.0125)
+    assert p.tpot_p99_ms == pytest.approx((127 * 10 + joined * 20) / 127)
+    # p99 TTFT: 1 other prompt in the step in progress and 1 in its own: 2 * 10 + 3 * 20
+    assert p.ttft_p99_ms == pytest.approx(80.0)
+    assert p.stable and not predict(m, f, 50, 512, 128, 256).stable  # prompts need 100%
 
 
 def test_a_draft_divides_the_step_by_tau_and_multiplies_its_cost():
