@@ -59,7 +59,7 @@ def build(work: Path) -> Path:
 
 
 class StepLog:
-    """Each step's seconds and prompt tokens (chunks longer than one token)."""
+    """Each step's seconds, sequences and prompt chunks (chunks longer than one token)."""
 
     def __init__(self, engine: Engine):
         self.rows: list[tuple[float, int, int]] = []
@@ -68,7 +68,7 @@ class StepLog:
 
         def logged():
             chunks = schedule()
-            self._last = (len(chunks), sum(c.length for c in chunks if c.length > 1))
+            self._last = (len(chunks), sum(1 for c in chunks if c.length > 1))
             return chunks
         engine.scheduler.schedule = logged
 
@@ -79,11 +79,18 @@ class StepLog:
         mixed = [s for s, _, p in self.rows if p]
         plain = [s for s, _, p in self.rows if not p]
         ms = lambda xs: round(1000 * statistics.mean(xs), 3) if xs else None  # noqa: E731
-        longest = sorted(self.rows, reverse=True)[:8]
+        longest = sorted(self.rows, reverse=True)[:6]
+        by_prompts = {}
+        for k in (1, 2, 3):
+            xs = sorted(s for s, _, p in self.rows if p == k)
+            if xs:
+                by_prompts[k] = {"steps": len(xs), "mean_ms": ms(xs),
+                                 "p50_ms": round(1000 * xs[len(xs) // 2], 3)}
         return {"steps": len(self.rows), "decode_steps_mean_ms": ms(plain),
                 "prompt_steps_mean_ms": ms(mixed), "prompt_steps": len(mixed),
+                "by_prompts": by_prompts,
                 "mean_sequences": round(statistics.mean(n for _, n, _ in self.rows), 1),
-                "longest": [{"ms": round(1000 * s, 2), "sequences": n, "prompt_tokens": p}
+                "longest": [{"ms": round(1000 * s, 2), "sequences": n, "prompts": p}
                             for s, n, p in longest]}
 
 
@@ -122,7 +129,7 @@ def main() -> int:
                           seed=int(load * 100))
         log = StepLog(engine)
         measured = online(engine, cfg, on_step=log)
-        engine.scheduler.schedule = type(engine.scheduler).schedule.__get__(engine.scheduler)
+        del engine.scheduler.schedule  # the class's own again
         p = predict(machine, figures, rps, PROMPT, OUTPUT, plan["max_num_seqs"])
         err = lambda pred, meas: round(pred / meas - 1, 3)  # noqa: E731
         level = {"load": load, "rps": rps, "measured": measured, "predicted": p.as_dict(),

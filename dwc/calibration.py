@@ -1,16 +1,17 @@
 """Short measurements of dwc's engine on the GPU that the cost model predicts from
 (issue 9; dwc/costmodel.py `Calibration`).
 
-Two figures, both timed around `Engine.step()` (scheduler, model, sampling: what a served
-request waits for), synchronised, median of a few steps:
+Timed around `Engine.step()` (scheduler, model, sampling: what a served request waits
+for), synchronised:
 
-- a decode step of n sequences at a context of about the SLO's prompt length, for n at
-  powers of two up to the concurrency limit (CUDA graphs replay these steps);
-- what one prompt of the SLO's length adds to a step when it joins n decoding sequences
-  (chunked prefill: the step then runs eagerly, and the decode rows pay for that too).
+- a decode step of n sequences at a context of about the SLO's prompt length (median of
+  a few), for n at powers of two up to the concurrency limit (CUDA graphs replay these);
+- what one prompt of the SLO's length adds to a step when it joins n decoding sequences,
+  and what each further prompt in the same step adds (chunked prefill: a step with a
+  prompt runs eagerly, so the first prompt also pays the decode rows' launch overhead;
+  prompts arriving together share it). Means of several, as the model deals in means.
 
-Between those points the cost model interpolates linearly in n. The run takes seconds:
-one prefill of every sequence, and a dozen steps per size.
+Between measured sizes the cost model interpolates linearly in n. The run takes seconds.
 """
 
 from __future__ import annotations
@@ -26,39 +27,46 @@ from dwc.runtime.engine import Engine
 from dwc.runtime.sequence import SamplingParams
 
 STEPS = 8        # decode steps timed per size (median)
-PROMPTS = 3      # prompts timed joining each size (median)
+PROMPTS = 3      # the most prompts joining one step
+REPEATS = 4      # timings of one prompt joining, per size (mean)
 
 
 def calibrate(engine: Engine, prompt_tokens: int, sizes: list[int], seed: int = 0) -> Calibration:
     """Time decode steps and prompt arrivals at each number of sequences in `sizes`."""
     rng = random.Random(seed)
     vocab = len(engine.tokenizer)
-    new_prompt = lambda: [rng.randrange(vocab) for _ in range(prompt_tokens)]  # noqa: E731
     params = SamplingParams(max_tokens=output_tokens(len(sizes)), ignore_eos=True)
-    decode, prefill = [], []
+
+    def join(count: int) -> float:
+        """Seconds of a step that `count` new prompts join; they leave after it."""
+        seqs = [engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)], params)
+                for _ in range(count)]
+        t = _timed_step(engine)
+        for seq in seqs:
+            engine.abort(seq)
+        return t
+
+    decode, one, each = [], [], []
     live = []
     try:
         for n in sorted(sizes):
             while len(live) < n:
-                live.append(engine.add(new_prompt(), params))
+                live.append(engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)],
+                                       params))
             _run_prefills(engine, live)
-            decode.append((n, _median_step(engine, STEPS)))
-            if n >= engine.scheduler.max_num_seqs:
-                continue  # a prompt cannot join a full batch; the model extrapolates
-            joined = []
-            for _ in range(PROMPTS):
-                joined.append(engine.add(new_prompt(), params))
-                t = _timed_step(engine)
-                prefill.append((n, t - decode[-1][1]))
-            for seq in joined:
-                engine.abort(seq)
+            step = _median_step(engine, STEPS)
+            decode.append((n, step))
+            if n + PROMPTS > engine.scheduler.max_num_seqs:
+                continue  # prompts cannot join a full batch; the model extrapolates
+            join(1)  # warm-up: this step's shapes
+            one.append((n, statistics.mean(join(1) for _ in range(REPEATS)) - step))
+            each.append((join(PROMPTS) - step - one[-1][1]) / (PROMPTS - 1))
     finally:
         for seq in live:
             engine.abort(seq)
-    extra = [(n, statistics.median(t for m, t in prefill if m == n))
-             for n in sorted({m for m, _ in prefill})]
     return Calibration(context=prompt_tokens, prompt_tokens=prompt_tokens, decode=decode,
-                       prefill=extra, device=torch.cuda.get_device_name(0))
+                       prefill=one, prefill_each=max(statistics.median(each), 0.0) if each else None,
+                       device=torch.cuda.get_device_name(0))
 
 
 def output_tokens(num_sizes: int) -> int:

@@ -46,7 +46,8 @@ class Calibration:
     context: int                                           # context the decode steps had
     prompt_tokens: int                                     # length of the prompts timed
     decode: list = field(default_factory=list)             # [(sequences, seconds)]
-    prefill: list = field(default_factory=list)            # [(sequences, extra seconds)]
+    prefill: list = field(default_factory=list)            # [(sequences, one prompt's extra)]
+    prefill_each: float | None = None                      # each further prompt in a step
     device: str = ""
 
     def as_dict(self) -> dict:
@@ -55,7 +56,7 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(d["context"], d["prompt_tokens"], [tuple(x) for x in d["decode"]],
-                   [tuple(x) for x in d["prefill"]], d.get("device", ""))
+                   [tuple(x) for x in d["prefill"]], d.get("prefill_each"), d.get("device", ""))
 
 
 @dataclass
@@ -100,13 +101,21 @@ def step_seconds(m: Machine, f: ModelFigures, n: float, context: float) -> float
     return m.s0 + m.s1 * n + max(bytes_ / (m.eta_bw * m.bandwidth), flops / (m.eta_f * m.peak_flops))
 
 
-def prefill_seconds(m: Machine, f: ModelFigures, tokens: int, n: float = 1) -> float:
-    """What a prompt of `tokens` adds to a step of n decoding sequences."""
+def prompt_seconds(m: Machine, f: ModelFigures, tokens: int, n: float = 1) -> tuple:
+    """(first, each): what the first prompt of `tokens` adds to a step of n decoding
+    sequences, and what each further prompt in the same step adds."""
     cal = m.calibration
     if cal and cal.prefill:
-        return interpolate(cal.prefill, n) * tokens / cal.prompt_tokens
-    return m.s0 + max(f.weight_bytes / (m.eta_bw * m.bandwidth),
-                      2 * f.params * tokens / (m.eta_f * m.peak_flops))
+        first = interpolate(cal.prefill, n) * tokens / cal.prompt_tokens
+        each = first if cal.prefill_each is None else cal.prefill_each * tokens / cal.prompt_tokens
+        return first, each
+    compute = 2 * f.params * tokens / (m.eta_f * m.peak_flops)
+    return m.s0 + max(f.weight_bytes / (m.eta_bw * m.bandwidth), compute), compute
+
+
+def prefill_seconds(m: Machine, f: ModelFigures, tokens: int, n: float = 1) -> float:
+    """What one prompt of `tokens` adds to a step of n decoding sequences."""
+    return prompt_seconds(m, f, tokens, n)[0]
 
 
 def poisson_quantile(q: float, mean: float) -> int:
@@ -148,24 +157,47 @@ def predict(m: Machine, f: ModelFigures, rps: float, prompt: int, output: int,
     n = 1.0
     for _ in range(200):
         decode = step_seconds(m, f, n, prompt + output / 2) * f.step_cost
-        extra = prefill_seconds(m, f, prompt, n)
-        busy = rps * extra                      # of each second, what prompts take
-        tpot = decode / f.tau / max(1 - busy, 1e-9)
-        per_step = rps * decode / max(1 - busy, 1e-9)  # prompts arriving per step
-        step = decode + per_step * extra        # the mean step
-        ttft = step / 2 + decode + (1 + per_step / 2) * extra
+        first, each = prompt_seconds(m, f, prompt, n)
+        fixed = first - each                # paid once by a step with any prompt
+        step, stable = _mean_step(rps, decode, fixed, each)
+        if not stable:  # the queue of prompts grows without bound
+            return Prediction(rps, max_seqs, math.inf, math.inf, math.inf, math.inf, 0.0, False)
+        per_step = rps * step               # prompts arriving per step (mean)
+        mixed = 1 - math.exp(-per_step)     # share of steps with a prompt
+        long = decode + fixed + each * per_step / max(mixed, 1e-12)  # such a step
+        residual = ((1 - mixed) * decode ** 2 + mixed * long ** 2) / (2 * step)
+        tpot = step / f.tau
+        ttft = residual + decode + fixed + each * (1 + per_step / 2)
         new_n = min(max_seqs, max(1.0, rps * (ttft + output * tpot)))
         if abs(new_n - n) < 1e-6:
             break
         n = new_n
-    stable = busy < 1 and rps * (ttft + output * tpot) <= max_seqs + 1e-6
+    stable = rps * (ttft + output * tpot) <= max_seqs + 1e-6
     steps = max(output - 1, 1)
-    joined = poisson_quantile(QUANTILE, rps * steps * tpot)
-    tpot99 = (steps / f.tau * decode + joined * extra) / steps
-    crowd = poisson_quantile(QUANTILE, per_step)  # prompts arriving within one step
-    ttft99 = 2 * decode + (1 + 2 * crowd) * extra
+    joined = poisson_quantile(QUANTILE, rps * steps * tpot)   # prompts during its decode
+    tpot99 = (steps / f.tau * decode + joined * (mixed / max(per_step, 1e-12) * fixed + each)) \
+        / steps
+    crowd = poisson_quantile(QUANTILE, per_step)              # prompts arriving in one step
+    # The step in progress at arrival: one with prompts when they fill over 1% of the time.
+    in_progress = decode + fixed + max(crowd, 1) * each if mixed * long > 0.01 * step else decode
+    ttft99 = in_progress + decode + fixed + (1 + crowd) * each
     return Prediction(rps, n, tpot * 1000, ttft * 1000, tpot99 * 1000, ttft99 * 1000,
                       rps * output, stable)
+
+
+def _mean_step(rps: float, decode: float, fixed: float, each: float) -> tuple[float, bool]:
+    """The mean step S = decode + (1 - exp(-rps S)) fixed + rps S each (prompts arrive at
+    rps during a step and join the next), and whether it exists (prompts do not need
+    every second)."""
+    if rps * each >= 1:
+        return math.inf, False
+    step = decode
+    for _ in range(500):
+        new = decode + (1 - math.exp(-rps * step)) * fixed + rps * step * each
+        if abs(new - step) < 1e-12:
+            break
+        step = new
+    return step, True
 
 
 def max_rps(m: Machine, f: ModelFigures, prompt: int, output: int, max_seqs: int,

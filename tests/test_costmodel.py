@@ -4,6 +4,7 @@ exit-4 path when the SLO cannot be met."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -63,21 +64,37 @@ def test_light_load_is_one_sequence_at_a_time():
 
 
 def test_a_loaded_prediction_by_hand():
-    # Steps of 10 ms whatever the batch, prompts adding 20 ms, no K/V term: at 10 rps the
-    # prompts take 0.2 of each second, so TPOT = 10 / 0.8 = 12.5 ms; 0.125 prompts arrive
-    # per step, the mean step is 12.5 ms, and TTFT = 6.25 + 10 + 1.0625 * 20 = 37.5 ms.
+    # Steps of 10 ms whatever the batch, each prompt adding 20 ms, no K/V term: at 10 rps
+    # the prompts take 0.2 of each second, so TPOT = 10 / 0.8 = 12.5 ms. 0.125 prompts
+    # arrive per step: 1 - e^-0.125 = 0.1175 of the steps have one, lasting on average
+    # 10 + 20 * 0.125 / 0.1175 = 31.28 ms; an arrival waits out the rest of the step in
+    # progress, E[S^2] / 2E[S] = (0.8825 * 10^2 + 0.1175 * 31.28^2) / 25 = 8.13 ms, then its
+    # own step: TTFT = 8.13 + 10 + 20 * (1 + 0.0625) = 39.38 ms.
     cal = Calibration(512, 512, decode=[(1, 0.01), (256, 0.01)], prefill=[(1, 0.02), (256, 0.02)])
     m = Machine(1e12, 1e15, 3.0, calibration=cal)
     f = ModelFigures(1e9, 5e8, kv_bytes_per_token=0)
     p = predict(m, f, 10, prompt=512, output=128, max_seqs=256)
-    assert (p.tpot_ms, p.ttft_ms) == (pytest.approx(12.5), pytest.approx(37.5))
-    assert p.concurrency == pytest.approx(10 * (0.0375 + 128 * 0.0125))
+    assert (p.tpot_ms, p.ttft_ms) == (pytest.approx(12.5), pytest.approx(39.378, abs=1e-3))
+    assert p.concurrency == pytest.approx(10 * (p.ttft_ms + 128 * 12.5) / 1000)
     # p99 TPOT: the prompts joining a request's 127 steps (lifetime 1.5875 s: Poisson 15.875)
     joined = poisson_quantile(0.99, 10 * 127 * 0.0125)
     assert p.tpot_p99_ms == pytest.approx((127 * 10 + joined * 20) / 127)
     # p99 TTFT: 1 other prompt in the step in progress and 1 in its own: 2 * 10 + 3 * 20
     assert p.ttft_p99_ms == pytest.approx(80.0)
     assert p.stable and not predict(m, f, 50, 512, 128, 256).stable  # prompts need 100%
+
+
+def test_prompts_arriving_together_share_a_step():
+    # The first prompt in a step adds 20 ms, each further one 5 ms (15 ms shared): the mean
+    # step S solves S = 10 + (1 - e^(-rS)) 15 + r S 5 ms, and is shorter than without sharing.
+    shared = Calibration(512, 512, decode=[(1, 0.01)], prefill=[(1, 0.02)], prefill_each=0.005)
+    alone = Calibration(512, 512, decode=[(1, 0.01)], prefill=[(1, 0.02)])
+    f = ModelFigures(1e9, 5e8, kv_bytes_per_token=0)
+    p = predict(Machine(1e12, 1e15, 3.0, calibration=shared), f, 20, 512, 128, 256)
+    s = p.tpot_ms / 1000
+    assert s == pytest.approx(0.01 + (1 - math.exp(-20 * s)) * 0.015 + 20 * s * 0.005)
+    assert p.tpot_ms < predict(Machine(1e12, 1e15, 3.0, calibration=alone), f, 20, 512, 128,
+                               256).tpot_ms
 
 
 def test_a_draft_divides_the_step_by_tau_and_multiplies_its_cost():
