@@ -208,6 +208,20 @@ def build(build_file: Path, target: str, out: Path) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+def prepare_8b(ckpt: Path, report: dict) -> Path:
+    """The 8B-shaped checkpoint at `ckpt` (made unless a warm device kept it) and a build
+    file for it beside it (no draft; a quick calibration); returns the build file."""
+    if not (ckpt / "config.json").exists():
+        report["checkpoint_seconds"] = round(make_checkpoint(ckpt), 1)
+    build_file = ckpt.parent / "model.yaml"
+    build_file.write_text(
+        f"name: llama3-8b-shape\nmodel: {ckpt}\n"
+        f"calibration: {{data: {EXAMPLE / 'calib.txt'}, samples: 32, seq_len: 256}}\n"
+        f"evaluation: {{data: {EXAMPLE / 'eval.txt'}, samples: 8, seq_len: 256, "
+        "max_ppl_increase_pct: 100}\ndraft: none\n")
+    return build_file
+
+
 def int4_run(args, ckpt: Path, build_file: Path, bandwidth: float, report: dict) -> int:
     """The INT4 AWQ bundle alone (its build takes most of a device call)."""
     bundle = args.work / "bundle-int4"
@@ -249,14 +263,7 @@ def main() -> int:
     res = report["results"]
     bandwidth = read_bandwidth()
     report["read_bandwidth_gbs"] = round(bandwidth / 1e9, 1)
-    if not (ckpt / "config.json").exists():
-        report["checkpoint_seconds"] = round(make_checkpoint(ckpt), 1)
-    build_file = args.work / "model.yaml"
-    build_file.write_text(
-        f"name: llama3-8b-shape\nmodel: {ckpt}\n"
-        f"calibration: {{data: {EXAMPLE / 'calib.txt'}, samples: 32, seq_len: 256}}\n"
-        f"evaluation: {{data: {EXAMPLE / 'eval.txt'}, samples: 8, seq_len: 256, "
-        "max_ppl_increase_pct: 100}\ndraft: none\n")
+    build_file = prepare_8b(ckpt, report)
     if args.int4_only:
         return int4_run(args, ckpt, build_file, bandwidth, report)
     bundle = args.work / "bundle-fp8"

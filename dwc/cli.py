@@ -163,8 +163,11 @@ def inspect(bundle, verify, as_json):
 @click.option("--no-draft", is_flag=True,
               help="Do not speculate with the bundle's draft model (requests can also "
                    "turn it off one by one with \"speculative\": false).")
+@click.option("--tensor-parallel", type=click.IntRange(1), default=None,
+              help="Split the model across this many GPUs (NCCL; CPU: processes over gloo). "
+                   "[default: the bundle's target, else 1]")
 @command
-def serve(bundle, host, port, max_waiting, no_draft, as_json):
+def serve(bundle, host, port, max_waiting, no_draft, tensor_parallel, as_json):
     """Serve a torch-triton bundle over the OpenAI HTTP API (refuses a tampered bundle)."""
     import uvicorn
 
@@ -172,13 +175,17 @@ def serve(bundle, host, port, max_waiting, no_draft, as_json):
     from dwc.http_server import make_app
     from dwc.runtime.engine import Engine
 
-    engine = Engine.from_bundle(bundle, speculative=not no_draft)
+    engine = Engine.from_bundle(bundle, speculative=not no_draft, tensor_parallel=tensor_parallel)
     app = make_app(engine, read_manifest(bundle)["name"], max_waiting)
     if as_json:
-        click.echo(json.dumps({"serving": str(bundle), "url": f"http://{host}:{port}"}))
+        click.echo(json.dumps({"serving": str(bundle), "url": f"http://{host}:{port}",
+                               "tensor_parallel": engine.config.tensor_parallel}))
     # SIGTERM: uvicorn stops accepting, finishes in-flight requests, then exits.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:  # tensor-parallel workers: stopped at once (the engine thread may be mid-step)
+        engine.close(force=True)
 
 
 @main.command()
@@ -339,7 +346,7 @@ def targets(as_json):
         click.echo(json.dumps(rows))
     else:
         table("targets", rows, ["name", "backend", "device", "weights", "dtype", "kv_cache",
-                                "description"])
+                                "tensor_parallel", "description"])
 
 
 @main.command()

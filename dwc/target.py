@@ -14,7 +14,7 @@ import yaml
 
 from dwc.checkpoint import ModelInfo
 from dwc.config import from_dict, option, positive
-from dwc.errors import TargetError
+from dwc.errors import BadInput, TargetError
 
 KV_DTYPES = Literal["bfloat16", "float16", "float32", "fp8_e4m3"]
 
@@ -56,6 +56,16 @@ class Target:
     weights: Weights = option(help="weight format")
     kv_cache_dtype: KV_DTYPES = option(help="KV cache dtype")
     passes: list[str] = option(help="default pass list, in order")
+    tensor_parallel: int = option(
+        1, help="GPUs one model is split across (tensor parallelism, torch-triton only); "
+                "`hardware` describes one of them")
+
+    def validate(self, path: str) -> None:
+        if self.tensor_parallel < 1:
+            raise TargetError("tensor_parallel: must be at least 1")
+        if self.tensor_parallel > 1 and self.backend != "torch-triton":
+            raise TargetError(f"tensor_parallel: {self.backend} bundles are not split by dwc; "
+                              "tensor parallelism is for the torch-triton runtime")
 
     def check_model(self, info: ModelInfo) -> None:
         """Refuse, in one line, a model this target cannot compile."""
@@ -82,11 +92,26 @@ class Target:
                                   f"{multiple}, which {self.weights.scheme} needs")
         if self.device == "cpu" and self.weights.scheme != "none":
             raise TargetError(f"target {self.name}: {self.weights.scheme} needs a GPU runtime")
+        if self.tensor_parallel > 1:
+            from dwc.runtime.tensor_parallel import check_layout
+
+            try:
+                check_layout(info.num_heads, info.num_kv_heads, info.intermediate_size,
+                             self.tensor_parallel)
+            except BadInput as e:
+                raise TargetError(f"target {self.name}: {e.message}") from None
+            # Each rank's quantized slices must keep the kernels' alignment too.
+            share = info.intermediate_size // self.tensor_parallel
+            if share % multiple:
+                raise TargetError(f"target {self.name}: intermediate_size / tensor_parallel = "
+                                  f"{share} is not a multiple of {multiple}, which "
+                                  f"{self.weights.scheme} needs")
 
     def summary(self) -> dict:
         return {"name": self.name, "backend": self.backend, "device": self.device,
                 "weights": self.weights.scheme, "dtype": self.weights.dtype,
-                "kv_cache": self.kv_cache_dtype, "description": self.description}
+                "kv_cache": self.kv_cache_dtype, "tensor_parallel": self.tensor_parallel,
+                "description": self.description}
 
 
 def target_names() -> list[str]:

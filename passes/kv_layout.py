@@ -11,6 +11,13 @@ The step token budget: with `slo.target_latency_ms`, the prefill chunk that fits
 step next to the decode of a full batch within that latency on the target's figures
 (weights read once per step at the target's bandwidth; 2 FLOPs per parameter per token
 at its peak); without it, 8192 tokens on a GPU and 2048 on a CPU.
+
+With tensor parallelism (the target's `tensor_parallel` N) the plan is one rank's: the
+target's memory is one GPU's, holding 1/N of the weights (every projection, the embedding
+and the lm_head are split; the norms are negligible), its own KV heads (1/N of them, or
+one replicated head when there are fewer KV heads than ranks) and 1/N of the FFN
+activations. Rank 0 also holds the whole draft, so its share sizes every rank's cache
+(all ranks have the same number of blocks).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dwc.config import option, positive
 from dwc.errors import TargetError
 from dwc.kvcache import kv_bytes_per_token, kv_scales
 from dwc.passes.base import Pass, PassResult
+from dwc.runtime.tensor_parallel import kv_heads_per_rank
 from dwc.reports import json_bytes
 
 GB = 1e9
@@ -57,7 +65,7 @@ class KvLayout(Pass):
         """Everything the plan reads besides the artifacts: the target and the SLO."""
         t, slo = ctx.target, ctx.build.slo
         return {"target": t.name, "kv": t.kv_cache_dtype, "hardware": vars(t.hardware),
-                "weights": vars(t.weights), "device": t.device,
+                "weights": vars(t.weights), "device": t.device, "tp": t.tensor_parallel,
                 "draft": ctx.artifacts.get("draft"),
                 "slo": vars(slo) if slo else None}
 
@@ -88,8 +96,10 @@ def plan_kv(ctx, options) -> dict:
     reserve = (options.workspace_gb or (2.0 if gpu else 0.5)) * GB
     max_context = (slo.max_context if slo and slo.max_context else
                    int(info.config.get("max_position_embeddings") or 4096))
-    per_token = kv_bytes_per_token(info, KV_BYTES[t.kv_cache_dtype])
-    weights = weight_bytes(ctx)
+    n = t.tensor_parallel
+    per_token = kv_bytes_per_token(info, KV_BYTES[t.kv_cache_dtype]) * \
+        kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
+    weights = weight_bytes(ctx) // n
     draft = ctx.artifacts.get("draft_model")
     draft_per_token = 0
     if draft is not None:  # its own cache, same slots, in the compute dtype; bf16 weights
@@ -102,7 +112,7 @@ def plan_kv(ctx, options) -> dict:
     act = COMPUTE_BYTES[t.weights.dtype]
     # Activations of one step (a few hidden-size and FFN-size buffers per token) and the
     # float32 logits of every sequence that samples.
-    step = budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size) * act + \
+    step = budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // n) * act + \
         options.max_num_seqs * info.vocab_size * 4
     free = t.hardware.memory_gb * GB * utilization - weights - reserve - step
     if free < per_token * max_context:
@@ -117,7 +127,7 @@ def plan_kv(ctx, options) -> dict:
         "dtype": t.kv_cache_dtype, "block_size": options.block_size, "num_blocks": num_blocks,
         "max_num_seqs": max_num_seqs, "max_num_batched_tokens": budget_tokens,
         "max_context": max_context, "bytes_per_token": per_token,
-        "draft_bytes_per_token": draft_per_token,
+        "draft_bytes_per_token": draft_per_token, "tensor_parallel": n,
         "arithmetic": {
             "memory_bytes": int(t.hardware.memory_gb * GB), "utilization": utilization,
             "weight_bytes": weights, "workspace_reserve_bytes": int(reserve),
@@ -144,7 +154,9 @@ def step_tokens(ctx, weights: int, gpu: bool, block_size: int) -> int:
     slo, hw = ctx.build.slo, ctx.target.hardware
     if not (slo and slo.target_latency_ms):
         return 8192 if gpu else 2048
-    params = sum(p.numel() for p in ctx.artifacts["model"].parameters())
+    # Per rank: its share of the parameters (the draft's weights are in `weights` whole).
+    params = sum(p.numel() for p in ctx.artifacts["model"].parameters()) / \
+        ctx.target.tensor_parallel
     read_s = weights / (hw.memory_bandwidth_gbs * GB)
     peak = max(hw.peak_tflops.values()) * 1e12
     spare_s = slo.target_latency_ms / 1000 - read_s

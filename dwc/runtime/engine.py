@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ class EngineConfig:
     cuda_graphs: bool = True               # GPU: replay captured decode steps
     speculative: bool = True               # use the bundle's draft when it has one
     num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
+    tensor_parallel: int = 1               # processes (GPUs) the model is split across
+    tensor_parallel_backend: str | None = None  # None: nccl on cuda, gloo on cpu
 
     @classmethod
     def from_plan(cls, plan: dict, **overrides) -> "EngineConfig":
@@ -49,7 +51,8 @@ class EngineConfig:
                       "max_num_seqs": plan["max_num_seqs"],
                       "max_num_batched_tokens": plan["max_num_batched_tokens"],
                       "kv_dtype": "fp8_e4m3" if fp8 else None,
-                      "kv_scales": plan.get("kv_scales"), **overrides})
+                      "kv_scales": plan.get("kv_scales"),
+                      "tensor_parallel": plan.get("tensor_parallel", 1), **overrides})
 
 
 @dataclass
@@ -78,10 +81,26 @@ class Engine:
         draft_dir = draft_dir if k else None
         num_blocks = self._fit_blocks(model_dir, draft_dir, c, device, dtype)
         # Graphs cover steps of up to max_num_seqs sequences of 1 + K tokens (capped).
-        graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
-        self.runner = ModelRunner(load_hf_model(model_dir, device, dtype), num_blocks,
-                                  c.block_size, device, model_dir, c.kv_dtype, c.kv_scales,
-                                  graph_tokens=graph, fusion=fusion)
+        # gloo's collectives (tensor parallelism sharing a GPU) cannot be captured; NCCL's can.
+        gloo = c.tensor_parallel > 1 and c.tensor_parallel_backend == "gloo"
+        graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) \
+            if c.cuda_graphs and not gloo else 0
+        args = dict(num_blocks=num_blocks, block_size=c.block_size, device=device,
+                    weights_dir=model_dir, kv_dtype=c.kv_dtype, kv_scales=c.kv_scales,
+                    graph_tokens=graph, fusion=fusion)
+        self.tp = None  # rank 0 of a tensor-parallel group (tensor_parallel.py)
+        if c.tensor_parallel > 1:
+            from dwc.runtime import tensor_parallel
+
+            self.tp = tensor_parallel.launch(model_dir, dtype, args, c.tensor_parallel,
+                                             c.tensor_parallel_backend)
+        try:
+            self.runner = ModelRunner(load_hf_model(model_dir, device, dtype), tp=self.tp, **args)
+            if self.tp:
+                self.tp.wait_ready()
+        except BaseException:
+            self.close(force=True)
+            raise
         self.drafter = Drafter(ModelRunner(load_hf_model(draft_dir, device, dtype), num_blocks,
                                            c.block_size, device, graph_tokens=graph,
                                            fusion=fusion), k) if draft_dir else None
@@ -89,12 +108,19 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
         self.eos_ids = self._eos_ids()
 
+    def close(self, force: bool = False) -> None:
+        """Stop the tensor-parallel workers (if any) and leave their group."""
+        if self.tp:
+            self.tp.close(force)
+            self.tp = None
+
     @classmethod
     def from_bundle(cls, bundle: Path, config: EngineConfig | None = None,
-                    speculative: bool = True) -> "Engine":
+                    speculative: bool = True, tensor_parallel: int | None = None) -> "Engine":
         """Refuses a bundle whose files do not match its manifest. Sizes itself from the
         bundle's KV plan unless `config` says otherwise. Speculates with the bundle's draft
-        (when it has one) unless `speculative` or config.speculative is False."""
+        (when it has one) unless `speculative` or config.speculative is False. Splits the
+        model over `tensor_parallel` processes (None: the plan's, else config's)."""
         manifest = open_bundle(bundle)
         if manifest["target"]["backend"] != "torch-triton":
             raise BadInput(f"{bundle}: a {manifest['target']['backend']} bundle; dwc's runtime "
@@ -102,6 +128,8 @@ class Engine:
         plan = manifest["kv_cache"]
         if config is None and plan.get("num_blocks"):
             config = EngineConfig.from_plan(plan)
+        if tensor_parallel:
+            config = replace(config or EngineConfig(), tensor_parallel=tensor_parallel)
         draft = manifest.get("draft") if speculative else None
         draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
         fusion = (manifest.get("fusion") or {}).get("plan")
@@ -113,18 +141,25 @@ class Engine:
                     dtype: torch.dtype) -> int:
         """The planned number of blocks, scaled down (with a warning) to what fits here:
         on CPU a fixed budget, on a GPU 90% of the memory free before the weights load,
-        less the weights' size on disk. A block holds the target's K/V and the draft's."""
+        less the weights' size on disk. A block holds the target's K/V and the draft's.
+        With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
+        the whole draft (which runs there unsplit)."""
         import warnings
 
+        from dwc.runtime.tensor_parallel import kv_heads_per_rank
+
         itemsize = 1 if c.kv_dtype == "fp8_e4m3" else dtype.itemsize
-        per_token = kv_bytes_per_token(model_info(model_dir), itemsize)
-        folders = [model_dir]
+        info, n = model_info(model_dir), c.tensor_parallel
+        per_token = kv_bytes_per_token(info, itemsize) * \
+            kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
+        weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / n
+        folders = []
         if draft_dir:
             per_token += kv_bytes_per_token(model_info(draft_dir), dtype.itemsize)
             folders.append(draft_dir)
         per_block = per_token * c.block_size
         if device == "cuda":
-            weights = sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
+            weights += sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
             budget = torch.cuda.mem_get_info()[0] * 0.9 - weights
         else:
             budget = CPU_KV_BUDGET_BYTES

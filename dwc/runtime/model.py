@@ -54,6 +54,10 @@ class DecodeGroup:
     page: int                      # block size
 
 
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Decoder:
     def __init__(self, hf_model, device):
         cfg = hf_model.config
@@ -66,6 +70,7 @@ class Decoder:
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.intermediate_size = cfg.intermediate_size
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.dtype = self.embed.weight.dtype
@@ -74,6 +79,9 @@ class Decoder:
         self.add_rms_norm = add_rms_norm  # the fused kernels replace these (fuse())
         self.silu_mul = silu_mul
         self.rope_kv = None  # fused rotary + KV write (GPU), set by fuse()
+        # Sums the row-parallel projections' partial outputs across tensor-parallel ranks
+        # (set by tensor_parallel.shard_decoder); one process has the whole sum already.
+        self.reduce = _whole
         # The projections each layer calls: the checkpoint's modules, or kernel-backed
         # replacements (use_kernels) on the GPU.
         self.proj = [{**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ},
@@ -162,10 +170,10 @@ class Decoder:
         residual = None
         for layer, proj, layer_cache, scales in zip(self.layers, self.proj, cache, self.kv_scales):
             x, residual = self.add_rms_norm(h, residual, layer.input_layernorm.weight, self.eps)
-            h = self._attention(proj, x, cos, sin, batch, layer_cache, scales)
+            h = self.reduce(self._attention(proj, x, cos, sin, batch, layer_cache, scales))
             x, residual = self.add_rms_norm(h, residual, layer.post_attention_layernorm.weight,
                                             self.eps)
-            h = self._mlp(proj, x)
+            h = self.reduce(self._mlp(proj, x))
         h = (h + residual)[batch.sample_rows]
         return self.lm_head(rms_norm(h, self.final_norm.weight, self.eps)).float()
 

@@ -45,16 +45,23 @@ class ModelRunner:
     def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
                  weights_dir: Path | None = None, kv_dtype: str | None = None,
                  kv_scales: list | None = None, graph_tokens: int = 0,
-                 fusion: dict | None = None):
+                 fusion: dict | None = None, tp=None):
         """`graph_tokens` > 0 (GPU only): capture CUDA graphs for kernel-only steps of up
-        to that many tokens (see cuda_graphs.py). `fusion`: a fusion plan (fusion.py)."""
+        to that many tokens (see cuda_graphs.py). `fusion`: a fusion plan (fusion.py).
+        `tp`: this process's tensor_parallel.Group; the runner keeps its rank's shard,
+        and rank 0's `run` hands each step to the other ranks."""
         self.device = device
+        self.tp = tp
         self.hf_model = hf_model
         self.decoder = d = Decoder(hf_model, device)
         self.kernels = d.use_kernels(weights_dir, device, fusion) \
             if device == "cuda" and weights_dir else 0
         if fusion:
             d.fuse(fusion)
+        if tp is not None:
+            from dwc.runtime.tensor_parallel import shard_decoder
+
+            shard_decoder(d, tp)
         if device == "cuda":
             d.use_skinny_gemm()
         fp8 = kv_dtype == "fp8_e4m3"
@@ -81,11 +88,25 @@ class ModelRunner:
     def run(self, chunks: list[Chunk], blocks: BlockManager) -> torch.Tensor:
         """Run one step; logits [sum of chunk.logits, vocab]: each chunk's last
         `chunk.logits` rows, in chunk order."""
+        step = self.plan(chunks, blocks)
+        if self.tp is not None:
+            self.tp.send_step(step)
+        return self.execute(step)
+
+    def plan(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[str, tuple]:
+        """The step as plain lists: what `execute` needs, and what rank 0 of a
+        tensor-parallel group sends the other ranks (which hold no scheduler)."""
         g = self.graphs
         if g is not None and all(c.length <= KERNEL_MAX_CHUNK for c in chunks) and \
                 g.fits(sum(c.length for c in chunks)):
-            return g.run(*self._kernel_rows(chunks, blocks))
-        return self.decoder.forward(self._batch(chunks, blocks), self.cache)
+            return "graph", self._kernel_rows(chunks, blocks)
+        return "eager", self._batch_lists(chunks, blocks)
+
+    def execute(self, step: tuple[str, tuple]) -> torch.Tensor:
+        kind, lists = step
+        if kind == "graph":
+            return self.graphs.run(*lists)
+        return self.decoder.forward(self._batch(*lists), self.cache)
 
     @staticmethod
     def _kernel_rows(chunks: list[Chunk], blocks: BlockManager):
@@ -99,7 +120,7 @@ class ModelRunner:
             rows.extend(range(len(ids) - c.logits, len(ids)))
         return ids, positions, slots, tables, lens, rows
 
-    def _batch(self, chunks: list[Chunk], blocks: BlockManager) -> Batch:
+    def _batch_lists(self, chunks: list[Chunk], blocks: BlockManager) -> tuple:
         """Flatten the chunks. On the GPU, short chunks (decode and verification steps)
         go to the Triton kernel as one group, one row per token, each row seeing the
         positions up to its own (that is the causal mask). Whole prompts (chunks from
@@ -121,12 +142,17 @@ class ModelRunner:
             else:
                 seq_slots = [blocks.slot(c.seq, p) for p in range(c.start + c.length)]
                 slots.extend(seq_slots[c.start:])
-                parts.append((offset, c.length, c.start,
-                              torch.tensor(seq_slots, device=self.device)))
+                parts.append((offset, c.length, c.start, seq_slots))
             offset += c.length
             rows.extend(range(offset - c.logits, offset))
+        return ids, positions, slots, parts, rows, kernel_rows, tables, lens, prompts
+
+    def _batch(self, ids, positions, slots, parts, rows, kernel_rows, tables, lens,
+               prompts) -> Batch:
+        """The Batch of `_batch_lists`' lists, as tensors on this runner's device."""
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots), parts,
+        return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots),
+                     [(o, n, start, as_tensor(s)) for o, n, start, s in parts],
                      as_tensor(rows), self._decode_group(kernel_rows, tables, lens),
                      [self._prompt_group(g, slots) for g in _similar_lengths(prompts)])
 
