@@ -1,25 +1,29 @@
 """`dwc serve`: the OpenAI-compatible HTTP API over the runtime (Starlette on uvicorn).
 
 /v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models, /health,
-/metrics (Prometheus). Bad JSON or parameters -> 400 with the reason; a prompt longer than
-the context -> 400 naming the limit; a full queue -> 429; a client that disconnects has
-its sequence aborted and its blocks freed. uvicorn drains in-flight requests on SIGTERM.
+/metrics (Prometheus). Bad JSON, parameters or fields -> 400 with the reason, never a 500
+(unknown fields are refused, as OpenAI does); a prompt longer than the context -> 400
+naming the limit; a full queue -> 429; a client that disconnects has its sequence
+aborted and its blocks freed. uvicorn drains in-flight requests on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 
+from jinja2.exceptions import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request as HttpRequest
+from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dwc.errors import BadInput
+from dwc.openai_request import check_fields, encodable, sampling_from
 from dwc.runtime.async_engine import AsyncEngine, QueueFull, Request
 from dwc.runtime.engine import Engine
 from dwc.runtime.sequence import SamplingParams
@@ -74,35 +78,12 @@ def bad_request(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def sampling_from(body: dict) -> SamplingParams:
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    checks = {"max_tokens": (int, 1, None), "temperature": ((int, float), 0, 2),
-              "top_p": ((int, float), 1e-6, 1), "top_k": (int, 0, None),
-              "seed": (int, 0, 2 ** 63 - 1)}
-    for key, (types, low, high) in checks.items():
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, types) or \
-                (low is not None and value < low) or (high is not None and value > high):
-            raise BadInput(f"{key}: invalid value {value!r}")
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise BadInput("stop: expected a string or a list of strings")
-    for flag in ("ignore_eos", "speculative"):
-        if not isinstance(body.get(flag, False), bool):
-            raise BadInput(f"{flag}: expected true or false")
-    temperature, top_p = body.get("temperature"), body.get("top_p")  # null = the default
-    return SamplingParams(max_tokens=body.get("max_tokens") or 16,
-                          temperature=1.0 if temperature is None else float(temperature),
-                          top_k=body.get("top_k") or 0, top_p=1.0 if top_p is None else float(top_p),
-                          seed=body.get("seed"), stop=stop,
-                          ignore_eos=body.get("ignore_eos", False),  # a vLLM extension
-                          speculative=body.get("speculative", True))  # dwc's: draft on/off
-
-
 class EngineFailed(Exception):
     """The engine's step failed while this request was in it."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
 
 
 class Api:
@@ -115,12 +96,15 @@ class Api:
 
     async def completions(self, http: HttpRequest, chat: bool = False):
         try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(await http.body())
+        except (ValueError, RecursionError):  # bad JSON or UTF-8; nesting past the stack
             return bad_request("body is not valid JSON")
+        except ClientDisconnect:  # gone before its body arrived: nobody reads an answer
+            return Response(status_code=499)
         if not isinstance(body, dict):
             return bad_request("body must be a JSON object")
         try:
+            check_fields(body, chat)
             prompt = self._prompt(body, chat)
             params = sampling_from(body)
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -142,14 +126,18 @@ class Api:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise BadInput("prompt: expected a string")
-            return prompt
+            return encodable(prompt, "prompt")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str) for m in messages):
             raise BadInput("messages: expected a list of {role, content} objects")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=True)
+        except TemplateError as e:  # the template refuses these messages (roles, order)
+            raise BadInput(f"messages: the chat template refuses them: {e}") from None
+        return encodable(prompt, "messages")
 
     async def _events(self, request: Request, http: HttpRequest):
         """Tokens as they come; aborts the sequence if the client goes away (checked at
@@ -164,7 +152,7 @@ class Api:
                 if time.monotonic() - checked >= 1.0 or kind is None:
                     checked = time.monotonic()
                     if await http.is_disconnected():
-                        raise asyncio.CancelledError
+                        raise ClientGone
                 if kind is None:
                     continue
                 if kind == "error":
@@ -172,7 +160,7 @@ class Api:
                 yield kind, value
                 if kind == "done":
                     return
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit, ClientGone):
             self.core.abort(request)
             raise
 
@@ -192,6 +180,8 @@ class Api:
         except EngineFailed as e:
             return JSONResponse({"error": {"message": f"generation failed: {e}",
                                            "type": "server_error"}}, status_code=500)
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"
         self._observe_tpot(request, len(ids))
         text = self._text(ids, request.params)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
@@ -220,6 +210,8 @@ class Api:
         except EngineFailed as e:
             error = {"error": {"message": f"generation failed: {e}", "type": "server_error"}}
             yield f"data: {json.dumps(error)}\n\n"
+            return
+        except ClientGone:
             return
         self._observe_tpot(request, len(ids))
         yield "data: [DONE]\n\n"
@@ -251,11 +243,16 @@ def make_app(engine: Engine, model_name: str, max_waiting: int = 256) -> Starlet
     async def chat(http):
         return await api.completions(http, chat=True)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        api.core.stop()
+
     app = Starlette(routes=[
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/models", api.models), Route("/health", api.health),
         Route("/metrics", api.prometheus),
-    ], on_shutdown=[api.core.stop])
+    ], lifespan=lifespan)
     app.state.api = api
     return app

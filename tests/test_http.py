@@ -4,9 +4,7 @@ disconnecting requests; every valid one answered, every block returned."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
 import time
 
 import httpx
@@ -14,37 +12,15 @@ import pytest
 
 from dwc.runtime.engine import Engine, EngineConfig
 from dwc.runtime.sequence import SamplingParams
+from dwc.soak import serving
 from tests.test_runtime import PROMPTS
-
-
-@contextlib.contextmanager
-def serving(engine: Engine, max_waiting: int = 64):
-    """`dwc serve`'s app over loopback on a free port; yields its URL."""
-    import uvicorn
-
-    from dwc.http_server import make_app
-
-    app = make_app(engine, "stdlib-coder", max_waiting=max_waiting)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not (srv.started and srv.servers) and time.time() < deadline:
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
 def server(bundle):
     engine = Engine.from_bundle(bundle, EngineConfig(num_blocks=256, max_num_seqs=16,
                                                      max_num_batched_tokens=256))
-    with serving(engine) as url:
+    with serving(engine, max_waiting=64, model_name="stdlib-coder") as (url, _):
         yield url, engine
 
 

@@ -40,6 +40,8 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.inbox: queue.Queue = queue.Queue()
+        self.arriving = 0                     # "add"s in the inbox (aborts do not queue)
+        self.lock = threading.Lock()
         self.live: dict[int, Request] = {}
         self.stopping = False
         self.errors = 0                       # failed steps, for /health
@@ -47,8 +49,10 @@ class AsyncEngine:
         self.thread.start()
 
     def submit(self, request: Request) -> None:
-        if len(self.engine.scheduler.waiting) + self.inbox.qsize() >= self.max_waiting:
-            raise QueueFull(f"{self.max_waiting} requests already wait")
+        with self.lock:
+            if len(self.engine.scheduler.waiting) + self.arriving >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests already wait")
+            self.arriving += 1
         self.inbox.put(("add", request))
 
     def abort(self, request: Request) -> None:
@@ -92,6 +96,8 @@ class AsyncEngine:
             kind, request = item
             if kind == "add":
                 request.seq = self.engine.add(request.prompt_ids, request.params)
+                with self.lock:  # after: now in the scheduler's waiting queue
+                    self.arriving -= 1
                 self.live[request.seq.id] = request  # added first: a failure reaches it
             elif request.seq is not None and request.seq.id in self.live:
                 self.engine.abort(request.seq)
