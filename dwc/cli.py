@@ -345,8 +345,9 @@ def targets(as_json):
     if as_json:
         click.echo(json.dumps(rows))
     else:
+        rows = [dict(r, tp=r["tensor_parallel"]) for r in rows]  # a narrow column
         table("targets", rows, ["name", "backend", "device", "weights", "dtype", "kv_cache",
-                                "tensor_parallel", "description"])
+                                "tp", "description"])
 
 
 @main.command()

@@ -29,8 +29,8 @@ forward's collectives run on the default group (NCCL on GPUs, gloo on CPU).
 from __future__ import annotations
 
 import os
-import queue
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -260,7 +260,7 @@ class Group:
     rank: int
     spec: WorkerSpec
     workers: list = field(default_factory=list)
-    ready: object = None            # rank 0: the queue the workers report start-up on
+    ready: list = field(default_factory=list)  # rank 0: a pipe from each worker (start-up)
 
     def __post_init__(self):
         s = self.spec
@@ -304,24 +304,27 @@ class Group:
     def wait_ready(self) -> None:
         """Rank 0, after building its own shard: wait until every worker has built its
         own; a worker's failure is raised here, in one line."""
-        pending = set(range(1, self.size))
+        from multiprocessing.connection import wait
+
+        pending = {conn: rank for rank, conn in enumerate(self.ready, start=1)}
         deadline = time.monotonic() + READY_TIMEOUT_S
         while pending:
-            try:
-                rank, error, code = self.ready.get(timeout=1)
-            except queue.Empty:
-                dead = [w.name for w in self.workers if w.exitcode is not None]
-                if dead or time.monotonic() > deadline:
-                    self.close(force=True)
-                    raise DwcError(f"tensor-parallel worker(s) {', '.join(dead) or 'timed out'}"
-                                   " did not start") from None
-                continue
-            if error:
+            got = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not got:
                 self.close(force=True)
-                failed = DwcError(f"tensor-parallel rank {rank}: {error}")
-                failed.exit_code = code
-                raise failed
-            pending.discard(rank)
+                raise DwcError(f"tensor-parallel ranks {sorted(pending.values())} did not "
+                               f"start within {READY_TIMEOUT_S} s")
+            for conn in got:
+                rank = pending.pop(conn)
+                try:
+                    _, error, code = conn.recv()
+                except EOFError:  # the pipe closed: the worker died without a word
+                    error, code = "exited while starting", 1
+                if error:
+                    self.close(force=True)
+                    failed = DwcError(f"tensor-parallel rank {rank}: {error}")
+                    failed.exit_code = code
+                    raise failed
 
     def close(self, force: bool = False) -> None:
         """Rank 0: stop the workers (at once with `force`) and leave the group."""
@@ -334,6 +337,8 @@ class Group:
             if w.is_alive():
                 w.terminate()
                 w.join()
+        for conn in self.ready:
+            conn.close()
         dist.destroy_process_group()
         torch.set_num_threads(self.threads)
 
@@ -359,11 +364,14 @@ def launch(model_dir, dtype: torch.dtype, runner_args: dict, size: int,
     spec = WorkerSpec(str(model_dir), str(dtype).removeprefix("torch."), dict(runner_args),
                       size, backend, _free_port())
     ctx = torch.multiprocessing.get_context("spawn")
-    ready = ctx.Queue()
-    workers = [ctx.Process(target=worker_main, args=(r, spec, ready), daemon=True,
-                           name=f"dwc-tp-rank{r}") for r in range(1, size)]
-    for w in workers:
-        w.start()
+    workers, ready = [], []
+    for r in range(1, size):
+        receive, send = ctx.Pipe(duplex=False)
+        workers.append(ctx.Process(target=worker_main, args=(r, spec, send), daemon=True,
+                                   name=f"dwc-tp-rank{r}"))
+        workers[-1].start()
+        send.close()  # the worker holds the only writer: its death closes the pipe
+        ready.append(receive)
     try:
         return Group(0, spec, workers, ready)
     except BaseException:
@@ -378,7 +386,7 @@ def worker_main(rank: int, spec: WorkerSpec, ready) -> None:
 
     from dwc.runtime.model_runner import ModelRunner, load_hf_model
 
-    _exit_with_parent()
+    parent = _exit_with_parent()
     device = spec.runner_args["device"]
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -387,13 +395,22 @@ def worker_main(rank: int, spec: WorkerSpec, ready) -> None:
         model = load_hf_model(Path(spec.model_dir), device, getattr(torch, spec.dtype))
         runner = ModelRunner(model, tp=group, **spec.runner_args)
     except DwcError as e:
-        ready.put((rank, e.message, e.exit_code))
+        ready.send((rank, e.message, e.exit_code))
         return
     except Exception as e:  # reported to rank 0, which says it in one line
-        ready.put((rank, f"{type(e).__name__}: {e}", 1))
+        ready.send((rank, f"{type(e).__name__}: {e}", 1))
         return
-    ready.put((rank, None, 0))
-    follow_steps(group, runner)
+    ready.send((rank, None, 0))
+    ready.close()
+    try:
+        follow_steps(group, runner)
+    except RuntimeError as e:  # DistBackendError too: rank 0 went away without saying stop
+        time.sleep(0.5)
+        if os.getppid() != parent:  # it was stopped (a signal ends `dwc serve` this way)
+            os._exit(0)
+        print(f"dwc tensor-parallel rank {rank}: stopped: {str(e).splitlines()[0]}",
+              file=sys.stderr)
+        os._exit(1)
     dist.destroy_process_group()
 
 
@@ -403,9 +420,9 @@ def follow_steps(group, runner) -> None:
         runner.execute(step)
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent() -> int:
     """A worker whose rank 0 died (killed, so it could not say stop) exits too, instead
-    of waiting for a step that never comes."""
+    of waiting for a step that never comes. Returns rank 0's pid."""
     parent = os.getppid()
 
     def watch():
@@ -414,6 +431,7 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="dwc-tp-watch").start()
+    return parent
 
 
 def _free_port() -> int:
