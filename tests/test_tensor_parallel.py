@@ -169,6 +169,35 @@ def test_cut_projections_sum_to_the_whole(bundle):
     torch.testing.assert_close(torch.cat(heads, dim=-1), model.lm_head(x), rtol=1e-12, atol=1e-12)
 
 
+def test_fp8_and_int8_kernel_cuts_keep_their_scales():
+    """The GPU's kernel modules, cut on the CPU (as tensor-parallel runners do before
+    moving the shards): a column cut keeps its rows' weights and per-channel scales, a
+    row cut its columns and every scale; the per-tensor input scale stays; the bias is
+    cut with the rows, and kept by rank 0 only in a row cut."""
+    from dwc.runtime.layers.linear import Fp8Linear, Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g)
+    scale, bias, x_scale = torch.rand(48, generator=g) + 0.1, torch.randn(48, generator=g), \
+        torch.tensor(0.02)
+    rows, cols = torch.tensor([4, 5, 6, 40, 41]), torch.arange(16, 32)
+    for kernel in (Fp8Linear(w.to(torch.float8_e4m3fn), scale, x_scale, bias),
+                   Int8Linear(w.round().clamp(-128, 127).to(torch.int8), scale, x_scale, bias)):
+        weight = kernel.weight_t.t()                                     # [out, in]
+        scales = (kernel.scale_b if type(kernel) is Fp8Linear else kernel.scale_w).view(-1)
+        col = tp.cut_linear(kernel, rows=rows)
+        assert type(col) is type(kernel) and col.weight_t.t().is_contiguous()
+        assert torch.equal(col.weight_t.t().float(), weight[rows].float())
+        assert torch.equal((col.scale_b if type(col) is Fp8Linear else col.scale_w).view(-1),
+                           scales[rows])
+        assert torch.equal(col.bias, bias[rows]) and torch.equal(col.input_scale, kernel.input_scale)
+        row = tp.cut_linear(kernel, cols=cols, keep_bias=False)
+        assert torch.equal(row.weight_t.t().float(), weight[:, cols].float())
+        assert torch.equal((row.scale_b if type(row) is Fp8Linear else row.scale_w).view(-1),
+                           scales)
+        assert row.bias is None and torch.equal(row.input_scale, kernel.input_scale)
+
+
 def test_indivisible_heads_are_refused_in_one_line(bundle):
     with pytest.raises(BadInput, match="num_attention_heads 4 is not divisible by 3"):
         tp.check_layout(4, 2, 768, 3)

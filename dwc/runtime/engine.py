@@ -95,7 +95,10 @@ class Engine:
             self.tp = tensor_parallel.launch(model_dir, dtype, args, c.tensor_parallel,
                                              c.tensor_parallel_backend)
         try:
-            self.runner = ModelRunner(load_hf_model(model_dir, device, dtype), tp=self.tp, **args)
+            # Tensor parallel: loaded on the CPU and cut there (shard_decoder moves each
+            # rank's share), so no GPU holds the whole model.
+            model = load_hf_model(model_dir, "cpu" if self.tp else device, dtype)
+            self.runner = ModelRunner(model, tp=self.tp, **args)
             if self.tp:
                 self.tp.wait_ready()
         except BaseException:

@@ -54,7 +54,8 @@ class ModelRunner:
         self.tp = tp
         self.hf_model = hf_model
         self.decoder = d = Decoder(hf_model, device)
-        self.kernels = d.use_kernels(weights_dir, device, fusion) \
+        # Tensor parallel: the kernels are built on the CPU; shard_decoder moves the shards.
+        self.kernels = d.use_kernels(weights_dir, "cpu" if tp else device, fusion) \
             if device == "cuda" and weights_dir else 0
         if fusion:
             d.fuse(fusion)

@@ -130,41 +130,46 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 # -- cutting modules --------------------------------------------------------------------
 
 def cut_linear(module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-               keep_bias: bool = True):
-    """A copy of `module` with only output `rows` (column-parallel) or input `cols`
-    (row-parallel; the bias stays only where `keep_bias`). Copies, so the full weight
-    can be freed. Kernel-backed FP8 / INT8: per-output-channel weight scales follow the
-    rows; a row-parallel cut keeps them whole (every output channel is still there, as
-    a partial sum); the static per-tensor activation scale is unchanged: quantizing with
+               keep_bias: bool = True, device=None):
+    """A copy of `module` on `device` (default: the module's) with only output `rows`
+    (column-parallel) or input `cols` (row-parallel; the bias stays only where
+    `keep_bias`). Copies, so the full weight can be freed. Kernel-backed FP8 / INT8:
+    per-output-channel weight scales follow the rows; a row-parallel cut keeps them
+    whole (every output channel is still there, as a partial sum); the static per-tensor activation scale is unchanged: quantizing with
     one scale is elementwise, so quantizing a rank's slice of the input gives that slice
     of the whole input quantized."""
     from dwc.runtime.layers.linear import Fp8Linear, Int8Linear
 
     def cut(w):                                                         # w: [out, in]
-        return (w[rows] if rows is not None else w[:, cols.to(w.device)]).contiguous()
+        w = w[rows] if rows is not None else w[:, cols.to(w.device)]
+        return w.contiguous().to(device)
 
+    here = _device_of(module)
+    device = device or here
     if rows is not None:
-        rows = rows.to(_device_of(module))
+        rows = rows.to(here)
     bias = getattr(module, "bias", None)
     if bias is not None:
-        bias = bias.detach()[rows].clone() if rows is not None else (bias.detach().clone()
-                                                                      if keep_bias else None)
+        bias = bias.detach().to(here)
+        bias = bias[rows].to(device, copy=True) if rows is not None else \
+            (bias.to(device, copy=True) if keep_bias else None)
     if type(module) is torch.nn.Linear and getattr(module, "quantization_scheme", None) is None:
         w = cut(module.weight.detach())
-        out = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
-                              dtype=w.dtype)
+        out = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta",
+                              dtype=w.dtype)  # no allocation: the cut tensors replace them
         out.weight = torch.nn.Parameter(w, requires_grad=False)
         if bias is not None:
             out.bias = torch.nn.Parameter(bias, requires_grad=False)
         return out.requires_grad_(False)
     if type(module) is Fp8Linear:
-        scale = module.scale_b.view(-1)                                   # [out]
-        return Fp8Linear(cut(module.weight_t.t()), scale[rows] if rows is not None else scale,
-                         module.input_scale, bias)
+        scale = module.scale_b.view(-1).to(device)                        # [out]
+        return Fp8Linear(cut(module.weight_t.t()), scale[rows.to(device)] if rows is not None
+                         else scale, module.input_scale.to(device), bias)
     if type(module) is Int8Linear:
-        scale = module.scale_w.view(-1)                                   # [out]
-        return Int8Linear(cut(module.weight_t.t()), scale[rows] if rows is not None else scale,
-                          module.input_scale, bias)
+        scale = module.scale_w.view(-1).to(device)                        # [out]
+        static = None if module.input_scale is None else module.input_scale.to(device)
+        return Int8Linear(cut(module.weight_t.t()), scale[rows.to(device)] if rows is not None
+                          else scale, static, bias)
     raise BadInput(f"tensor parallelism cuts plain Linears and the GPU's FP8 / INT8 kernels; "
                    f"{type(module).__name__} (a quantized module on the CPU, or INT4) is not "
                    "supported")
@@ -211,8 +216,11 @@ class VocabParallelHead(torch.nn.Module):
 
 def shard_decoder(decoder, group: "Group") -> None:
     """Cut a Decoder (after use_kernels and fuse, before its cache is made) down to rank
-    `group.rank`'s shard, in place. The checkpoint model's own projections are replaced
-    by the shards (or dropped, where stacked), so the full weights can be freed."""
+    `group.rank`'s shard, in place, and move what is left to its device. The checkpoint
+    model's own projections are replaced by the shards (or dropped, where stacked), so
+    the full weights can be freed. Tensor-parallel runners load the checkpoint and
+    build the GPU's quantized kernels on the CPU and cut them there, so a GPU only ever
+    holds its rank's share."""
     d = decoder
     check_layout(d.num_heads, d.num_kv_heads, d.intermediate_size, group.size)
     layout = Layout(group.rank, group.size, d.num_heads, d.num_kv_heads, d.head_dim,
@@ -221,9 +229,9 @@ def shard_decoder(decoder, group: "Group") -> None:
         for name, module in list(proj.items()):
             if name in ROW_PARALLEL:
                 proj[name] = cut_linear(module, cols=layout.cols(name),
-                                        keep_bias=group.rank == 0)
+                                        keep_bias=group.rank == 0, device=d.device)
             else:
-                proj[name] = cut_linear(module, rows=layout.rows(name))
+                proj[name] = cut_linear(module, rows=layout.rows(name), device=d.device)
         for part, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                             (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for n in names:
@@ -233,6 +241,8 @@ def shard_decoder(decoder, group: "Group") -> None:
     d.num_heads = len(layout.heads)
     d.num_kv_heads = len(layout.kv_heads)
     d.reduce = group.all_reduce
+    for module in (d.layers, d.embed, d.lm_head, d.final_norm):  # norms, vocabulary shards
+        module.to(d.device)
     if d.device == "cuda":
         torch.cuda.empty_cache()
 
@@ -392,7 +402,7 @@ def worker_main(rank: int, spec: WorkerSpec, ready) -> None:
         torch.cuda.set_device(rank % torch.cuda.device_count())
     group = Group(rank, spec)
     try:
-        model = load_hf_model(Path(spec.model_dir), device, getattr(torch, spec.dtype))
+        model = load_hf_model(Path(spec.model_dir), "cpu", getattr(torch, spec.dtype))
         runner = ModelRunner(model, tp=group, **spec.runner_args)
     except DwcError as e:
         ready.send((rank, e.message, e.exit_code))
