@@ -3,7 +3,8 @@
 GPU, `tune` calibrates the model with short measurements), then `dwc bench`'s online
 measurement (Poisson arrivals, 512-token prompts, 128 new tokens; warm-up requests not
 counted) at three loads below the predicted maximum, beside the build's prediction at
-the same rate. Goal: predictions within 15% of measurements.
+the same rate: means from the closed forms, p99s from the scheduler simulation
+(dwc/loadsim.py). Goal: predictions within 15% of measurements.
 
     DWC_COMMIT=<hash> python3 benchmarks/costmodel_gpu.py --out $OUT
 
@@ -32,6 +33,7 @@ from build_8b import EXAMPLE, make_checkpoint  # noqa: E402
 
 from dwc.bench import BenchConfig, online  # noqa: E402
 from dwc.costmodel import Calibration, Machine, ModelFigures, predict  # noqa: E402
+from dwc.loadsim import simulate  # noqa: E402
 from dwc.runtime.engine import Engine  # noqa: E402
 
 PROMPT, OUTPUT, TPOT_MS = 512, 128, 40.0
@@ -131,11 +133,14 @@ def main() -> int:
         measured = online(engine, cfg, on_step=log)
         del engine.scheduler.schedule  # the class's own again
         p = predict(machine, figures, rps, PROMPT, OUTPUT, plan["max_num_seqs"])
+        sim = simulate(machine, figures, rps, PROMPT, OUTPUT, plan["max_num_seqs"])
         err = lambda pred, meas: round(pred / meas - 1, 3)  # noqa: E731
         level = {"load": load, "rps": rps, "measured": measured, "predicted": p.as_dict(),
-                 "steps": log.summary(),
-                 "tpot_p99_error": err(p.tpot_p99_ms, measured["tpot_ms"]["p99"]),
-                 "ttft_p99_error": err(p.ttft_p99_ms, measured["ttft_ms"]["p99"]),
+                 "simulated": sim.as_dict(), "steps": log.summary(),
+                 "tpot_p99_error": err(sim.tpot_p99_ms, measured["tpot_ms"]["p99"]),
+                 "ttft_p99_error": err(sim.ttft_p99_ms, measured["ttft_ms"]["p99"]),
+                 "closed_form_tpot_p99_error": err(p.tpot_p99_ms, measured["tpot_ms"]["p99"]),
+                 "closed_form_ttft_p99_error": err(p.ttft_p99_ms, measured["ttft_ms"]["p99"]),
                  "tpot_mean_error": err(p.tpot_ms, measured["tpot_ms"]["mean"]),
                  "ttft_mean_error": err(p.ttft_ms, measured["ttft_ms"]["mean"]),
                  "rps_error": err(rps, measured["achieved_rps"])}
@@ -143,13 +148,14 @@ def main() -> int:
         (args.out / "costmodel_gpu.json").write_text(json.dumps(report, indent=1))
         rows.append(level)
     print(f"calibration: {json.dumps(cal)}")
-    print("load   rps    | TPOT p99 meas/pred (err) | TPOT mean meas/pred | "
-          "TTFT p99 meas/pred (err) | TTFT mean meas/pred | achieved rps")
+    print(f"tune's choice: {json.dumps(slo)}")
+    print("load   rps    | TPOT p99 meas/sim (err) | TPOT mean meas/pred | "
+          "TTFT p99 meas/sim (err) | TTFT mean meas/pred | achieved rps")
     for lv in rows:
-        m, p = lv["measured"], lv["predicted"]
-        print(f"{lv['load']:.2f} {lv['rps']:7.2f} | {m['tpot_ms']['p99']:7.2f}/{p['tpot_p99_ms']:7.2f}"
+        m, p, sim = lv["measured"], lv["predicted"], lv["simulated"]
+        print(f"{lv['load']:.2f} {lv['rps']:7.2f} | {m['tpot_ms']['p99']:7.2f}/{sim['tpot_p99_ms']:7.2f}"
               f" ({lv['tpot_p99_error']:+.1%}) | {m['tpot_ms']['mean']:6.2f}/{p['tpot_ms']:6.2f} | "
-              f"{m['ttft_ms']['p99']:7.2f}/{p['ttft_p99_ms']:7.2f} ({lv['ttft_p99_error']:+.1%}) | "
+              f"{m['ttft_ms']['p99']:7.2f}/{sim['ttft_p99_ms']:7.2f} ({lv['ttft_p99_error']:+.1%}) | "
               f"{m['ttft_ms']['mean']:6.2f}/{p['ttft_ms']:6.2f} | {m['achieved_rps']}")
         print(f"      steps: {json.dumps(lv['steps'])}")
     return 0

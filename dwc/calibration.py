@@ -9,7 +9,9 @@ for), synchronised:
 - what one prompt of the SLO's length adds to a step when it joins n decoding sequences,
   and what each further prompt in the same step adds (chunked prefill: a step with a
   prompt runs eagerly, so the first prompt also pays the decode rows' launch overhead;
-  prompts arriving together share it). Means of several, as the model deals in means.
+  prompts arriving together share it). These vary from step to step by tens of percent,
+  so the prompt's cost is a least-squares line in n through every timing (the model
+  deals in means), not one figure per size.
 
 Between measured sizes the cost model interpolates linearly in n. The run takes seconds.
 """
@@ -28,7 +30,7 @@ from dwc.runtime.sequence import SamplingParams
 
 STEPS = 8        # decode steps timed per size (median)
 PROMPTS = 3      # the most prompts joining one step
-REPEATS = 4      # timings of one prompt joining, per size (mean)
+REPEATS = 6      # timings of one prompt joining, per size
 
 
 def calibrate(engine: Engine, prompt_tokens: int, sizes: list[int], seed: int = 0) -> Calibration:
@@ -59,14 +61,17 @@ def calibrate(engine: Engine, prompt_tokens: int, sizes: list[int], seed: int = 
             if n + PROMPTS > engine.scheduler.max_num_seqs:
                 continue  # prompts cannot join a full batch; the model extrapolates
             join(1)  # warm-up: this step's shapes
-            one.append((n, statistics.mean(join(1) for _ in range(REPEATS)) - step))
-            each.append((join(PROMPTS) - step - one[-1][1]) / (PROMPTS - 1))
+            timed = [(n, join(1) - step) for _ in range(REPEATS)]
+            one.extend(timed)
+            alone = statistics.mean(t for _, t in timed)
+            each.append((join(PROMPTS) - step - alone) / (PROMPTS - 1))
     finally:
         for seq in live:
             engine.abort(seq)
+    each_s = max(statistics.median(each), 0.0) if each else None
+    device = torch.cuda.get_device_name(0) if _cuda(engine) else "cpu"
     return Calibration(context=prompt_tokens, prompt_tokens=prompt_tokens, decode=decode,
-                       prefill=one, prefill_each=max(statistics.median(each), 0.0) if each else None,
-                       device=torch.cuda.get_device_name(0))
+                       prefill=_line(one), prefill_each=each_s, device=device)
 
 
 def output_tokens(num_sizes: int) -> int:
@@ -74,18 +79,34 @@ def output_tokens(num_sizes: int) -> int:
     return (STEPS + PROMPTS + 2) * (num_sizes + 1) + 8
 
 
+def _line(points: list) -> list:
+    """The least-squares line through (n, seconds) points, as its two end points."""
+    if not points:
+        return []
+    xs = [x for x, _ in points]
+    mx, my = statistics.mean(xs), statistics.mean(y for _, y in points)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+    lo, hi = min(xs), max(xs)
+    return [(lo, my + slope * (lo - mx))] + ([(hi, my + slope * (hi - mx))] if hi > lo else [])
+
+
 def _run_prefills(engine: Engine, live: list) -> None:
     """Step until every live sequence has its prompt in the cache."""
     while any(seq.is_prefill for seq in live):
         engine.step()
-    torch.cuda.synchronize()
+
+
+def _cuda(engine: Engine) -> bool:
+    return engine.runner.device == "cuda"
 
 
 def _timed_step(engine: Engine) -> float:
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if _cuda(engine) else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     engine.step()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 

@@ -72,6 +72,7 @@ class Tune(Pass):
                 for seqs in _powers(plan["max_num_seqs"])
                 for draft in ([False, True] if ctx.artifacts.get("draft") else [False])]
         best = max(rows, key=lambda r: (r["max_rps"], -r["max_num_seqs"]))
+        _simulate(machine, _figures(ctx, plan, best["draft"]), best, slo, prompt, output)
         tuning = _decision(best, rows, slo, ctx.target.name, prompt, output, hw.usd_per_hour)
         if calibration:
             tuning["calibration"] = calibration.as_dict()
@@ -204,6 +205,20 @@ def _candidate(machine, figures, seqs: int, draft: bool, slo, prompt: int, outpu
         alone = predict(machine, figures, 1e-6, prompt, output, seqs)
         row["alone"] = alone.as_dict()
     return row
+
+
+def _simulate(machine, figures, best: dict, slo, prompt: int, output: int) -> None:
+    """Check the chosen rate's p99s by simulating the scheduler (dwc/loadsim.py), backing
+    the rate off until they meet the SLO; the p99s reported are the simulation's."""
+    from dwc.loadsim import check_rate
+
+    if best["max_rps"] <= 0:
+        return
+    p, sim = check_rate(machine, figures, best["max_rps"], prompt, output, best["max_num_seqs"],
+                        slo.target_latency_ms if slo else None, slo.target_ttft_ms if slo else None)
+    best["max_rps"] = round(p.rps, 3)
+    best["at_max_rps"] = dict(p.as_dict(), tpot_p99_ms=round(sim.tpot_p99_ms, 3),
+                              ttft_p99_ms=round(sim.ttft_p99_ms, 3), p99_from="simulation")
 
 
 def _decision(best: dict, rows: list, slo, target: str, prompt: int, output: int,

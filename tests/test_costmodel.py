@@ -137,3 +137,21 @@ def test_tune_records_the_decision_and_exits_4_when_enforced(build_for, example,
     result = dwc("build", bf, "-t", "h200-fp8", "-o", tmp_path / "out")
     assert_clean_error(result, 4, "p99 TPOT", "> 0.5 ms")
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_times_the_engine_and_fits_a_line(bundle):
+    """On this CPU: the figures exist, are positive, and feed the model (the GPU's are in
+    benchmarks/results/)."""
+    from dwc.calibration import _line, calibrate
+    from dwc.runtime.engine import Engine, EngineConfig
+
+    assert _line([(1, 1.0), (3, 3.0), (3, 5.0)]) == [(1, pytest.approx(1.0)),
+                                                     (3, pytest.approx(4.0))]
+    engine = Engine.from_bundle(bundle, EngineConfig(max_num_seqs=8, num_blocks=128))
+    cal = calibrate(engine, prompt_tokens=32, sizes=[1, 4])
+    assert [n for n, _ in cal.decode] == [1, 4] and all(t > 0 for _, t in cal.decode)
+    assert [n for n, _ in cal.prefill] == [1, 4] and cal.prefill_each is not None
+    assert cal.device == "cpu" and not engine.has_work()
+    assert engine.blocks.num_free == len(engine.blocks.blocks)  # nothing leaked
+    p = predict(Machine(1e12, 1e15, 3.0, calibration=cal), F, 1.0, 32, 16, 8)
+    assert p.tpot_ms > 0 and p.ttft_ms > p.tpot_ms
