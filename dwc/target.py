@@ -66,6 +66,8 @@ class Target:
         if self.tensor_parallel > 1 and self.backend != "torch-triton":
             raise TargetError(f"tensor_parallel: {self.backend} bundles are not split by dwc; "
                               "tensor parallelism is for the torch-triton runtime")
+        if self.tensor_parallel > 1 and self.weights.scheme == "int4-w4a16":
+            raise TargetError("tensor_parallel: INT4 (W4A16) weights are not split yet")
 
     def check_model(self, info: ModelInfo) -> None:
         """Refuse, in one line, a model this target cannot compile."""

@@ -205,6 +205,12 @@ def test_indivisible_heads_are_refused_in_one_line(bundle):
         tp.check_layout(6, 3, 768, 2)
     with pytest.raises(BadInput, match="intermediate_size 769"):
         tp.check_layout(4, 2, 769, 2)
+    int4 = {"quantization_config": {"config_groups": {"g": {"weights": {"num_bits": 4}}}}}
+    with pytest.raises(BadInput, match="INT4 \\(W4A16\\) weights are not split yet"):
+        tp.check_weights(int4, 2)
+    tp.check_weights(int4, 1)
+    tp.check_weights({"quantization_config": {"config_groups": {"g": {"weights": {
+        "num_bits": 8}}}}}, 2)
     result = dwc("serve", bundle, "--tensor-parallel", "3")  # refused before any process starts
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
