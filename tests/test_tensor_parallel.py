@@ -19,6 +19,7 @@ from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sequence import SamplingParams
 from tests.conftest import dwc
 from tests.test_runtime import PROMPTS
+from tests.test_speculative import weak_draft  # noqa: F401  (a fixture)
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
@@ -35,8 +36,10 @@ def one_process(bundle):
 
 
 @pytest.fixture(scope="module")
-def two_processes(bundle):
-    eng = Engine.from_bundle(bundle, cpu_config(max_num_batched_tokens=48), tensor_parallel=2)
+def two_processes(bundle, weak_draft):
+    """Rank 0 also speculates with a draft model (it runs there, unsplit)."""
+    eng = Engine(bundle / "model", cpu_config(max_num_batched_tokens=48, tensor_parallel=2),
+                 draft_dir=weak_draft, draft_k=3)
     yield eng
     workers = eng.tp.workers
     eng.close()
@@ -45,7 +48,8 @@ def two_processes(bundle):
 
 def test_two_gloo_processes_are_token_identical_to_one(one_process, two_processes):
     """Four prompts of 11 to 39 tokens at once (a 48-token step budget: chunked prefill,
-    whole prompts padded together, decodes beside prefills), then one alone."""
+    whole prompts padded together, decodes and verification steps beside prefills), then
+    one alone; against one process without speculation."""
     d = two_processes.runner.decoder
     assert (d.num_heads, d.num_kv_heads) == (2, 1)             # 4 query / 2 KV heads, split
     assert two_processes.runner.cache[0].shape[2] == 1         # rank 0 caches its KV head
@@ -54,6 +58,8 @@ def test_two_gloo_processes_are_token_identical_to_one(one_process, two_processe
     alone = two_processes.generate([PROMPTS[2]], SamplingParams(max_tokens=40, ignore_eos=True))
     ref = one_process.generate([PROMPTS[2]], SamplingParams(max_tokens=40, ignore_eos=True))
     assert alone[0].output_ids == ref[0].output_ids
+    spec = two_processes.speculation()
+    assert spec["steps"] > 0 and 0 < spec["accepted"] < spec["drafted"]
 
 
 @dataclasses.dataclass
