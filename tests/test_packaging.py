@@ -44,7 +44,7 @@ def test_targets_and_passes_listings():
     assert [t["name"] for t in targets] == ["a100-int4-awq", "a100-int8-sq", "cpu-bf16",
                                             "cpu-gguf-f16", "cpu-gguf-q4_k_m", "cpu-gguf-q8_0",
                                             "h100-fp8", "h100-int4-awq", "h100-trtllm-fp8",
-                                            "h100-trtllm-int4-awq", "h200-fp8"]
+                                            "h100-trtllm-int4-awq", "h200-fp8", "h200x2-fp8"]
     passes = json.loads(dwc("passes", "--json").stdout)
     assert [p["name"] for p in passes] == ["load", "calibrate", "quantize", "modelopt-quantize",
                                             "gguf-export", "fuse", "distill-draft", "kv-layout",
