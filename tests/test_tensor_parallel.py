@@ -35,9 +35,10 @@ def one_process(bundle):
     return Engine.from_bundle(bundle, cpu_config(max_num_batched_tokens=48))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def two_processes(bundle, weak_draft):
-    """Rank 0 also speculates with a draft model (it runs there, unsplit)."""
+    """Rank 0 also speculates with a draft model (it runs there, unsplit). Closed after
+    its test: one process holds one tensor-parallel group at a time."""
     eng = Engine(bundle / "model", cpu_config(max_num_batched_tokens=48, tensor_parallel=2),
                  draft_dir=weak_draft, draft_k=3)
     yield eng
@@ -215,6 +216,9 @@ def test_indivisible_heads_are_refused_in_one_line(bundle):
     with pytest.raises(BadInput, match="INT4 \\(W4A16\\) weights are not split yet"):
         tp.check_weights(int4, 2)
     tp.check_weights(int4, 1)
+    with pytest.raises(BadInput, match="on the CPU only unquantized models are split"):
+        tp.check_weights({"quantization_config": {"quant_method": "compressed-tensors"}}, 2,
+                         "cpu")
     tp.check_weights({"quantization_config": {"config_groups": {"g": {"weights": {
         "num_bits": 8}}}}}, 2)
     result = dwc("serve", bundle, "--tensor-parallel", "3")  # refused before any process starts

@@ -63,10 +63,14 @@ def check_layout(num_heads: int, num_kv_heads: int, intermediate: int, size: int
         raise BadInput(f"{where}: intermediate_size {intermediate} is not divisible by {size}")
 
 
-def check_weights(config: dict, size: int) -> None:
-    """Refuse INT4 weights: their kernel's tinygemm packing is made on the GPU and is
-    not cut (FP8, INT8 and unquantized weights are)."""
-    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+def check_weights(config: dict, size: int, device: str = "cuda") -> None:
+    """Refuse what is not cut: INT4 weights (their kernel's tinygemm packing is made on
+    the GPU), and any quantized weights on the CPU (compressed-tensors' own modules run
+    there, not dwc's kernels)."""
+    quantized = config.get("quantization_config")
+    if size > 1 and quantized and device == "cpu":
+        raise BadInput(f"tensor_parallel {size}: on the CPU only unquantized models are split")
+    groups = (quantized or {}).get("config_groups") or {}
     if size > 1 and any((g.get("weights") or {}).get("num_bits") == 4 for g in groups.values()):
         raise BadInput(f"tensor_parallel {size}: INT4 (W4A16) weights are not split yet; "
                        "use an FP8 or INT8 target")
@@ -376,7 +380,7 @@ def launch(model_dir, dtype: torch.dtype, runner_args: dict, size: int,
 
     info = model_info(model_dir)  # refuse before starting anything
     check_layout(info.num_heads, info.num_kv_heads, info.intermediate_size, size)
-    check_weights(info.config, size)
+    check_weights(info.config, size, device)
     if dist.is_initialized():
         raise BadInput("this process already runs a tensor-parallel engine; close it first")
     # NVLink SHARP multicast (NVLS) stays off: the lent multi-GPU machines require it.
