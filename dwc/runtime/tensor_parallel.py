@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dwc.errors import BadInput, DwcError
+from dwc.runtime.model import ATTN_PROJ, MLP_PROJ
 
 IDLE_TIMEOUT = timedelta(days=365)     # workers wait this long for the next step
 STEP_TIMEOUT = timedelta(minutes=10)   # one collective inside a step (or at start-up)
@@ -245,8 +246,7 @@ def shard_decoder(decoder, group: "Group") -> None:
                                         keep_bias=group.rank == 0, device=d.device)
             else:
                 proj[name] = cut_linear(module, rows=layout.rows(name), device=d.device)
-        for part, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                            (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for part, names in ((layer.self_attn, ATTN_PROJ), (layer.mlp, MLP_PROJ)):
             for n in names:
                 setattr(part, n, proj.get(n))
     d.embed = VocabParallelEmbedding(d.embed, layout, group)
@@ -258,7 +258,6 @@ def shard_decoder(decoder, group: "Group") -> None:
         module.to(d.device)
     if d.device == "cuda":
         torch.cuda.empty_cache()
-
 
 
 # -- processes and collectives ----------------------------------------------------------
