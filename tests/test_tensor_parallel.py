@@ -221,6 +221,8 @@ def test_indivisible_heads_are_refused_in_one_line(bundle):
                          "cpu")
     tp.check_weights({"quantization_config": {"config_groups": {"g": {"weights": {
         "num_bits": 8}}}}}, 2)
+    with pytest.raises(BadInput, match="tensor_parallel 0: must be at least 1"):
+        Engine.from_bundle(bundle, cpu_config(tensor_parallel=0))
     result = dwc("serve", bundle, "--tensor-parallel", "3")  # refused before any process starts
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [

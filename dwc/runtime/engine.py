@@ -72,6 +72,8 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.config = c = config or EngineConfig()
+        if c.tensor_parallel < 1:
+            raise BadInput(f"tensor_parallel {c.tensor_parallel}: must be at least 1")
         device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # The CPU path computes in float32: CPU bf16 matmuls are slower, not faster, and
         # float32 keeps greedy decoding identical to the reference.
