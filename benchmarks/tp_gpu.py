@@ -63,21 +63,29 @@ def measure(engine: Engine, tp: int, limit_tok_s: float, n_prompts: int) -> dict
     return out
 
 
-def run_pair(make, name: str, limit: float, args, results: dict) -> None:
-    """TP=1 then TP=2 of one model; each engine is closed before the next starts."""
+def run_pair(make, name: str, limit: float, args, results: dict, save) -> None:
+    """TP=1 then TP=2 of one model; each engine is closed before the next starts. A run
+    that fails is recorded with its error (and the results so far saved), not lost."""
     for tp in (1, 2):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        engine = make(tp)
         try:
-            results[f"{name}_tp{tp}"] = measure(engine, tp, limit, args.prompts)
-        finally:
+            engine = make(tp)
+            try:
+                results[f"{name}_tp{tp}"] = measure(engine, tp, limit, args.prompts)
+            except BaseException:
+                engine.close(force=True)  # workers may be stuck in a collective
+                raise
             engine.close()
-        del engine
+            del engine
+        except Exception as e:  # e.g. NCCL inside CUDA graphs: rerun with --no-graphs
+            results[f"{name}_tp{tp}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        save()
     one, two = results[f"{name}_tp1"], results[f"{name}_tp2"]
-    results[f"{name}_speedup"] = {k: round(two[k] / one[k], 3) for k in
-                                  ("decode_bs1_tok_s", "decode_bs8_tok_s",
-                                   "throughput_128_128_tok_s")}
+    if "error" not in one and "error" not in two:
+        results[f"{name}_speedup"] = {k: round(two[k] / one[k], 3) for k in
+                                      ("decode_bs1_tok_s", "decode_bs8_tok_s",
+                                       "throughput_128_128_tok_s")}
 
 
 def main() -> int:
@@ -103,27 +111,31 @@ def main() -> int:
         report["build_seconds"] = build(build_file, TARGET, bundle)
     res = report["results"]
     graphs = not args.no_graphs
+
+    def save():
+        report["triton_compiles_while_timing"] = COMPILES_WHILE_TIMING
+        (args.out / "tp_gpu.json").write_text(json.dumps(report, indent=1))
+
     run_pair(lambda tp: Engine.from_bundle(
         bundle, EngineConfig.from_plan(json.loads((bundle / "manifest.json").read_text())
                                        ["kv_cache"], cuda_graphs=graphs),
-        tensor_parallel=tp), "fp8", bandwidth / bytes_per_token(bundle / "model"), args, res)
+        tensor_parallel=tp), "fp8", bandwidth / bytes_per_token(bundle / "model"), args, res,
+        save)
     if args.bf16:
         run_pair(lambda tp: Engine(ckpt, EngineConfig(num_blocks=4096, max_num_seqs=128,
                                                       max_num_batched_tokens=8192,
                                                       cuda_graphs=graphs, tensor_parallel=tp),
                                    fusion=DEFAULT_PLAN),
-                 "bf16", bandwidth / bytes_per_token(ckpt), args, res)
-    report["triton_compiles_while_timing"] = COMPILES_WHILE_TIMING
-    (args.out / "tp_gpu.json").write_text(json.dumps(report, indent=1))
+                 "bf16", bandwidth / bytes_per_token(ckpt), args, res, save)
     print(f"\n{report['device']}: read bandwidth {report['read_bandwidth_gbs']} GB/s per GPU")
     cols = ("decode_bs1_tok_s", "decode_bs1_limit_tok_s", "decode_bs8_tok_s",
             "throughput_128_128_tok_s", "ttft_1k_ms")
     print(f"{'run':<10}" + "".join(f"{c:>26}" for c in cols))
     for key, r in res.items():
-        if "speedup" in key:
-            print(f"{key:<10}" + "".join(f"{r.get(c, '-'):>26}" for c in cols))
+        if "error" in r:
+            print(f"{key:<10} failed: {r['error'][:200]}")
         else:
-            print(f"{key:<10}" + "".join(f"{r[c]:>26}" for c in cols))
+            print(f"{key:<10}" + "".join(f"{r.get(c, '-'):>26}" for c in cols))
     return 0
 
 
