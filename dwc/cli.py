@@ -169,13 +169,14 @@ def inspect(bundle, verify, as_json):
 @command
 def serve(bundle, host, port, max_waiting, no_draft, tensor_parallel, as_json):
     """Serve a torch-triton bundle over the OpenAI HTTP API (refuses a tampered bundle)."""
-    import uvicorn
-
     from dwc.bundle.reader import read_manifest
-    from dwc.http_server import make_app
     from dwc.runtime.engine import Engine
 
     engine = Engine.from_bundle(bundle, speculative=not no_draft, tensor_parallel=tensor_parallel)
+    import uvicorn  # the server stack after the engine: a refused bundle needs none of it
+
+    from dwc.http_server import make_app
+
     app = make_app(engine, read_manifest(bundle)["name"], max_waiting)
     if as_json:
         click.echo(json.dumps({"serving": str(bundle), "url": f"http://{host}:{port}",
