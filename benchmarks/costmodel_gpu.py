@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from build_8b import EXAMPLE, make_checkpoint  # noqa: E402
 
 from dwc.bench import BenchConfig, online  # noqa: E402
+from dwc.calibration import StepLog  # noqa: E402
 from dwc.costmodel import Calibration, Machine, ModelFigures, predict  # noqa: E402
 from dwc.loadsim import simulate  # noqa: E402
 from dwc.runtime.engine import Engine  # noqa: E402
@@ -60,40 +61,23 @@ def build(work: Path) -> Path:
     return bundle
 
 
-class StepLog:
-    """Each step's seconds, sequences and prompt chunks (chunks longer than one token)."""
-
-    def __init__(self, engine: Engine):
-        self.rows: list[tuple[float, int, int]] = []
-        self._last = (0, 0)
-        schedule = engine.scheduler.schedule
-
-        def logged():
-            chunks = schedule()
-            self._last = (len(chunks), sum(1 for c in chunks if c.length > 1))
-            return chunks
-        engine.scheduler.schedule = logged
-
-    def __call__(self, seconds: float) -> None:
-        self.rows.append((seconds, *self._last))
-
-    def summary(self) -> dict:
-        mixed = [s for s, _, p in self.rows if p]
-        plain = [s for s, _, p in self.rows if not p]
-        ms = lambda xs: round(1000 * statistics.mean(xs), 3) if xs else None  # noqa: E731
-        longest = sorted(self.rows, reverse=True)[:6]
-        by_prompts = {}
-        for k in (1, 2, 3):
-            xs = sorted(s for s, _, p in self.rows if p == k)
-            if xs:
-                by_prompts[k] = {"steps": len(xs), "mean_ms": ms(xs),
-                                 "p50_ms": round(1000 * xs[len(xs) // 2], 3)}
-        return {"steps": len(self.rows), "decode_steps_mean_ms": ms(plain),
-                "prompt_steps_mean_ms": ms(mixed), "prompt_steps": len(mixed),
-                "by_prompts": by_prompts,
-                "mean_sequences": round(statistics.mean(n for _, n, _ in self.rows), 1),
-                "longest": [{"ms": round(1000 * s, 2), "sequences": n, "prompts": p}
-                            for s, n, p in longest]}
+def summary(rows: list) -> dict:
+    """Steps with and without prompts, by prompts per step, and the longest."""
+    mixed = [s for s, _, p in rows if p]
+    plain = [s for s, _, p in rows if not p]
+    ms = lambda xs: round(1000 * statistics.mean(xs), 3) if xs else None  # noqa: E731
+    by_prompts = {}
+    for k in (1, 2, 3):
+        xs = sorted(s for s, _, p in rows if p == k)
+        if xs:
+            by_prompts[k] = {"steps": len(xs), "mean_ms": ms(xs),
+                             "p50_ms": round(1000 * xs[len(xs) // 2], 3)}
+    return {"steps": len(rows), "decode_steps_mean_ms": ms(plain),
+            "prompt_steps_mean_ms": ms(mixed), "prompt_steps": len(mixed),
+            "by_prompts": by_prompts,
+            "mean_sequences": round(statistics.mean(n for _, n, _ in rows), 1),
+            "longest": [{"ms": round(1000 * s, 2), "sequences": n, "prompts": p}
+                        for s, n, p in sorted(rows, reverse=True)[:6]]}
 
 
 def main() -> int:
@@ -131,12 +115,12 @@ def main() -> int:
                           seed=int(load * 100))
         log = StepLog(engine)
         measured = online(engine, cfg, on_step=log)
-        del engine.scheduler.schedule  # the class's own again
+        log.detach()
         p = predict(machine, figures, rps, PROMPT, OUTPUT, plan["max_num_seqs"])
         sim = simulate(machine, figures, rps, PROMPT, OUTPUT, plan["max_num_seqs"])
         err = lambda pred, meas: round(pred / meas - 1, 3)  # noqa: E731
         level = {"load": load, "rps": rps, "measured": measured, "predicted": p.as_dict(),
-                 "simulated": sim.as_dict(), "steps": log.summary(),
+                 "simulated": sim.as_dict(), "steps": summary(log.rows),
                  "tpot_p99_error": err(sim.tpot_p99_ms, measured["tpot_ms"]["p99"]),
                  "ttft_p99_error": err(sim.ttft_p99_ms, measured["ttft_ms"]["p99"]),
                  "closed_form_tpot_p99_error": err(p.tpot_p99_ms, measured["tpot_ms"]["p99"]),

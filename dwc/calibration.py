@@ -1,19 +1,22 @@
 """Short measurements of dwc's engine on the GPU that the cost model predicts from
 (issue 9; dwc/costmodel.py `Calibration`).
 
-Timed around `Engine.step()` (scheduler, model, sampling: what a served request waits
-for), synchronised:
+Two measurements, both timed around `Engine.step()` (scheduler, model, sampling: what a
+served request waits for), synchronised:
 
-- a decode step of n sequences at a context of about the SLO's prompt length (median of
-  a few), for n at powers of two up to the concurrency limit (CUDA graphs replay these);
-- what one prompt of the SLO's length adds to a step when it joins n decoding sequences,
-  and what each further prompt in the same step adds (chunked prefill: a step with a
-  prompt runs eagerly, so the first prompt also pays the decode rows' launch overhead;
-  prompts arriving together share it). These vary from step to step by tens of percent,
-  so the prompt's cost is a least-squares line in n through every timing (the model
-  deals in means), not one figure per size.
+1. Decode steps of n sequences at a context of about the SLO's prompt length (median of
+   a few), for n at powers of two up to the concurrency limit; CUDA graphs replay these.
+2. What prompts cost, measured while serving: a short run of requests at a moderate
+   Poisson rate (dwc bench's online loop), every step logged with its sequences and
+   prompts. A step with k prompts lasts decode(n) + first + (k - 1) * each: a step with
+   a prompt runs eagerly, so the first prompt also pays the launch overhead of every row,
+   and prompts arriving together share it. `first` and `each` are the least-squares fit
+   over the logged steps; the spread of those steps around the fit (quantiles of their
+   ratio to it) goes to the load simulation, whose p99s depend on it. Prompt steps vary
+   by tens of percent, and steps timed alone cost more than the same steps while serving
+   (measured on the H200), so the serving run is the one the model uses.
 
-Between measured sizes the cost model interpolates linearly in n. The run takes seconds.
+About half a minute on the H200 for the 8B shape.
 """
 
 from __future__ import annotations
@@ -24,77 +27,106 @@ import time
 
 import torch
 
-from dwc.costmodel import Calibration
+from dwc.bench import BenchConfig, online
+from dwc.costmodel import Calibration, interpolate
 from dwc.runtime.engine import Engine
 from dwc.runtime.sequence import SamplingParams
 
-STEPS = 8        # decode steps timed per size (median)
-PROMPTS = 3      # the most prompts joining one step
-REPEATS = 6      # timings of one prompt joining, per size
+STEPS = 8            # decode steps timed per size (median)
+SERVING_REQUESTS = 150
+SERVING_WARMUP = 30
+PROMPT_SHARE = 0.3   # the serving run's rate: prompts take about this share of the time
+SPREAD_QUANTILES = 20
 
 
-def calibrate(engine: Engine, prompt_tokens: int, sizes: list[int], seed: int = 0) -> Calibration:
-    """Time decode steps and prompt arrivals at each number of sequences in `sizes`."""
-    rng = random.Random(seed)
-    vocab = len(engine.tokenizer)
-    params = SamplingParams(max_tokens=output_tokens(len(sizes)), ignore_eos=True)
-
-    def join(count: int) -> float:
-        """Seconds of a step that `count` new prompts join; they leave after it."""
-        seqs = [engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)], params)
-                for _ in range(count)]
-        t = _timed_step(engine)
-        for seq in seqs:
-            engine.abort(seq)
-        return t
-
-    decode, one, each = [], [], []
-    live = []
+def calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: list[int],
+              seed: int = 0) -> Calibration:
+    """Decode steps at each number of sequences in `sizes`, then a short serving run."""
+    decode, alone = _decode_steps(engine, prompt_tokens, sizes, seed)
+    log = StepLog(engine)
     try:
-        for n in sorted(sizes):
-            while len(live) < n:
-                live.append(engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)],
-                                       params))
-            _run_prefills(engine, live)
-            step = _median_step(engine, STEPS)
-            decode.append((n, step))
-            if n + PROMPTS > engine.scheduler.max_num_seqs:
-                continue  # prompts cannot join a full batch; the model extrapolates
-            join(1)  # warm-up: this step's shapes
-            timed = [(n, join(1) - step) for _ in range(REPEATS)]
-            one.extend(timed)
-            alone = statistics.mean(t for _, t in timed)
-            each.append((join(PROMPTS) - step - alone) / (PROMPTS - 1))
+        rate = PROMPT_SHARE / max(alone, 1e-4)
+        online(engine, BenchConfig(input_len=prompt_tokens, output_len=output_tokens, rps=rate,
+                                   online_requests=SERVING_REQUESTS,
+                                   online_warmup=SERVING_WARMUP, seed=seed), on_step=log)
     finally:
-        for seq in live:
-            engine.abort(seq)
-    each_s = max(statistics.median(each), 0.0) if each else None
+        log.detach()
+    first, each, spread = fit_prompt_costs(log.rows, decode)
     device = torch.cuda.get_device_name(0) if _cuda(engine) else "cpu"
     return Calibration(context=prompt_tokens, prompt_tokens=prompt_tokens, decode=decode,
-                       prefill=_line(one), prefill_each=each_s, device=device)
+                       prefill=[(1, first)], prefill_each=each, prefill_spread=spread,
+                       device=device)
 
 
-def output_tokens(num_sizes: int) -> int:
-    """What a calibration sequence may generate: enough never to finish while timing."""
-    return (STEPS + PROMPTS + 2) * (num_sizes + 1) + 8
-
-
-def _line(points: list) -> list:
-    """The least-squares line through (n, seconds) points, as its two end points."""
+def fit_prompt_costs(rows: list, decode: list) -> tuple[float, float, list]:
+    """From logged steps (seconds, sequences, prompts): first and each by least squares
+    on extra = first + each * (prompts - 1), and the quantiles of extra / fit."""
+    points = [(k - 1, seconds - interpolate(decode, max(n - k, 1)))
+              for seconds, n, k in rows if k > 0]
     if not points:
-        return []
+        raise ValueError("the serving run logged no step with a prompt")
     xs = [x for x, _ in points]
     mx, my = statistics.mean(xs), statistics.mean(y for _, y in points)
     var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
-    lo, hi = min(xs), max(xs)
-    return [(lo, my + slope * (lo - mx))] + ([(hi, my + slope * (hi - mx))] if hi > lo else [])
+    each = max(sum((x - mx) * (y - my) for x, y in points) / var, 0.0) if var else 0.0
+    first = max(my - each * mx, 1e-6)
+    ratios = sorted(y / (first + each * x) for x, y in points)
+    q = SPREAD_QUANTILES
+    spread = [ratios[min(len(ratios) - 1, int((i + 0.5) / q * len(ratios)))] for i in range(q)]
+    return first, each, [round(r, 4) for r in spread]
 
 
-def _run_prefills(engine: Engine, live: list) -> None:
-    """Step until every live sequence has its prompt in the cache."""
-    while any(seq.is_prefill for seq in live):
-        engine.step()
+class StepLog:
+    """Each step's (seconds, sequences, prompts): `online`'s on_step hook, with the
+    scheduler's chunks seen on their way out (prompts: chunks longer than one token)."""
+
+    def __init__(self, engine: Engine):
+        self.rows: list[tuple[float, int, int]] = []
+        self._engine = engine
+        self._last = (0, 0)
+        schedule = engine.scheduler.schedule
+
+        def logged():
+            chunks = schedule()
+            self._last = (len(chunks), sum(1 for c in chunks if c.length > 1))
+            return chunks
+        engine.scheduler.schedule = logged
+
+    def __call__(self, seconds: float) -> None:
+        self.rows.append((seconds, *self._last))
+
+    def detach(self) -> None:
+        del self._engine.scheduler.schedule  # the class's own again
+
+
+def _decode_steps(engine: Engine, prompt_tokens: int, sizes: list[int], seed: int):
+    """[(n, seconds of a decode step)] for n in sizes, and one prompt's extra at n = 1
+    (timed alone: the serving run's rate is picked from it)."""
+    rng = random.Random(seed)
+    vocab = len(engine.tokenizer)
+    params = SamplingParams(max_tokens=calibration_tokens(len(sizes)), ignore_eos=True)
+    new = lambda: engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)], params)  # noqa: E731
+    decode, alone, live = [], None, []
+    try:
+        for n in sorted(sizes):
+            while len(live) < n:
+                live.append(new())
+            while any(seq.is_prefill for seq in live):
+                engine.step()
+            decode.append((n, _median_step(engine, STEPS)))
+            if alone is None:
+                joined = new()
+                alone = _timed_step(engine) - decode[-1][1]
+                engine.abort(joined)
+    finally:
+        for seq in live:
+            engine.abort(seq)
+    return decode, alone
+
+
+def calibration_tokens(num_sizes: int) -> int:
+    """What a decode-step sequence may generate: enough never to finish while timing."""
+    return (STEPS + 4) * (num_sizes + 1)
 
 
 def _cuda(engine: Engine) -> bool:
@@ -111,5 +143,5 @@ def _timed_step(engine: Engine) -> float:
 
 
 def _median_step(engine: Engine, steps: int) -> float:
-    _timed_step(engine)  # the first step at a new size may capture nothing, but warms up
+    _timed_step(engine)  # the first step at a new size warms up
     return statistics.median(_timed_step(engine) for _ in range(steps))

@@ -48,6 +48,7 @@ class Calibration:
     decode: list = field(default_factory=list)             # [(sequences, seconds)]
     prefill: list = field(default_factory=list)            # [(sequences, one prompt's extra)]
     prefill_each: float | None = None                      # each further prompt in a step
+    prefill_spread: list = field(default_factory=list)     # quantiles of step / fitted cost
     device: str = ""
 
     def as_dict(self) -> dict:
@@ -56,7 +57,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(d["context"], d["prompt_tokens"], [tuple(x) for x in d["decode"]],
-                   [tuple(x) for x in d["prefill"]], d.get("prefill_each"), d.get("device", ""))
+                   [tuple(x) for x in d["prefill"]], d.get("prefill_each"),
+                   d.get("prefill_spread", []), d.get("device", ""))
 
 
 @dataclass

@@ -6,8 +6,9 @@ arrivals makes a run of long steps with prompts, which lengthens every running r
 which lets more arrivals land in its lifetime. The simulation plays that out step by
 step, as the scheduler does it (FCFS, waiting prompts join the next step up to the
 concurrency limit; a step costs decode(n) plus, with prompts, the first prompt's cost and
-each further one's), for a few thousand requests from a fixed seed (builds stay
-reproducible), and reads p99 TTFT and TPOT off the requests after a warm-up.
+each further one's, times a factor drawn from the spread calibration measured), for a
+few thousand requests from a fixed seed (builds stay reproducible), and reads p99 TTFT
+and TPOT off the requests after a warm-up.
 
 It is slower than the closed forms (a fraction of a second), so `tune` searches the
 rate with those and then checks and backs off the chosen rate with this.
@@ -52,6 +53,8 @@ def simulate(m: Machine, f: ModelFigures, rps: float, prompt: int, output: int,
     context = prompt + output / 2
     decode = [step_seconds(m, f, max(n, 1), context) * f.step_cost for n in range(max_seqs + 1)]
     costs = [prompt_seconds(m, f, prompt, max(n, 1)) for n in range(max_seqs + 1)]
+    # Prompt steps vary around their mean cost: drawn from the calibration's spread.
+    spread = (m.calibration.prefill_spread if m.calibration else None) or [1.0]
     steps_after_first = math.ceil(max(output - 1, 0) / f.tau)  # decode steps per request
     first: dict[int, float] = {}
     done: dict[int, float] = {}
@@ -72,7 +75,7 @@ def simulate(m: Machine, f: ModelFigures, rps: float, prompt: int, output: int,
         duration = decode[running] if running else 0.0
         if joining:
             one, each = costs[running]
-            duration += one + (len(joining) - 1) * each
+            duration += (one + (len(joining) - 1) * each) * rng.choice(spread)
         now += duration
         step += 1
         for r in joining:

@@ -65,7 +65,7 @@ class Tune(Pass):
         calibrating = options.calibrate and on_target_gpu(hw) and \
             _longest(plan, prompt, output) <= ctx.artifacts["model"].config.max_position_embeddings
         engine = _engine(ctx, plan, prompt, output) if calibrating else None
-        calibration = _calibrate(engine, plan, prompt) if engine else None
+        calibration = _calibrate(engine, plan, prompt, output) if engine else None
         machine = Machine(hw.memory_bandwidth_gbs * GB, max(hw.peak_tflops.values()) * 1e12,
                           hw.usd_per_hour, calibration=calibration)
         rows = [_candidate(machine, _figures(ctx, plan, draft), seqs, draft, slo, prompt, output)
@@ -121,9 +121,7 @@ def _engine(ctx, plan: dict, prompt: int, output: int):
     else:
         ctx.artifacts["model"].save_pretrained(folder)
     ctx.artifacts["tokenizer"].save_pretrained(folder)
-    from dwc.calibration import PROMPTS
-
-    seqs = plan["max_num_seqs"] + PROMPTS
+    seqs = plan["max_num_seqs"] + 1  # + the prompt timed alone
     per_seq = -(-_longest(plan, prompt, output) // plan["block_size"])
     config = EngineConfig.from_plan(plan, num_blocks=seqs * per_seq + 4, speculative=False)
     return Engine(folder, config, fusion=(ctx.artifacts.get("fusion") or {}).get("plan"))
@@ -131,15 +129,15 @@ def _engine(ctx, plan: dict, prompt: int, output: int):
 
 def _longest(plan: dict, prompt: int, output: int) -> int:
     """The longest sequence calibration or confirmation runs."""
-    from dwc.calibration import output_tokens
+    from dwc.calibration import calibration_tokens
 
-    return prompt + max(output, output_tokens(len(_powers(plan["max_num_seqs"]))))
+    return prompt + max(output, calibration_tokens(len(_powers(plan["max_num_seqs"]))))
 
 
-def _calibrate(engine, plan: dict, prompt: int) -> Calibration:
+def _calibrate(engine, plan: dict, prompt: int, output: int) -> Calibration:
     from dwc.calibration import calibrate
 
-    return calibrate(engine, prompt, _powers(plan["max_num_seqs"]))
+    return calibrate(engine, prompt, output, _powers(plan["max_num_seqs"]))
 
 
 def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, options) -> None:

@@ -139,19 +139,53 @@ def test_tune_records_the_decision_and_exits_4_when_enforced(build_for, example,
     assert not (tmp_path / "out").exists()
 
 
-def test_calibration_times_the_engine_and_fits_a_line(bundle):
+def test_prompt_costs_fit_the_logged_steps():
+    from dwc.calibration import fit_prompt_costs
+
+    decode = [(1, 0.004), (65, 0.008)]                    # 4 ms + 1/16 ms per sequence
+    # steps (seconds, sequences, prompts): 30 ms for the first prompt, 2 ms for each more,
+    # around a decode step of the other rows; one step 20% slow, one 20% fast
+    rows = [(0.004 + 0.030, 1 + 1, 1), (0.008 + 0.030 * 1.2, 65 + 1, 1),
+            (0.004 + 0.032, 1 + 2, 2), (0.004 + 0.034 * 0.8, 1 + 3, 3), (0.005, 17, 0)]
+    first, each, spread = fit_prompt_costs(rows, decode)
+    assert first > 0 and each >= 0
+    fitted = [first + each * x for x in (0, 0, 1, 2)]
+    extras = [0.030, 0.036, 0.032, 0.0272]
+    assert sum(extras) == pytest.approx(sum(fitted))      # least squares: residuals sum to 0
+    assert len(spread) == 20 and spread == sorted(spread) and min(spread) < 1 < max(spread)
+
+
+def test_simulation_agrees_with_the_closed_form_means_and_has_longer_tails():
+    from dwc.loadsim import check_rate, simulate
+
+    cal = Calibration(512, 512, decode=[(1, 0.005), (256, 0.015)], prefill=[(1, 0.03)],
+                      prefill_each=0.002, prefill_spread=[0.8, 1.0, 1.2])
+    m = Machine(1e12, 1e15, 3.0, calibration=cal)
+    f = ModelFigures(1e9, 5e8, kv_bytes_per_token=0)
+    sim, p = simulate(m, f, 10, 512, 128, 256), predict(m, f, 10, 512, 128, 256)
+    assert sim.tpot_ms == pytest.approx(p.tpot_ms, rel=0.15)
+    assert sim.tpot_p99_ms > sim.tpot_ms and sim.ttft_p99_ms > sim.ttft_ms
+    assert simulate(m, f, 10, 512, 128, 256) == sim  # seeded: builds stay reproducible
+    # a limit between the p99s at 10 and 20 rps: the check backs 20 rps off below it
+    limit = (sim.tpot_p99_ms + simulate(m, f, 20, 512, 128, 256).tpot_p99_ms) / 2
+    checked, at = check_rate(m, f, 20, 512, 128, 256, tpot_ms=limit, ttft_ms=None)
+    assert 10 < checked.rps < 20 and at.tpot_p99_ms <= limit
+    # fewer sequences allowed: arrivals queue for a slot, so TTFT grows
+    assert simulate(m, f, 10, 512, 128, 8).ttft_p99_ms > 2 * sim.ttft_p99_ms
+
+
+def test_calibration_times_the_engine(bundle):
     """On this CPU: the figures exist, are positive, and feed the model (the GPU's are in
     benchmarks/results/)."""
-    from dwc.calibration import _line, calibrate
+    from dwc.calibration import calibrate
     from dwc.runtime.engine import Engine, EngineConfig
 
-    assert _line([(1, 1.0), (3, 3.0), (3, 5.0)]) == [(1, pytest.approx(1.0)),
-                                                     (3, pytest.approx(4.0))]
-    engine = Engine.from_bundle(bundle, EngineConfig(max_num_seqs=8, num_blocks=128))
-    cal = calibrate(engine, prompt_tokens=32, sizes=[1, 4])
+    engine = Engine.from_bundle(bundle, EngineConfig(max_num_seqs=8, num_blocks=256))
+    cal = calibrate(engine, prompt_tokens=32, output_tokens=8, sizes=[1, 4])
     assert [n for n, _ in cal.decode] == [1, 4] and all(t > 0 for _, t in cal.decode)
-    assert [n for n, _ in cal.prefill] == [1, 4] and cal.prefill_each is not None
+    assert cal.prefill[0][1] > 0 and cal.prefill_each >= 0 and len(cal.prefill_spread) == 20
     assert cal.device == "cpu" and not engine.has_work()
     assert engine.blocks.num_free == len(engine.blocks.blocks)  # nothing leaked
-    p = predict(Machine(1e12, 1e15, 3.0, calibration=cal), F, 1.0, 32, 16, 8)
+    assert type(engine.scheduler).schedule is engine.scheduler.schedule.__func__  # unhooked
+    p = predict(Machine(1e12, 1e15, 3.0, calibration=cal), F, 1.0, 32, 8, 8)
     assert p.tpot_ms > 0 and p.ttft_ms > p.tpot_ms
