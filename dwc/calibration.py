@@ -59,17 +59,17 @@ def calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: lis
 
 
 def fit_prompt_costs(rows: list, decode: list) -> tuple[float, float, list]:
-    """From logged steps (seconds, sequences, prompts): first and each by least squares
-    on extra = first + each * (prompts - 1), and the quantiles of extra / fit."""
+    """From logged steps (seconds, sequences, prompts): `first`, the mean extra of steps
+    with one prompt; `each`, the median of what every further prompt added in steps with
+    several (few, and a single slow one would skew a mean); the quantiles of extra / fit."""
     points = [(k - 1, seconds - interpolate(decode, max(n - k, 1)))
               for seconds, n, k in rows if k > 0]
-    if not points:
-        raise ValueError("the serving run logged no step with a prompt")
-    xs = [x for x, _ in points]
-    mx, my = statistics.mean(xs), statistics.mean(y for _, y in points)
-    var = sum((x - mx) ** 2 for x in xs)
-    each = max(sum((x - mx) * (y - my) for x, y in points) / var, 0.0) if var else 0.0
-    first = max(my - each * mx, 1e-6)
+    single = [y for x, y in points if x == 0]
+    if not single:
+        raise ValueError("the serving run logged no step with one prompt")
+    first = max(statistics.mean(single), 1e-6)
+    more = [(y - first) / x for x, y in points if x > 0]
+    each = max(statistics.median(more), 0.0) if more else 0.0
     ratios = sorted(y / (first + each * x) for x, y in points)
     q = SPREAD_QUANTILES
     spread = [ratios[min(len(ratios) - 1, int((i + 0.5) / q * len(ratios)))] for i in range(q)]

@@ -207,7 +207,8 @@ def _candidate(machine, figures, seqs: int, draft: bool, slo, prompt: int, outpu
 
 def _simulate(machine, figures, best: dict, slo, prompt: int, output: int) -> None:
     """Check the chosen rate's p99s by simulating the scheduler (dwc/loadsim.py), backing
-    the rate off until they meet the SLO; the p99s reported are the simulation's."""
+    the rate off until they meet the SLO; the latencies reported are the simulation's
+    (measured closer than the closed forms: benchmarks/costmodel_gpu.py)."""
     from dwc.loadsim import check_rate
 
     if best["max_rps"] <= 0:
@@ -215,8 +216,8 @@ def _simulate(machine, figures, best: dict, slo, prompt: int, output: int) -> No
     p, sim = check_rate(machine, figures, best["max_rps"], prompt, output, best["max_num_seqs"],
                         slo.target_latency_ms if slo else None, slo.target_ttft_ms if slo else None)
     best["max_rps"] = round(p.rps, 3)
-    best["at_max_rps"] = dict(p.as_dict(), tpot_p99_ms=round(sim.tpot_p99_ms, 3),
-                              ttft_p99_ms=round(sim.ttft_p99_ms, 3), p99_from="simulation")
+    best["at_max_rps"] = dict(p.as_dict(), **{k: v for k, v in sim.as_dict().items() if k != "rps"},
+                              latency_from="simulation")
 
 
 def _decision(best: dict, rows: list, slo, target: str, prompt: int, output: int,

@@ -148,10 +148,14 @@ def test_prompt_costs_fit_the_logged_steps():
     rows = [(0.004 + 0.030, 1 + 1, 1), (0.008 + 0.030 * 1.2, 65 + 1, 1),
             (0.004 + 0.032, 1 + 2, 2), (0.004 + 0.034 * 0.8, 1 + 3, 3), (0.005, 17, 0)]
     first, each, spread = fit_prompt_costs(rows, decode)
-    assert first > 0 and each >= 0
-    fitted = [first + each * x for x in (0, 0, 1, 2)]
-    extras = [0.030, 0.036, 0.032, 0.0272]
-    assert sum(extras) == pytest.approx(sum(fitted))      # least squares: residuals sum to 0
+    assert first == pytest.approx(0.033)                  # mean of the one-prompt steps
+    # each: median of (32 - 33) / 1 and (27.2 - 33) / 2 ms, clamped at zero
+    assert each == 0.0
+    # three steps where each further prompt added 5 ms outvote the two above
+    rows += [(0.004 + 0.033 + 2 * 0.005, 1 + 3, 3), (0.004 + 0.033 + 0.005, 1 + 2, 2),
+             (0.004 + 0.033 + 0.005, 1 + 2, 2)]
+    first, each, spread = fit_prompt_costs(rows, decode)
+    assert each == pytest.approx(0.005)
     assert len(spread) == 20 and spread == sorted(spread) and min(spread) < 1 < max(spread)
 
 
