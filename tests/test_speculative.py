@@ -239,10 +239,10 @@ def test_serving_with_a_draft_per_request_switch_and_metrics(bundle):
     switch validated, and acceptance on /metrics."""
     import httpx
 
-    from tests.test_http import serving
+    from dwc.soak import serving
 
     spec = spec_engine(bundle, bundle / "model", num_blocks=256)
-    with serving(spec) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with serving(spec) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
         body = {"prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0}
         off = c.post("/v1/completions", json={**body, "speculative": False}).json()
         assert spec.speculation()["steps"] == 0
