@@ -2,16 +2,21 @@
 
 Every command that loads a bundle calls `open_bundle`, which refuses a bundle whose files
 do not match the manifest (sizes always; sha256 with `full=True`, as `inspect --verify`
-does), whose manifest names paths that leave the bundle, or that holds symlinks.
+does), whose manifest names paths that leave the bundle, that holds symlinks, or that
+holds a pickle: by its name (.bin, .pt, .pkl, ...) or by its first bytes (a pickle's
+protocol header, or a zip archive with a .pkl member, which is what torch.save writes).
+Loading a pickle runs code; dwc's bundles hold safetensors, GGUF, JSON and text.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path, PurePosixPath
 
 from dwc.errors import BundleError
+from dwc.formats import hf
 from dwc.formats import manifest as mf
 from dwc.hashing import sha256_file
 
@@ -56,9 +61,37 @@ def verify(bundle: Path, manifest: dict, full: bool) -> list[str]:
         rel = p.relative_to(bundle).as_posix()
         if p.is_symlink():
             problems.append(f"{rel}: symlink (bundles hold plain files only)")
+        elif p.is_file() and pickled(p):
+            problems.append(f"{rel}: a pickle (loading it would run code; bundles hold none)")
         elif p.is_file() and rel != mf.MANIFEST and rel not in manifest["files"]:
             problems.append(f"{rel}: not listed in the manifest")
     return problems
+
+
+PICKLE_SUFFIXES = set(hf.PICKLE_SUFFIXES) | {".pickle", ".joblib", ".npy", ".npz"}
+# Binary formats whose first bytes are a length or a magic that may look like a pickle's.
+NOT_PICKLES = {".safetensors", ".gguf"}
+
+
+def pickled(path: Path) -> bool:
+    """A pickle by name, by its protocol header (0x80 then 2..5), or a zip archive with a
+    .pkl member (torch.save)."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return True
+    if suffix in NOT_PICKLES:
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                return any(name.endswith(".pkl") for name in z.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+    return False
 
 
 def _unsafe(bundle: Path, rel: str) -> str | None:
