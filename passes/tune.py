@@ -21,6 +21,7 @@ figures are roofline predictions from the target's YAML (labelled so).
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ class TuneOptions:
     calibrate: bool = option(True, help="on the target's GPU: time the engine first, and "
                                         "measure the choice at its rate")
     confirm_requests: int = option(200, help="requests of the confirming measurement")
-    warmup_requests: int = option(50, help="requests sent first and not measured")
+    warmup_requests: int = option(50, help="requests sent first and not measured (at least "
+                                           "those of two predicted request lifetimes)")
 
     def validate(self, path: str) -> None:
         from dwc.config import positive
@@ -149,9 +151,13 @@ def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, op
     if rate <= 0:
         return
     engine.scheduler.max_num_seqs = best["max_num_seqs"]
+    # Steady state first: the requests of two predicted lifetimes load the engine unmeasured.
+    at = best["at_max_rps"]
+    lifetime = (at["ttft_ms"] + output * at["tpot_ms"]) / 1000
+    warmup = max(options.warmup_requests, math.ceil(2 * rate * lifetime))
     result = online(engine, BenchConfig(input_len=prompt, output_len=output, rps=rate,
                                         online_requests=options.confirm_requests,
-                                        online_warmup=options.warmup_requests))
+                                        online_warmup=warmup))
     tuning["measured"] = result
     misses = [f"measured p99 {name} {result[key]['p99']} ms > {limit} ms"
               for name, key, limit in (("TPOT", "tpot_ms", slo.target_latency_ms if slo else None),

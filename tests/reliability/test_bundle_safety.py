@@ -32,8 +32,9 @@ ESCAPES = st.one_of(
     st.sampled_from(["../outside.txt", "/etc/passwd", "model/../../outside.txt",
                      "model\\..\\..\\outside.txt", "./model/config.json", "model//config.json",
                      "reports/../../outside.txt"]),
-    st.lists(st.sampled_from(["..", "model", "reports", "x"]), min_size=2, max_size=5)
-    .filter(lambda parts: ".." in parts).map("/".join))
+    st.tuples(st.lists(st.sampled_from(["..", "model", "reports", "x"]), max_size=2),
+              st.lists(st.sampled_from(["..", "model", "x", "config.json"]), min_size=1,
+                       max_size=2)).map(lambda ab: "/".join([*ab[0], "..", *ab[1]])))
 
 PICKLE_NAMES = st.sampled_from(["model/extra.bin", "model/weights.pt", "reports/data.pkl",
                                 "draft.ckpt", "model/arrays.npy", "model/state.pth"])

@@ -58,3 +58,27 @@ def test_a_full_disk_while_writing_the_bundle_fails_cleanly(example, tmp_path):
         result = dwc("build", bf, "-t", "cpu-gguf-q8_0", "-o", tmp_path / "out")
     assert_clean_error(result, 1, "[emit]", "No space left on device")
     assert [p.name for p in tmp_path.iterdir()] == ["bf"]
+
+
+def test_two_builds_at_once_share_one_cache(example, tmp_path):
+    """Concurrent builds with one DWC_CACHE_DIR (CI runners sharing a cache volume): both
+    succeed with byte-identical bundle files, and every cache entry they left is intact
+    (entries are written aside and renamed into place)."""
+    from dwc.cache import _intact
+
+    bf = write_buildfile(tmp_path / "bf", example)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, DWC_CACHE_DIR=str(cache))
+    procs = [subprocess.Popen([sys.executable, "-m", "dwc", "build", str(bf), "-t", "cpu-bf16",
+                               "-o", str(tmp_path / name), "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+    files = [json.loads((tmp_path / name / "manifest.json").read_text())["files"]
+             for name in ("a", "b")]
+    assert files[0] == files[1]  # every file's sha256 and size
+    entries = [e for e in (cache / "passes").glob("*/*") if not e.name.startswith(".")]
+    assert entries and all(_intact(e) for e in entries)
+    assert not [e for e in (cache / "passes").glob("*/.*")]  # no half-written entry left
