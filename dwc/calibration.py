@@ -37,12 +37,13 @@ SERVING_REQUESTS = 150
 SERVING_WARMUP = 30
 PROMPT_SHARE = 0.3   # the serving run's rate: prompts take about this share of the time
 SPREAD_QUANTILES = 20
+MANY_PROMPTS = 8     # prompts joining one step, to time what each further one adds
 
 
 def calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: list[int],
               seed: int = 0) -> Calibration:
     """Decode steps at each number of sequences in `sizes`, then a short serving run."""
-    decode, alone = _decode_steps(engine, prompt_tokens, sizes, seed)
+    decode, alone, each = _decode_steps(engine, prompt_tokens, sizes, seed)
     log = StepLog(engine)
     try:
         rate = PROMPT_SHARE / max(alone, 1e-4)
@@ -51,29 +52,28 @@ def calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: lis
                                    online_warmup=SERVING_WARMUP, seed=seed), on_step=log)
     finally:
         log.detach()
-    first, each, spread = fit_prompt_costs(log.rows, decode)
+    first, spread = fit_prompt_costs(log.rows, decode, each)
     device = torch.cuda.get_device_name(0) if _cuda(engine) else "cpu"
     return Calibration(context=prompt_tokens, prompt_tokens=prompt_tokens, decode=decode,
                        prefill=[(1, first)], prefill_each=each, prefill_spread=spread,
                        device=device)
 
 
-def fit_prompt_costs(rows: list, decode: list) -> tuple[float, float, list]:
+def fit_prompt_costs(rows: list, decode: list, each: float) -> tuple[float, list]:
     """From logged steps (seconds, sequences, prompts): `first`, the mean extra of steps
-    with one prompt; `each`, the median of what every further prompt added in steps with
-    several (few, and a single slow one would skew a mean); the quantiles of extra / fit."""
+    with one prompt, and the quantiles of every prompt step's extra / (first + each * (k -
+    1)). `each` comes from a step of many prompts timed alone: a serving run at a moderate
+    rate has too few steps with several prompts to tell it."""
     points = [(k - 1, seconds - interpolate(decode, max(n - k, 1)))
               for seconds, n, k in rows if k > 0]
     single = [y for x, y in points if x == 0]
     if not single:
         raise ValueError("the serving run logged no step with one prompt")
     first = max(statistics.mean(single), 1e-6)
-    more = [(y - first) / x for x, y in points if x > 0]
-    each = max(statistics.median(more), 0.0) if more else 0.0
     ratios = sorted(y / (first + each * x) for x, y in points)
     q = SPREAD_QUANTILES
     spread = [ratios[min(len(ratios) - 1, int((i + 0.5) / q * len(ratios)))] for i in range(q)]
-    return first, each, [round(r, 4) for r in spread]
+    return first, [round(r, 4) for r in spread]
 
 
 class StepLog:
@@ -100,13 +100,22 @@ class StepLog:
 
 
 def _decode_steps(engine: Engine, prompt_tokens: int, sizes: list[int], seed: int):
-    """[(n, seconds of a decode step)] for n in sizes, and one prompt's extra at n = 1
-    (timed alone: the serving run's rate is picked from it)."""
+    """[(n, seconds of a decode step)] for n in sizes; at the first size, one prompt's
+    extra (the serving run's rate is picked from it) and what each further prompt of
+    MANY_PROMPTS joining one step adds, timed alone."""
     rng = random.Random(seed)
     vocab = len(engine.tokenizer)
     params = SamplingParams(max_tokens=calibration_tokens(len(sizes)), ignore_eos=True)
     new = lambda: engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)], params)  # noqa: E731
-    decode, alone, live = [], None, []
+
+    def join(count: int) -> float:
+        seqs = [new() for _ in range(count)]
+        t = _timed_step(engine)
+        for seq in seqs:
+            engine.abort(seq)
+        return t
+
+    decode, alone, each, live = [], None, None, []
     try:
         for n in sorted(sizes):
             while len(live) < n:
@@ -115,13 +124,14 @@ def _decode_steps(engine: Engine, prompt_tokens: int, sizes: list[int], seed: in
                 engine.step()
             decode.append((n, _median_step(engine, STEPS)))
             if alone is None:
-                joined = new()
-                alone = _timed_step(engine) - decode[-1][1]
-                engine.abort(joined)
+                join(MANY_PROMPTS)  # warm-up: these shapes
+                alone = statistics.median(join(1) for _ in range(3)) - decode[-1][1]
+                many = statistics.median(join(MANY_PROMPTS) for _ in range(3)) - decode[-1][1]
+                each = max((many - alone) / (MANY_PROMPTS - 1), 0.0)
     finally:
         for seq in live:
             engine.abort(seq)
-    return decode, alone
+    return decode, alone, each
 
 
 def calibration_tokens(num_sizes: int) -> int:

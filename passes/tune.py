@@ -123,7 +123,9 @@ def _engine(ctx, plan: dict, prompt: int, output: int):
     else:
         ctx.artifacts["model"].save_pretrained(folder)
     ctx.artifacts["tokenizer"].save_pretrained(folder)
-    seqs = plan["max_num_seqs"] + 1  # + the prompt timed alone
+    from dwc.calibration import MANY_PROMPTS
+
+    seqs = plan["max_num_seqs"] + MANY_PROMPTS  # + the prompts timed joining
     per_seq = -(-_longest(plan, prompt, output) // plan["block_size"])
     config = EngineConfig.from_plan(plan, num_blocks=seqs * per_seq + 4, speculative=False)
     return Engine(folder, config, fusion=(ctx.artifacts.get("fusion") or {}).get("plan"))
