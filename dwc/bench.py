@@ -117,8 +117,13 @@ def online(engine: Engine, cfg: BenchConfig, on_step=None) -> dict:
     ttft = [first[i] - started[i] for i in measured]
     tpot = [(done[i][0] - first[i]) / (done[i][1] - 1) for i in measured if done[i][1] > 1]
     window = max(done[i][0] for i in measured) - started[measured[0]]
+    # While the measured requests arrived, how fast requests completed: below the offered
+    # rate when the engine falls behind (a queue that grows).
+    lo, hi = started[measured[0]], started[measured[-1]]
+    finished = sum(1 for t, _ in done.values() if lo <= t <= hi)
     return {"rps": cfg.rps, "requests": len(measured), "warmup_requests": cfg.online_warmup,
             "achieved_rps": round(len(measured) / window, 3),
+            "completed_rps_while_arriving": round(finished / (hi - lo), 3) if hi > lo else None,
             "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot)}
 
 

@@ -48,7 +48,8 @@ def _slo(ctx) -> dict | None:
         slo |= {k: tuning[k] for k in ("predicted", "chosen", "replicas", "meets_slo", "reason")}
         if "measured" in tuning:  # on the target's GPU: the choice measured at its rate
             slo["measured"] = {k: tuning["measured"][k] for k in ("rps", "requests", "ttft_ms",
-                                                                  "tpot_ms")}
+                                                                  "tpot_ms", "completed_rps_while_arriving")}
+            slo["confirmed"] = tuning["confirmed"]
     return slo
 
 

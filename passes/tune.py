@@ -33,6 +33,7 @@ from dwc.passes.base import Pass, PassResult
 from dwc.reports import json_bytes, line_chart
 
 GB = 1e9
+SUSTAINED = 0.9  # the confirming run must complete requests at 90% of the offered rate
 
 
 @dataclass
@@ -165,9 +166,14 @@ def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, op
               for name, key, limit in (("TPOT", "tpot_ms", slo.target_latency_ms if slo else None),
                                        ("TTFT", "ttft_ms", slo.target_ttft_ms if slo else None))
               if limit is not None and result[key]["p99"] > limit]
+    completed = result["completed_rps_while_arriving"]
+    if completed is not None and completed < SUSTAINED * rate:  # fell behind the arrivals
+        misses.append(f"requests completed at {completed} rps while arriving")
+    tuning["confirmed"] = not misses
     if misses:
-        tuning["meets_slo"] = False
         tuning["reason"] = f"at the predicted {rate:.1f} rps: " + "; ".join(misses)
+        if (slo and (slo.target_latency_ms or slo.target_ttft_ms or slo.target_rps)):
+            tuning["meets_slo"] = False
 
 
 def _release(engine) -> None:

@@ -190,3 +190,22 @@ def test_calibration_times_the_engine(bundle):
     assert type(engine.scheduler).schedule is engine.scheduler.schedule.__func__  # unhooked
     p = predict(Machine(1e12, 1e15, 3.0, calibration=cal), F, 1.0, 32, 8, 8)
     assert p.tpot_ms > 0 and p.ttft_ms > p.tpot_ms
+
+
+def test_a_confirming_run_that_falls_behind_is_reported(bundle):
+    """tune's confirmation (run on the target's GPU) with an engine here: a rate the engine
+    cannot keep up with is not confirmed, and with an SLO the build says it is not met."""
+    from types import SimpleNamespace
+
+    from dwc.passes.tune import TuneOptions, _confirm
+    from dwc.runtime.engine import Engine, EngineConfig
+
+    engine = Engine.from_bundle(bundle, EngineConfig(max_num_seqs=4, num_blocks=256))
+    tuning = {"meets_slo": True, "reason": None}
+    best = {"max_rps": 2000.0, "max_num_seqs": 4, "at_max_rps": {"ttft_ms": 1.0, "tpot_ms": 1.0}}
+    slo = SimpleNamespace(target_latency_ms=1000.0, target_ttft_ms=None, target_rps=None)
+    _confirm(engine, tuning, best, slo, prompt=16, output=4,
+             options=TuneOptions(confirm_requests=40, warmup_requests=10))
+    assert tuning["confirmed"] is False and tuning["meets_slo"] is False
+    assert "requests completed at" in tuning["reason"]
+    assert tuning["measured"]["completed_rps_while_arriving"] < 1800
