@@ -138,9 +138,10 @@ def main() -> int:
     print("load   rps    | TPOT p99 meas/sim (err) | TPOT mean meas/sim | "
           "TTFT p99 meas/sim (err) | TTFT mean meas/sim | achieved rps")
     for lv in rows:
-        m, p, sim = lv["measured"], lv["predicted"], lv["simulated"]
-        print(f"{lv['load']:.2f} {lv['rps']:7.2f} | {m['tpot_ms']['p99']:7.2f}/{sim['tpot_p99_ms']:7.2f}"
-              f" ({lv['tpot_p99_error']:+.1%}) | {m['tpot_ms']['mean']:6.2f}/{sim['tpot_ms']:6.2f} | "
+        m, sim = lv["measured"], lv["simulated"]
+        print(f"{lv['load']:.2f} {lv['rps']:7.2f} | "
+              f"{m['tpot_ms']['p99']:7.2f}/{sim['tpot_p99_ms']:7.2f} ({lv['tpot_p99_error']:+.1%}) | "
+              f"{m['tpot_ms']['mean']:6.2f}/{sim['tpot_ms']:6.2f} | "
               f"{m['ttft_ms']['p99']:7.2f}/{sim['ttft_p99_ms']:7.2f} ({lv['ttft_p99_error']:+.1%}) | "
               f"{m['ttft_ms']['mean']:6.2f}/{sim['ttft_ms']:6.2f} | {m['achieved_rps']}")
         print(f"      steps: {json.dumps(lv['steps'])}")

@@ -106,7 +106,9 @@ def _decode_steps(engine: Engine, prompt_tokens: int, sizes: list[int], seed: in
     rng = random.Random(seed)
     vocab = len(engine.tokenizer)
     params = SamplingParams(max_tokens=calibration_tokens(len(sizes)), ignore_eos=True)
-    new = lambda: engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)], params)  # noqa: E731
+
+    def new():
+        return engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)], params)
 
     def join(count: int) -> float:
         seqs = [new() for _ in range(count)]

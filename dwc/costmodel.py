@@ -100,7 +100,8 @@ def step_seconds(m: Machine, f: ModelFigures, n: float, context: float) -> float
         return interpolate(cal.decode, n) + more_kv / (m.eta_bw * m.bandwidth)
     bytes_ = f.weight_bytes + n * context * f.kv_bytes_per_token
     flops = 2 * f.params * n
-    return m.s0 + m.s1 * n + max(bytes_ / (m.eta_bw * m.bandwidth), flops / (m.eta_f * m.peak_flops))
+    return m.s0 + m.s1 * n + max(bytes_ / (m.eta_bw * m.bandwidth),
+                                 flops / (m.eta_f * m.peak_flops))
 
 
 def prompt_seconds(m: Machine, f: ModelFigures, tokens: int, n: float = 1) -> tuple:

@@ -53,9 +53,10 @@ class TuneOptions:
 class Tune(Pass):
     name = "tune"
     description = ("Predict p99 TPOT / TTFT and the sustainable request rate of each serving "
-                   "configuration with the cost model; pick the one that meets the SLO most "
-                   "cheaply; report replicas and $ per million tokens (exit 4 if none meets it "
-                   "and slo.enforce).")
+                   "configuration with the cost model (calibrated on the target's GPU when "
+                   "present, p99s by simulation); pick the one that meets the SLO most "
+                   "cheaply and confirm it there with dwc bench; report replicas and $ per "
+                   "million tokens (exit 4 if the SLO is not met and slo.enforce).")
     reads = ("kv_plan", "model", "tokenizer")
     optional_reads = ("quantized", "draft", "fusion")
     writes = ("kv_plan", "tuning")
@@ -263,7 +264,9 @@ def _decision(best: dict, rows: list, slo, target: str, prompt: int, output: int
                               usd_per_hour, best["max_rps"])) if best["max_rps"] else None},
             "chosen": {"max_num_seqs": best["max_num_seqs"], "draft": best["draft"]},
             "replicas": need, "meets_slo": meets, "reason": reason,
-            "candidates": rows, "label": "predicted by the cost model, not measured"}
+            "candidates": rows,
+            "label": "predicted by the cost model (a roofline from the target's figures), "
+                     "not measured"}
 
 
 def _round(x):
