@@ -124,6 +124,7 @@ def online(engine: Engine, cfg: BenchConfig, on_step=None) -> dict:
     return {"rps": cfg.rps, "requests": len(measured), "warmup_requests": cfg.online_warmup,
             "achieved_rps": round(len(measured) / window, 3),
             "completed_rps_while_arriving": round(finished / (hi - lo), 3) if hi > lo else None,
+            "arrival_rps": round((len(measured) - 1) / (hi - lo), 3) if hi > lo else None,
             "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot)}
 
 

@@ -6,15 +6,15 @@ served request waits for), synchronised:
 
 1. Decode steps of n sequences at a context of about the SLO's prompt length (median of
    a few), for n at powers of two up to the concurrency limit; CUDA graphs replay these.
-2. What prompts cost, measured while serving: a short run of requests at a moderate
-   Poisson rate (dwc bench's online loop), every step logged with its sequences and
-   prompts. A step with k prompts lasts decode(n) + first + (k - 1) * each: a step with
-   a prompt runs eagerly, so the first prompt also pays the launch overhead of every row,
-   and prompts arriving together share it. `first` and `each` are the least-squares fit
-   over the logged steps; the spread of those steps around the fit (quantiles of their
-   ratio to it) goes to the load simulation, whose p99s depend on it. Prompt steps vary
-   by tens of percent, and steps timed alone cost more than the same steps while serving
-   (measured on the H200), so the serving run is the one the model uses.
+2. What prompts cost. A step with prompts runs eagerly, so the first prompt in a step
+   also pays the launch overhead of every row; prompts arriving together share it. A step
+   of k prompts lasts decode(n) + first + (k - 1) * each. `each` comes from MANY_PROMPTS
+   prompts joining one step, timed alone (scheduler limits lifted for that step).
+   `first` comes from a short serving run at a moderate Poisson rate (dwc bench's online
+   loop) with every step logged: the mean extra of its steps with one prompt, because
+   steps timed alone cost more than the same steps while serving (measured on the H200).
+   The spread of the logged prompt steps around first + (k - 1) * each (quantiles of
+   their ratio) goes to the load simulation, whose p99s depend on it.
 
 About half a minute on the H200 for the 8B shape.
 """
@@ -111,19 +111,31 @@ def _decode_steps(engine: Engine, prompt_tokens: int, sizes: list[int], seed: in
         return engine.add([rng.randrange(vocab) for _ in range(prompt_tokens)], params)
 
     def join(count: int) -> float:
+        """A step that `count` prompts join, all of them whole: the scheduler's limits are
+        lifted for it (the plan's token budget may hold fewer prompts)."""
+        sched = engine.scheduler
+        limits = sched.max_num_seqs, sched.max_num_batched_tokens
+        sched.max_num_seqs = max(limits[0], len(sched.running) + count)
+        sched.max_num_batched_tokens = max(limits[1], len(sched.running) + count * prompt_tokens)
         seqs = [new() for _ in range(count)]
-        t = _timed_step(engine)
-        for seq in seqs:
-            engine.abort(seq)
+        try:
+            t = _timed_step(engine)
+        finally:
+            sched.max_num_seqs, sched.max_num_batched_tokens = limits
+            for seq in seqs:
+                engine.abort(seq)
         return t
 
     decode, alone, each, live = [], None, None, []
     try:
         for n in sorted(sizes):
-            while len(live) < n:
-                live.append(new())
-            while any(seq.is_prefill for seq in live):
-                engine.step()
+            # n decoding sequences: top up, prefill; sequences that finished meanwhile
+            # (long prefills at large n) are replaced
+            while len(live) < n or any(seq.is_prefill for seq in live):
+                live = [seq for seq in live if seq.finish_reason is None]
+                live += [new() for _ in range(n - len(live))]
+                while any(seq.is_prefill for seq in live):
+                    engine.step()
             decode.append((n, _median_step(engine, STEPS)))
             if alone is None:
                 join(MANY_PROMPTS)  # warm-up: these shapes

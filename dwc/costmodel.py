@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 QUANTILE = 0.99
 
@@ -122,11 +123,13 @@ def prefill_seconds(m: Machine, f: ModelFigures, tokens: int, n: float = 1) -> f
 
 
 def poisson_quantile(q: float, mean: float) -> int:
-    """The smallest k with P(X <= k) >= q for X ~ Poisson(mean)."""
+    """The smallest k with P(X <= k) >= q for X ~ Poisson(mean), 0 < q < 1."""
+    if not 0 < q < 1 or math.isnan(mean) or math.isinf(mean):
+        raise ValueError(f"poisson_quantile({q}, {mean})")
     if mean <= 0:
         return 0
     if mean > 500:  # normal approximation; the sum below underflows
-        return math.ceil(mean + 2.326 * math.sqrt(mean))
+        return math.ceil(mean + NormalDist().inv_cdf(q) * math.sqrt(mean))
     k, term = 0, math.exp(-mean)
     total = term
     while total < q:
@@ -191,16 +194,18 @@ def predict(m: Machine, f: ModelFigures, rps: float, prompt: int, output: int,
 def _mean_step(rps: float, decode: float, fixed: float, each: float) -> tuple[float, bool]:
     """The mean step S = decode + (1 - exp(-rps S)) fixed + rps S each (prompts arrive at
     rps during a step and join the next), and whether it exists (prompts do not need
-    every second)."""
+    every second). The right side minus S falls from >= 0 at S = decode to <= 0 at
+    (decode + fixed) / (1 - rps each): bisection finds where it crosses."""
     if rps * each >= 1:
         return math.inf, False
-    step = decode
-    for _ in range(500):
-        new = decode + (1 - math.exp(-rps * step)) * fixed + rps * step * each
-        if abs(new - step) < 1e-12:
-            break
-        step = new
-    return step, True
+    lo, hi = decode, (decode + fixed) / (1 - rps * each)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if decode + (1 - math.exp(-rps * mid)) * fixed + rps * mid * each >= mid:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2, True
 
 
 def max_rps(m: Machine, f: ModelFigures, prompt: int, output: int, max_seqs: int,

@@ -6,7 +6,9 @@ arrivals makes a run of long steps with prompts, which lengthens every running r
 which lets more arrivals land in its lifetime. The simulation plays that out step by
 step, as the scheduler does it (FCFS, waiting prompts join the next step up to the
 concurrency limit; a step costs decode(n) plus, with prompts, the first prompt's cost and
-each further one's, times a factor drawn from the spread calibration measured), for a
+each further one's, times a factor drawn from the spread calibration measured; a prompt
+step on an idle engine costs decode(1) plus that when calibrated, as calibration measured
+it net of one decode row, and the prompt's cost alone for the roofline), for a
 few thousand requests from a fixed seed (builds stay reproducible), and reads p99 TTFT
 and TPOT off the requests after a warm-up.
 
@@ -72,7 +74,7 @@ def simulate(m: Machine, f: ModelFigures, rps: float, prompt: int, output: int,
         joining = []
         while waiting and running + len(joining) < max_seqs:
             joining.append(waiting.popleft())
-        duration = decode[running] if running else 0.0
+        duration = decode[running] if running or m.calibration else 0.0
         if joining:
             one, each = costs[running]
             duration += (one + (len(joining) - 1) * each) * rng.choice(spread)
@@ -96,13 +98,16 @@ def simulate(m: Machine, f: ModelFigures, rps: float, prompt: int, output: int,
 
 def check_rate(m: Machine, f: ModelFigures, rate: float, prompt: int, output: int,
                max_seqs: int, tpot_ms: float | None, ttft_ms: float | None
-               ) -> tuple[Prediction, Simulated]:
-    """The highest rate at or below `rate` (5% steps) whose simulated p99s meet the
-    limits; its closed-form prediction (means, stability) and its simulation."""
+               ) -> tuple[Prediction, Simulated, bool]:
+    """The highest rate at or below `rate` (5% steps, at most MAX_BACKOFFS) whose
+    simulated p99s meet the limits: its closed-form prediction (means, stability), its
+    simulation, and True; or, when none does, the last rate tried, its simulation and
+    False."""
     for _ in range(MAX_BACKOFFS):
         sim = simulate(m, f, rate, prompt, output, max_seqs)
         if (tpot_ms is None or sim.tpot_p99_ms <= tpot_ms) and \
                 (ttft_ms is None or sim.ttft_p99_ms <= ttft_ms):
-            break
+            return predict(m, f, rate, prompt, output, max_seqs), sim, True
+        last = rate
         rate *= BACKOFF
-    return predict(m, f, rate, prompt, output, max_seqs), sim
+    return predict(m, f, last, prompt, output, max_seqs), sim, False

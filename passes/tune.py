@@ -69,21 +69,25 @@ class Tune(Pass):
         calibrating = options.calibrate and on_target_gpu(hw) and \
             _longest(plan, prompt, output) <= ctx.artifacts["model"].config.max_position_embeddings
         engine = _engine(ctx, plan, prompt, output) if calibrating else None
-        calibration = _calibrate(engine, plan, prompt, output) if engine else None
-        machine = Machine(hw.memory_bandwidth_gbs * GB, max(hw.peak_tflops.values()) * 1e12,
-                          hw.usd_per_hour, calibration=calibration)
-        rows = [_candidate(machine, _figures(ctx, plan, draft), seqs, draft, slo, prompt, output)
-                for seqs in _powers(plan["max_num_seqs"])
-                for draft in ([False, True] if ctx.artifacts.get("draft") else [False])]
-        best = max(rows, key=lambda r: (r["max_rps"], -r["max_num_seqs"]))
-        _simulate(machine, _figures(ctx, plan, best["draft"]), best, slo, prompt, output)
-        tuning = _decision(best, rows, slo, ctx.target.name, prompt, output, hw.usd_per_hour)
-        if calibration:
-            tuning["calibration"] = calibration.as_dict()
-            tuning["label"] = f"predicted by the cost model calibrated on {calibration.device}"
-            _confirm(engine, tuning, best, slo, prompt, output, options)
-        if engine is not None:
-            _release(engine)
+        try:
+            calibration, note = _calibrate(engine, plan, prompt, output) if engine else (None, None)
+            machine = Machine(hw.memory_bandwidth_gbs * GB, max(hw.peak_tflops.values()) * 1e12,
+                              hw.usd_per_hour, calibration=calibration)
+            rows = [_candidate(machine, _figures(ctx, plan, draft), seqs, draft, slo, prompt,
+                               output)
+                    for seqs in _powers(plan["max_num_seqs"])
+                    for draft in ([False, True] if ctx.artifacts.get("draft") else [False])]
+            best = max(rows, key=lambda r: (r["max_rps"], -r["max_num_seqs"]))
+            tuning = _decision(best, rows, slo, ctx.target.name, prompt, output, hw.usd_per_hour)
+            if calibration:
+                tuning["calibration"] = calibration.as_dict()
+                tuning["label"] = f"predicted by the cost model calibrated on {calibration.device}"
+                _confirm(engine, tuning, best, slo, prompt, output, options)
+            elif note:
+                tuning["calibration_failed"] = note
+        finally:
+            if engine is not None:
+                _release(engine)
         plan["max_num_seqs"] = best["max_num_seqs"]
         png = _load_plot(machine, _figures(ctx, plan, best["draft"]), best, slo, prompt, output)
         if slo and slo.enforce and not tuning["meets_slo"]:
@@ -129,7 +133,8 @@ def _engine(ctx, plan: dict, prompt: int, output: int):
 
     seqs = plan["max_num_seqs"] + MANY_PROMPTS  # + the prompts timed joining
     per_seq = -(-_longest(plan, prompt, output) // plan["block_size"])
-    config = EngineConfig.from_plan(plan, num_blocks=seqs * per_seq + 4, speculative=False)
+    blocks = min(seqs * per_seq + 4, plan["num_blocks"])  # never more than the plan's memory
+    config = EngineConfig.from_plan(plan, num_blocks=blocks, speculative=False)
     return Engine(folder, config, fusion=(ctx.artifacts.get("fusion") or {}).get("plan"))
 
 
@@ -140,10 +145,15 @@ def _longest(plan: dict, prompt: int, output: int) -> int:
     return prompt + max(output, calibration_tokens(len(_powers(plan["max_num_seqs"]))))
 
 
-def _calibrate(engine, plan: dict, prompt: int, output: int) -> Calibration:
+def _calibrate(engine, plan: dict, prompt: int, output: int) -> tuple:
+    """(Calibration, None), or (None, why) when the measurement failed: the build goes on
+    with the roofline and says so in reports/tuning.json."""
     from dwc.calibration import calibrate
 
-    return calibrate(engine, prompt, output, _powers(plan["max_num_seqs"]))
+    try:
+        return calibrate(engine, prompt, output, _powers(plan["max_num_seqs"])), None
+    except (ValueError, RuntimeError) as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, options) -> None:
@@ -153,6 +163,10 @@ def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, op
 
     rate = best["max_rps"]
     if rate <= 0:
+        return
+    if best["draft"]:  # the calibration engine runs without the draft
+        tuning["confirmed"] = None
+        tuning["confirmation"] = "not run: the choice speculates with the draft"
         return
     engine.scheduler.max_num_seqs = best["max_num_seqs"]
     # Steady state first: the requests of two predicted lifetimes load the engine unmeasured.
@@ -166,9 +180,10 @@ def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, op
     misses = [f"measured p99 {name} {result[key]['p99']} ms > {limit} ms"
               for name, key, limit in (("TPOT", "tpot_ms", slo.target_latency_ms if slo else None),
                                        ("TTFT", "ttft_ms", slo.target_ttft_ms if slo else None))
-              if limit is not None and result[key]["p99"] > limit]
-    completed = result["completed_rps_while_arriving"]
-    if completed is not None and completed < SUSTAINED * rate:  # fell behind the arrivals
+              if limit is not None and result[key]["p99"] is not None
+              and result[key]["p99"] > limit]
+    completed, arrived = result["completed_rps_while_arriving"], result["arrival_rps"]
+    if completed is not None and completed < SUSTAINED * arrived:  # fell behind the arrivals
         misses.append(f"requests completed at {completed} rps while arriving")
     tuning["confirmed"] = not misses
     if misses:
@@ -183,7 +198,7 @@ def _release(engine) -> None:
 
     import torch
 
-    engine.runner = engine.blocks = engine.scheduler = None
+    engine.runner = engine.blocks = engine.scheduler = engine.drafter = None
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -209,30 +224,26 @@ def _figures(ctx, plan: dict, draft: bool) -> ModelFigures:
 
 
 def _candidate(machine, figures, seqs: int, draft: bool, slo, prompt: int, output: int) -> dict:
+    """The highest request rate this configuration sustains within the SLO's p99 limits:
+    searched with the closed forms, then checked by simulation (dwc/loadsim.py), whose
+    latencies are reported (they measured closer: benchmarks/costmodel_gpu.py)."""
     limits = {"tpot_ms": slo.target_latency_ms if slo else None,
               "ttft_ms": slo.target_ttft_ms if slo else None}
-    p = max_rps(machine, figures, prompt, output, seqs, **limits)
-    row = {"max_num_seqs": seqs, "draft": draft, "max_rps": round(p.rps, 3),
-           "at_max_rps": p.as_dict()}
-    if p.rps <= 0:  # even one request at a time misses a limit: by how much
-        alone = predict(machine, figures, 1e-6, prompt, output, seqs)
-        row["alone"] = alone.as_dict()
-    return row
-
-
-def _simulate(machine, figures, best: dict, slo, prompt: int, output: int) -> None:
-    """Check the chosen rate's p99s by simulating the scheduler (dwc/loadsim.py), backing
-    the rate off until they meet the SLO; the latencies reported are the simulation's
-    (measured closer than the closed forms: benchmarks/costmodel_gpu.py)."""
     from dwc.loadsim import check_rate
 
-    if best["max_rps"] <= 0:
-        return
-    p, sim = check_rate(machine, figures, best["max_rps"], prompt, output, best["max_num_seqs"],
-                        slo.target_latency_ms if slo else None, slo.target_ttft_ms if slo else None)
-    best["max_rps"] = round(p.rps, 3)
-    best["at_max_rps"] = dict(p.as_dict(), **{k: v for k, v in sim.as_dict().items() if k != "rps"},
-                              latency_from="simulation")
+    p = max_rps(machine, figures, prompt, output, seqs, **limits)
+    met = p.rps > 0
+    if met:  # the closed forms' rate, checked (and backed off) by simulating the scheduler
+        p, sim, met = check_rate(machine, figures, p.rps, prompt, output, seqs, **limits)
+    row = {"max_num_seqs": seqs, "draft": draft, "max_rps": round(p.rps, 3) if met else 0.0,
+           "at_max_rps": dict(p.as_dict(), **{k: v for k, v in sim.as_dict().items()
+                                              if k != "rps"}, latency_from="simulation")
+           if met else p.as_dict()}
+    if not met:  # even one request at a time misses a limit (or bursts do): by how much
+        slow = sim.as_dict() if p.rps > 0 else predict(machine, figures, 1e-6, prompt, output,
+                                                       seqs).as_dict()
+        row["alone"] = slow
+    return row
 
 
 def _decision(best: dict, rows: list, slo, target: str, prompt: int, output: int,

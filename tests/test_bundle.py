@@ -24,9 +24,9 @@ def write(out, files: dict[str, bytes], force=False):
 
 def test_commit_moves_a_complete_bundle_into_place(tmp_path):
     out = tmp_path / "b"
-    write(out, {"model/a.bin": b"abc", "README.md": b"hi"})
+    write(out, {"model/a.json": b"abc", "README.md": b"hi"})
     m = open_bundle(out, full=True)
-    assert m["files"]["model/a.bin"]["bytes"] == 3 and set(m["files"]) == {"model/a.bin", "README.md"}
+    assert m["files"]["model/a.json"]["bytes"] == 3 and set(m["files"]) == {"model/a.json", "README.md"}
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging leftovers
 
 

@@ -64,6 +64,13 @@ TAMPERING = st.one_of(
 )
 
 
+# What the refusal names, per kind of tampering (inspect --verify lists every problem).
+EXPECTED = {"escape": ["leaves the bundle"], "pickle-name": ["a pickle"],
+            "pickle-bytes": ["a pickle"], "symlink-out": ["symlink"], "symlink-in": ["symlink"],
+            "manifest": ["manifest lacks", "malformed manifest entry", "unsupported schema",
+                         "invalid JSON"]}
+
+
 def tamper(bundle: Path, copy: Path, outside: Path, kind: str, arg) -> None:
     shutil.copytree(bundle, copy, copy_function=os.link)  # hard links: no bytes copied
     path = copy / "manifest.json"
@@ -112,6 +119,7 @@ def test_tampered_bundles_are_refused_by_every_command(bundle, tmp_path_factory,
     args = [str(bundle) if a == "BUNDLE" else a for a in command]
     result = dwc(*args[:1], copy, *args[1:])
     assert_clean_error(result, 2)
+    assert any(f in result.stderr for f in EXPECTED[tampering[0]]), result.stderr
     assert outside.read_text() == "not part of the bundle\n"
 
 
@@ -122,4 +130,8 @@ def test_a_pickle_is_named_and_the_intact_bundle_still_loads(bundle, tmp_path):
     tamper(bundle, copy, outside, "pickle-bytes", ("reports/notes.txt", "torch"))
     line = assert_clean_error(dwc("inspect", copy), 2)
     assert "reports/notes.txt: a pickle" in line
-    assert dwc("inspect", "--verify", bundle).exit_code == 0
+    # the same copy, untampered: the hard-linked copy itself loads and verifies
+    shutil.rmtree(copy)
+    tamper(bundle, copy, outside, "none", None)
+    assert dwc("inspect", "--verify", copy).exit_code == 0
+    assert dwc("inspect", copy).exit_code == 0
