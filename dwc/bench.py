@@ -37,7 +37,8 @@ def prompts(engine: Engine, n: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
-def _sync(engine: Engine) -> None:
+def sync(engine: Engine) -> None:
+    """Wait for the engine's device (timings around steps need it)."""
     if engine.runner.device == "cuda":
         torch.cuda.synchronize()
 
@@ -46,10 +47,10 @@ def offline(engine: Engine, cfg: BenchConfig) -> dict:
     batch = prompts(engine, cfg.num_prompts, cfg.input_len, cfg.seed)
     params = SamplingParams(max_tokens=cfg.output_len, ignore_eos=True)
     engine.generate([batch[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    _sync(engine)
+    sync(engine)
     t0 = time.perf_counter()
     engine.generate(batch, params)
-    _sync(engine)
+    sync(engine)
     seconds = time.perf_counter() - t0
     result = {"prompts": cfg.num_prompts, "input_len": cfg.input_len,
               "output_len": cfg.output_len, "seconds": round(seconds, 4),
@@ -64,11 +65,11 @@ def _baseline(engine: Engine, batch: list[list[int]], output_len: int) -> float:
     model = engine.runner.hf_model
     ids = torch.tensor(batch, device=engine.runner.device)
     with torch.inference_mode():
-        _sync(engine)
+        sync(engine)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len,
                        do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-        _sync(engine)
+        sync(engine)
     return round(len(batch) * output_len / (time.perf_counter() - t0), 2)
 
 
@@ -104,7 +105,7 @@ def online(engine: Engine, cfg: BenchConfig, on_step=None) -> dict:
             time.sleep(min(0.01, max(0.0, pending[0][0] - now)))
             continue
         engine.step()
-        _sync(engine)
+        sync(engine)
         end = time.perf_counter() - t0
         if on_step:
             on_step(end - now)

@@ -227,22 +227,21 @@ def _candidate(machine, figures, seqs: int, draft: bool, slo, prompt: int, outpu
     """The highest request rate this configuration sustains within the SLO's p99 limits:
     searched with the closed forms, then checked by simulation (dwc/loadsim.py), whose
     latencies are reported (they measured closer: benchmarks/costmodel_gpu.py)."""
-    limits = {"tpot_ms": slo.target_latency_ms if slo else None,
-              "ttft_ms": slo.target_ttft_ms if slo else None}
     from dwc.loadsim import check_rate
 
+    limits = {"tpot_ms": slo.target_latency_ms if slo else None,
+              "ttft_ms": slo.target_ttft_ms if slo else None}
     p = max_rps(machine, figures, prompt, output, seqs, **limits)
-    met = p.rps > 0
-    if met:  # the closed forms' rate, checked (and backed off) by simulating the scheduler
+    sim, met = None, p.rps > 0
+    if met:
         p, sim, met = check_rate(machine, figures, p.rps, prompt, output, seqs, **limits)
-    row = {"max_num_seqs": seqs, "draft": draft, "max_rps": round(p.rps, 3) if met else 0.0,
-           "at_max_rps": dict(p.as_dict(), **{k: v for k, v in sim.as_dict().items()
-                                              if k != "rps"}, latency_from="simulation")
-           if met else p.as_dict()}
-    if not met:  # even one request at a time misses a limit (or bursts do): by how much
-        slow = sim.as_dict() if p.rps > 0 else predict(machine, figures, 1e-6, prompt, output,
-                                                       seqs).as_dict()
-        row["alone"] = slow
+    row = {"max_num_seqs": seqs, "draft": draft, "max_rps": 0.0, "at_max_rps": p.as_dict()}
+    if met and round(p.rps, 3) > 0:
+        row["max_rps"] = round(p.rps, 3)
+        row["at_max_rps"].update({k: v for k, v in sim.as_dict().items() if k != "rps"},
+                                 latency_from="simulation")
+    else:  # by how much the limits are missed: at the lowest rate simulated, or alone
+        row["alone"] = (sim or predict(machine, figures, 1e-6, prompt, output, seqs)).as_dict()
     return row
 
 
@@ -258,7 +257,7 @@ def _decision(best: dict, rows: list, slo, target: str, prompt: int, output: int
             ("TPOT", "tpot_p99_ms", slo.target_latency_ms if slo else None),
             ("TTFT", "ttft_p99_ms", slo.target_ttft_ms if slo else None))
             if limit is not None and alone[key] > limit]
-        reason = f"no configuration of {target} meets the SLO even at one request at a time: " \
+        reason = f"no configuration of {target} meets the SLO at any request rate: " \
             + "; ".join(misses)
     elif slo and slo.target_rps:
         need = replicas(slo.target_rps, best["max_rps"])
