@@ -22,3 +22,7 @@ def cache_dir() -> Path:
 # Runtime: chunks of at most this many tokens (decode and speculative verification steps)
 # run their attention in the paged decode kernel, one kernel row per token, on the GPU.
 KERNEL_MAX_CHUNK = 16
+
+# Runtime: the largest step (in tokens) replayed from a captured CUDA graph; larger steps
+# run eagerly. Decode steps of up to this many sequences are graphed.
+MAX_GRAPH_TOKENS = 512

@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dwc.runtime.inflight import Feed, to_device
 from dwc.runtime.model import Batch, DecodeGroup, Decoder
 
-CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
 
 
 class DecodeGraphs:
@@ -40,6 +41,7 @@ class DecodeGraphs:
         self.tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
+        self.pinned = dev.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -71,18 +73,27 @@ class DecodeGraphs:
         return tokens <= self.max_tokens
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
-            tables: list[list[int]], lens: list[int], rows: list[int]) -> torch.Tensor:
-        """One step of len(ids) tokens (one kernel row each); logits of `rows`."""
+            tables: list[list[int]], lens: list[int], rows: list[int],
+            feed: Feed | None = None) -> torch.Tensor:
+        """One step of len(ids) tokens (one kernel row each); logits of `rows`. `feed`
+        fills in pending input ids from the device (asynchronous scheduling). Inputs go
+        through one pinned host buffer and one copy, queued behind the GPU's work."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
-        table = np.zeros((n, self.width), dtype=np.int32)
+        width = max(len(t) for t in tables)  # the kernel reads no entry past a row's context
+        table = np.zeros((4 + width, n), dtype=np.int64)
+        table[:4] = (ids, positions, slots, lens)
         for i, t in enumerate(tables):
-            table[i, :len(t)] = t
-        self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.tables[:n].copy_(torch.from_numpy(table), non_blocking=True)
-        self.lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+            table[4:4 + len(t), i] = t
+        host = torch.from_numpy(table)
+        dev = host.pin_memory().to(self.ids.device, non_blocking=True) if self.pinned else host
+        self.ids[:n].copy_(dev[0])
+        self.positions[:n].copy_(dev[1])
+        self.slots[:n].copy_(dev[2])
+        self.lens[:n].copy_(dev[3])
+        self.tables[:n, :width].copy_(dev[4:].T)
+        if feed is not None:
+            feed.apply(self.ids)
         self._pad_from(n)
         self.graphs[size].replay()
-        return self.outputs[size][torch.tensor(rows, dtype=torch.long, device=self.ids.device)]
+        return self.outputs[size][to_device(rows, self.ids.device)]

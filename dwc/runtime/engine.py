@@ -12,47 +12,18 @@ from pathlib import Path
 import torch
 
 from dwc.bundle.reader import open_bundle
-from dwc.checkpoint import model_info
+from dwc.constants import MAX_GRAPH_TOKENS
 from dwc.errors import BadInput
 from dwc.formats import manifest as mf
-from dwc.kvcache import kv_bytes_per_token
 from dwc.runtime.block_manager import BlockManager
+from dwc.runtime.config import EngineConfig  # noqa: F401  (re-exported: the engine's settings)
+from dwc.runtime.inflight import InFlight
+from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import sample
 from dwc.runtime.scheduler import Scheduler
 from dwc.runtime.speculative import Drafter
 from dwc.runtime.sequence import SamplingParams, Sequence, Status
-
-CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
-MAX_GRAPH_TOKENS = 256  # the largest captured step; larger steps run eagerly
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    num_blocks: int | None = None          # None: from the KV budget
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    device: str | None = None              # None: cuda when present, else cpu
-    dtype: str | None = None               # None: bfloat16 on cuda, float32 on cpu
-    kv_dtype: str | None = None            # "fp8_e4m3", or None: the compute dtype
-    kv_scales: list | None = None          # per layer (k_scale, v_scale) for FP8
-    cuda_graphs: bool = True               # GPU: replay captured decode steps
-    speculative: bool = True               # use the bundle's draft when it has one
-    num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
-    tensor_parallel: int = 1               # processes (GPUs) the model is split across
-    tensor_parallel_backend: str | None = None  # None: nccl on cuda, gloo on cpu
-
-    @classmethod
-    def from_plan(cls, plan: dict, **overrides) -> "EngineConfig":
-        """The settings of a bundle's KV plan (manifest `kv_cache`), some overridden."""
-        fp8 = plan["dtype"] == "fp8_e4m3"
-        return cls(**{"block_size": plan["block_size"], "num_blocks": plan["num_blocks"],
-                      "max_num_seqs": plan["max_num_seqs"],
-                      "max_num_batched_tokens": plan["max_num_batched_tokens"],
-                      "kv_dtype": "fp8_e4m3" if fp8 else None,
-                      "kv_scales": plan.get("kv_scales"),
-                      "tensor_parallel": plan.get("tensor_parallel", 1), **overrides})
 
 
 @dataclass
@@ -81,7 +52,7 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         k = (c.num_speculative_tokens or draft_k) if draft_dir and c.speculative else 0
         draft_dir = draft_dir if k else None
-        num_blocks = self._fit_blocks(model_dir, draft_dir, c, device, dtype)
+        num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype)
         # Graphs cover steps of up to max_num_seqs sequences of 1 + K tokens (capped).
         # gloo's collectives (tensor parallelism sharing a GPU) cannot be captured; NCCL's can.
         gloo = c.tensor_parallel > 1 and c.tensor_parallel_backend == "gloo"
@@ -112,6 +83,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
         self.eos_ids = self._eos_ids()
+        self.inflight: InFlight | None = None  # the launched step not yet collected
 
     def close(self, force: bool = False) -> None:
         """Stop the tensor-parallel workers (if any) and leave their group."""
@@ -140,42 +112,6 @@ class Engine:
         fusion = (manifest.get("fusion") or {}).get("plan")
         return cls(Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,
                    fusion)
-
-    @staticmethod
-    def _fit_blocks(model_dir: Path, draft_dir: Path | None, c: EngineConfig, device: str,
-                    dtype: torch.dtype) -> int:
-        """The planned number of blocks, scaled down (with a warning) to what fits here:
-        on CPU a fixed budget, on a GPU 90% of the memory free before the weights load,
-        less the weights' size on disk. A block holds the target's K/V and the draft's.
-        With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
-        the whole draft (which runs there unsplit)."""
-        import warnings
-
-        from dwc.runtime.tensor_parallel import kv_heads_per_rank
-
-        itemsize = 1 if c.kv_dtype == "fp8_e4m3" else dtype.itemsize
-        info, n = model_info(model_dir), c.tensor_parallel
-        per_token = kv_bytes_per_token(info, itemsize) * \
-            kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
-        weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / n
-        folders = []
-        if draft_dir:
-            per_token += kv_bytes_per_token(model_info(draft_dir), dtype.itemsize)
-            folders.append(draft_dir)
-        per_block = per_token * c.block_size
-        if device == "cuda":
-            weights += sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
-            budget = torch.cuda.mem_get_info()[0] * 0.9 - weights
-        else:
-            budget = CPU_KV_BUDGET_BYTES
-        fits = max(int(budget // per_block), 4)
-        if c.num_blocks is None:
-            return fits
-        if c.num_blocks > fits:
-            warnings.warn(f"KV plan asks for {c.num_blocks} blocks; {fits} fit on this "
-                          f"{device}: using {fits}")
-            return fits
-        return c.num_blocks
 
     def _eos_ids(self) -> set[int]:
         ids = self.runner.hf_model.generation_config.eos_token_id
@@ -207,14 +143,67 @@ class Engine:
             self.scheduler.finish(seq, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.inflight is not None
 
     # -- the loop -----------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Schedule, (draft,) run, sample or verify; returns the sequences that finished
-        in this step."""
+        """Schedule, (draft,) run, sample or verify; returns the sequences that finished.
+
+        Asynchronously (inflight.py) when every sampling request in the step is greedy
+        and nothing needs the tokens on the host first: the step is launched, then the
+        previous one collected, so the host's work overlaps the GPU's. Otherwise the
+        previous step is collected first and this one runs synchronously."""
         chunks = self.scheduler.schedule()
+        if chunks and not self._overlappable(chunks):
+            finished = self._collect()
+            live = [c for c in chunks if c.seq.status is Status.RUNNING]
+            return finished + self._step_sync(live)
+        launched = self._launch(chunks) if chunks else None
+        finished = self._collect()
+        self.inflight = launched
+        return finished
+
+    def _overlappable(self, chunks) -> bool:
+        return (self.config.async_scheduling and self.drafter is None and self.tp is None
+                and all(c.seq.params.temperature <= 0 for c in chunks if c.logits))
+
+    def _launch(self, chunks) -> InFlight:
+        """Run a step without waiting for it: greedy tokens are picked on the device
+        and start their way to the host; the chunks' K/V count as computed."""
+        feed = self.inflight.feed(chunks) if self.inflight else None
+        logits = self.runner.run(chunks, self.blocks, feed)
+        sampled = []
+        for c in chunks:
+            seq = c.seq
+            seq.num_computed = c.end
+            self.blocks.seal_full_blocks(seq, min(seq.num_computed, seq.num_known))
+            if c.logits:
+                seq.num_pending += 1
+                sampled.append(seq)
+        return InFlight.start(logits.argmax(-1), sampled)
+
+    def _collect(self) -> list[Sequence]:
+        """Wait for the step in flight (if any) and append its tokens; returns the
+        sequences they finished. A sequence finished meanwhile drops its token."""
+        flight, self.inflight = self.inflight, None
+        if flight is None:
+            return []
+        finished = []
+        for seq, token in zip(flight.seqs, flight.wait()):
+            if seq.status is Status.FINISHED:
+                continue
+            seq.num_pending -= 1
+            seq.output_ids.append(token)
+            if seq.status is Status.RUNNING:
+                self.blocks.seal_full_blocks(seq, min(seq.num_computed, seq.num_known))
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _step_sync(self, chunks) -> list[Sequence]:
         if not chunks:
             return []
         if self.drafter:
@@ -280,7 +269,7 @@ class Engine:
             return "stop"
         if p.stop and any(s in self._raw_text(seq) for s in p.stop):
             return "stop"
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.runner.max_context:
+        if len(seq.output_ids) >= p.max_tokens or seq.num_known >= self.runner.max_context:
             return "length"
         return None
 

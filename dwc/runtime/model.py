@@ -42,8 +42,8 @@ class PromptGroup:
 
     gather: torch.Tensor           # [B, L] token rows (padding repeats a real row)
     slots: torch.Tensor            # [B, L] their cache slots
-    valid: torch.Tensor            # [B, L] bool
-    rows: torch.Tensor             # [valid tokens] token rows, row-major order of valid
+    flat: torch.Tensor             # [valid tokens] b * L + i of each real (not padding) row
+    rows: torch.Tensor             # [valid tokens] their token rows, in the order of flat
 
 
 @dataclass
@@ -214,7 +214,7 @@ class Decoder:
                 out[dg.rows] = paged_decode(q[dg.rows], layer_cache, dg.block_tables,
                                             dg.context_lens, dg.page, self.scale, scales)
         for pg in batch.prompts or ():
-            out[pg.rows] = prompt_attention(q[pg.gather], layer_cache, pg.slots, pg.valid,
+            out[pg.rows] = prompt_attention(q[pg.gather], layer_cache, pg.slots, pg.flat,
                                             self.scale, scales)
         for offset, length, start, seq_slots in batch.chunks:
             out[offset:offset + length] = paged_attention(

@@ -8,6 +8,7 @@ import torch
 
 from dwc.constants import KERNEL_MAX_CHUNK
 from dwc.runtime.block_manager import BlockManager
+from dwc.runtime.inflight import Feed, to_device
 from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
 from dwc.runtime.scheduler import Chunk
 
@@ -86,13 +87,16 @@ class ModelRunner:
     def max_context(self) -> int:
         return int(self.hf_model.config.max_position_embeddings)
 
-    def run(self, chunks: list[Chunk], blocks: BlockManager) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], blocks: BlockManager, feed: Feed | None = None
+            ) -> torch.Tensor:
         """Run one step; logits [sum of chunk.logits, vocab]: each chunk's last
-        `chunk.logits` rows, in chunk order."""
+        `chunk.logits` rows, in chunk order. `feed`: the ids of pending input tokens
+        (asynchronous scheduling, inflight.py; one process only)."""
         step = self.plan(chunks, blocks)
         if self.tp is not None:
+            assert feed is None, "tensor-parallel ranks take their inputs from the host"
             self.tp.send_step(step)
-        return self.execute(step)
+        return self.execute(step, feed)
 
     def plan(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[str, tuple]:
         """The step as plain lists: what `execute` needs, and what rank 0 of a
@@ -103,11 +107,14 @@ class ModelRunner:
             return "graph", self._kernel_rows(chunks, blocks)
         return "eager", self._batch_lists(chunks, blocks)
 
-    def execute(self, step: tuple[str, tuple]) -> torch.Tensor:
+    def execute(self, step: tuple[str, tuple], feed: Feed | None = None) -> torch.Tensor:
         kind, lists = step
         if kind == "graph":
-            return self.graphs.run(*lists)
-        return self.decoder.forward(self._batch(*lists), self.cache)
+            return self.graphs.run(*lists, feed=feed)
+        batch = self._batch(*lists)
+        if feed is not None:
+            feed.apply(batch.input_ids)
+        return self.decoder.forward(batch, self.cache)
 
     @staticmethod
     def _kernel_rows(chunks: list[Chunk], blocks: BlockManager):
@@ -151,7 +158,7 @@ class ModelRunner:
     def _batch(self, ids, positions, slots, parts, rows, kernel_rows, tables, lens,
                prompts) -> Batch:
         """The Batch of `_batch_lists`' lists, as tensors on this runner's device."""
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        as_tensor = lambda x: to_device(x, self.device)  # noqa: E731
         return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots),
                      [(o, n, start, as_tensor(s)) for o, n, start, s in parts],
                      as_tensor(rows), self._decode_group(kernel_rows, tables, lens),
@@ -163,12 +170,12 @@ class ModelRunner:
         width = max(length for _, length in group)
         gather = [[off + i if i < length else off for i in range(width)]
                   for off, length in group]
-        valid = [[i < length for i in range(width)] for _, length in group]
         rows = [off + i for off, length in group for i in range(length)]
+        flat = [b * width + i for b, (_, length) in enumerate(group) for i in range(length)]
         dev = self.device
-        return PromptGroup(torch.tensor(gather, device=dev),
-                           torch.tensor([[slots[r] for r in g] for g in gather], device=dev),
-                           torch.tensor(valid, device=dev), torch.tensor(rows, device=dev))
+        return PromptGroup(to_device(gather, dev),
+                           to_device([[slots[r] for r in g] for g in gather], dev),
+                           to_device(flat, dev), to_device(rows, dev))
 
     def _decode_group(self, rows: list, tables: list, lens: list) -> DecodeGroup | None:
         if not rows:
@@ -176,9 +183,9 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         return DecodeGroup(
-            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            rows=to_device(rows, self.device),
+            block_tables=to_device(padded, self.device, torch.int32),
+            context_lens=to_device(lens, self.device, torch.int32),
             page=self.block_size)
 
 

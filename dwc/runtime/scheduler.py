@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.sequence import Sequence, Status
 
+PENDING = -1  # the id of a token still on the device (Chunk.token_ids)
+
 
 @dataclass
 class Chunk:
@@ -34,12 +36,15 @@ class Chunk:
     draft_probs: list = field(default_factory=list)        # the draft's q for each
 
     def token_ids(self) -> list[int]:
-        """(prompt + output + draft)[start:start + length], without building the whole
-        list (a decode step needs one token of a long context)."""
+        """(prompt + output + pending + draft)[start:start + length], without building
+        the whole list (a decode step needs one token of a long context). A pending token
+        (sampled by the step in flight, not yet on the host) is PENDING: the runner takes
+        its id from that step's output on the device."""
         seq, start, end = self.seq, self.start, self.start + self.length
-        p, n = len(seq.prompt_ids), seq.num_tokens
+        p, k, n = len(seq.prompt_ids), seq.num_known, seq.num_tokens
+        pending = [PENDING] * (min(end, n) - max(start, k)) if end > k and start < n else []
         return (seq.prompt_ids[start:end] + seq.output_ids[max(start - p, 0):max(end - p, 0)]
-                + self.draft[max(start - n, 0):max(end - n, 0)])
+                + pending + self.draft[max(start - n, 0):max(end - n, 0)])
 
     @property
     def end(self) -> int:
@@ -81,6 +86,8 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if len(seq.output_ids) + seq.num_pending >= seq.params.max_tokens:
+                continue  # its last token is pending: it finishes when that arrives
             n = min(seq.num_tokens - seq.num_computed, budget)
             k = self._lookahead(seq, budget) if seq.num_tokens - seq.num_computed == 1 else 0
             if not self._make_room(seq, seq.num_computed + n + k):
@@ -89,6 +96,8 @@ class Scheduler:
             budget -= n + k
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token in flight: recomputed once it arrives
             if seq.num_computed == 0 and not seq.block_table:
                 self.blocks.match_prefix(seq)
                 seq.draft_computed = seq.num_computed  # the draft's cache mirrors the target's
@@ -142,3 +151,4 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        seq.num_pending = 0  # a token still in flight for it is dropped when it arrives

@@ -39,6 +39,9 @@ class Sequence:
     num_cached: int = 0               # of those, how many came from the prefix cache
     draft_computed: int = 0           # tokens whose K/V are in the draft model's cache
     num_sealed: int = 0               # leading blocks of block_table with a prefix key
+    # Tokens sampled on the GPU by a step still in flight (asynchronous scheduling): they
+    # count as the sequence's (positions, cache slots) before their ids reach the host.
+    num_pending: int = 0
     finish_reason: str | None = None
     generator: object = None          # torch.Generator when a seed is given
 
@@ -48,6 +51,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens so far, pending ones included (see num_pending)."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host holds: prompt and output, not pending ones."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property

@@ -54,19 +54,21 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, seq_slots: torch.Tenso
 
 
 def prompt_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                     valid: torch.Tensor, scale: float,
+                     flat: torch.Tensor, scale: float,
                      kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Whole prompts (chunks from position 0) of several sequences in one call.
 
     q: [B, L, heads, d], each sequence's queries right-padded to L; slots: [B, L] their
-    cache slots (padding repeats a real one); valid: [B, L] bool, False on padding.
-    Causal attention never lets a real query see a padded key (padding comes after every
-    real position), so padding only costs compute. Returns [valid tokens, heads, d] in
-    row-major order of `valid`.
+    cache slots (padding repeats a real one); flat: [real tokens] b * L + i of each real
+    (not padding) query. Causal attention never lets a real query see a padded key
+    (padding comes after every real position), so padding only costs compute. Returns
+    [real tokens, heads, d] in the order of `flat` (an index, not a boolean mask: a mask
+    would make the host wait for the GPU to count it).
     """
     k = cache[0, slots].to(q.dtype) * kv_scales[0]                   # [B, L, kv_heads, d]
     v = cache[1, slots].to(q.dtype) * kv_scales[1]
     q4, k4, v4 = (x.transpose(1, 2) for x in (q, k, v))              # [B, heads, L, d]
     out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
                                          enable_gqa=True)
-    return out.transpose(1, 2)[valid]
+    b, heads, length, d = out.shape
+    return out.transpose(1, 2).reshape(b * length, heads, d)[flat]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from dwc.constants import MAX_GRAPH_TOKENS
+
 class Fp8Linear(torch.nn.Module):
     """W8A8 through `_scaled_mm`; at up to 16 tokens (decode), weight-only in Triton
     (skinny_gemm_triton.py), where quantizing the activations costs more than it saves:
@@ -43,7 +45,7 @@ class Fp8Linear(torch.nn.Module):
         scale_a = self._row_scales.get(t)                            # row-wise: [t, 1]
         if scale_a is None:
             scale_a = self.input_scale.expand(t, 1).contiguous()
-            if t <= 256:  # decode-step sizes: made once (captured graphs reuse it)
+            if t <= MAX_GRAPH_TOKENS:  # graphed step sizes: made once, captured graphs reuse it
                 self._row_scales[t] = scale_a
         y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_a,
                              scale_b=self.scale_b, out_dtype=x.dtype)

@@ -1,0 +1,247 @@
+"""Issue 18's table: the 8B shape's throughput path on the H200, built by dwc.
+
+Makes the Llama-3-8B-shaped checkpoint (random weights), builds it with
+`dwc build -t h200-fp8` (no draft, `tune` not calibrating: it is not measured here), and
+measures in one run, on one engine:
+
+- offline throughput (all prompts at once, greedy, ignore EOS) at TensorRT-LLM's four
+  published points: 128/128 (2,000 prompts), 128/2048, 2048/128 and 1000/1000, with
+  asynchronous scheduling on, and 128/128 again with it off and at 256 sequences;
+- decode tok/s at batch 1, 8, 32, 128, 256 (128 in / 256 out);
+- host time per step at batch 1, 128, 256: the step's wall time less the time spent
+  waiting for the GPU (asynchronous steps), against the sync step's wall time;
+- a mixed step (a 512-token prompt joining 255 decoding sequences) against its roofline
+  (FLOPs over the measured FP8 GEMM rate, weight + KV bytes over the read bandwidth);
+- TTFT of one 1k and one 8k prompt; peak GPU memory.
+
+    DWC_COMMIT=<hash> python3 benchmarks/throughput_gpu.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from perf_gpu import build, bytes_per_token, prepare_8b, prompts, read_bandwidth, ttft_ms  # noqa: E402,E501
+
+from dwc.runtime import inflight  # noqa: E402
+from dwc.runtime.engine import Engine, EngineConfig  # noqa: E402
+from dwc.runtime.sequence import SamplingParams  # noqa: E402
+
+# TensorRT-LLM's published figures (Llama-3.1-8B FP8, H200, TP1) and issue 18's goals.
+TRTLLM = {"128/128": 27911, "128/2048": 26221, "2048/128": 3538, "1000/1000": 17744}
+GOALS = {"128/128": 30000, "1000/1000": 19000, "2048/128": 3800}
+POINTS = {"128/128": (128, 128, 2000), "128/2048": (128, 2048, 512),
+          "2048/128": (2048, 128, 512), "1000/1000": (1000, 1000, 512)}
+LINEAR_PARAMS_8B = 32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336)  # per token, FP8
+
+
+def fp8_gemm_rate() -> float:
+    """FLOP/s of an 8192^3 FP8 `_scaled_mm` (the compute ceiling), median of 20."""
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    times = []
+    for _ in range(25):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * 8192 ** 3 / statistics.median(times[5:])
+
+
+def offline(engine: Engine, n_in: int, n_out: int, n: int, seed: int = 0) -> dict:
+    params = SamplingParams(max_tokens=n_out, ignore_eos=True)
+    engine.generate(prompts(4, n_in, seed=seed + 1000), SamplingParams(max_tokens=4))  # warm
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts(n, n_in, seed=seed), params)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    assert all(len(o.output_ids) == n_out for o in outs)
+    return {"prompts": n, "input": n_in, "output": n_out, "seconds": round(seconds, 2),
+            "output_tok_s": round(n * n_out / seconds, 1),
+            "preemptions": engine.scheduler.preemptions}
+
+
+class WaitClock:
+    """Seconds the engine spends waiting for the GPU in `InFlight.wait`."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._wait = inflight.InFlight.wait
+        clock = self
+
+        def timed(flight):
+            t0 = time.perf_counter()
+            try:
+                return clock._wait(flight)
+            finally:
+                clock.seconds += time.perf_counter() - t0
+        inflight.InFlight.wait = timed
+
+    def close(self):
+        inflight.InFlight.wait = self._wait
+
+
+def host_per_step(engine: Engine, batch: int, steps: int = 60) -> dict:
+    """Decode steps at `batch` (128-token contexts): wall ms per step with and without
+    overlap, and the host's share of an overlapped step (wall less waiting)."""
+    out = {}
+    for overlap in (True, False):
+        engine.config.async_scheduling = overlap
+        seqs = [engine.add(p, SamplingParams(max_tokens=steps + 40, ignore_eos=True))
+                for p in prompts(batch, 128, seed=77 + overlap)]
+        while any(s.num_computed < 130 for s in seqs):
+            engine.step()
+        clock = WaitClock()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+        clock.close()
+        key = "async" if overlap else "sync"
+        out[f"{key}_step_ms"] = round(wall * 1e3, 3)
+        if overlap:
+            out["host_ms"] = round((wall - clock.seconds / steps) * 1e3, 3)
+        for s in seqs:
+            engine.abort(s)
+        while engine.has_work():
+            engine.step()
+    engine.config.async_scheduling = True
+    return out
+
+
+def mixed_step(engine: Engine, rate: float, bandwidth: float, weight_bytes: int) -> dict:
+    """One step carrying a 512-token prompt beside 255 decoding sequences (sync, timed
+    alone), against its roofline."""
+    engine.config.async_scheduling = False
+    seqs = [engine.add(p, SamplingParams(max_tokens=64, ignore_eos=True))
+            for p in prompts(255, 128, seed=55)]
+    while any(s.num_computed < 130 for s in seqs):
+        engine.step()
+    times = []
+    for i in range(5):
+        engine.add(prompts(1, 512, seed=300 + i)[0], SamplingParams(max_tokens=2))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    decode_alone = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        decode_alone.append(time.perf_counter() - t0)
+    for s in seqs:
+        engine.abort(s)
+    while engine.has_work():
+        engine.step()
+    engine.config.async_scheduling = True
+    tokens = 512 + 255
+    flops = 2 * LINEAR_PARAMS_8B * tokens + 2 * 4096 * 128256 * 256  # + lm_head rows
+    kv_bytes = 255 * 140 * 64 * 1024  # FP8 KV: 64 KiB per token of context
+    roofline = max(flops / rate, (weight_bytes + kv_bytes) / bandwidth)
+    step = statistics.median(times[1:])
+    return {"tokens": tokens, "step_ms": round(step * 1e3, 3),
+            "decode_step_ms": round(statistics.median(decode_alone) * 1e3, 3),
+            "roofline_ms": round(roofline * 1e3, 3), "x_roofline": round(step / roofline, 2)}
+
+
+def decode(engine: Engine) -> dict:
+    out = {}
+    for batch in (1, 8, 32, 128, 256):
+        engine.generate(prompts(batch, 128, seed=99), SamplingParams(max_tokens=4))
+        r = offline(engine, 128, 256, batch, seed=batch)
+        out[f"bs{batch}"] = r["output_tok_s"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="128/128 and host times only")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "throughput_gpu", "device": torch.cuda.get_device_name(0),
+              "date": date.today().isoformat(), "commit": os.environ.get("DWC_COMMIT", "?"),
+              "torch": torch.__version__}
+    save = lambda: (args.out / "throughput_gpu.json").write_text(json.dumps(report, indent=1))  # noqa: E731,E501
+    bandwidth, rate = read_bandwidth(), fp8_gemm_rate()
+    report.update(read_bandwidth_gbs=round(bandwidth / 1e9, 1),
+                  fp8_gemm_tflops=round(rate / 1e12, 1))
+    build_file = prepare_8b(args.work / "llama3-8b-shape", report)
+    bundle = args.work / "bundle-fp8"
+    build_file.write_text(build_file.read_text() + "passes: {tune: {calibrate: false}}\n")
+    report["build_fp8_seconds"] = build(build_file, "h200-fp8", bundle)
+    save()
+    t0 = time.perf_counter()
+    plan = json.loads((bundle / "manifest.json").read_text())["kv_cache"]
+    engine = Engine.from_bundle(bundle, EngineConfig.from_plan(
+        plan, max_num_seqs=args.max_num_seqs))
+    report["engine"] = {"load_seconds": round(time.perf_counter() - t0, 1),
+                        "num_blocks": len(engine.blocks.blocks),
+                        "max_num_seqs": engine.scheduler.max_num_seqs,
+                        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+                        "plan": {k: plan[k] for k in ("max_num_seqs", "max_num_batched_tokens")}}
+    torch.cuda.reset_peak_memory_stats()
+    res = report["results"] = {}
+    res["128/128"] = offline(engine, *POINTS["128/128"])
+    save()
+    engine.config.async_scheduling = False
+    res["128/128 sync"] = offline(engine, *POINTS["128/128"])
+    engine.config.async_scheduling = True
+    engine.scheduler.max_num_seqs = 256
+    res["128/128 256 seqs"] = offline(engine, *POINTS["128/128"])
+    engine.scheduler.max_num_seqs = args.max_num_seqs
+    report["host"] = {f"bs{b}": host_per_step(engine, b) for b in (1, 128, 256)}
+    save()
+    if not args.quick:
+        for point in ("1000/1000", "2048/128", "128/2048"):
+            res[point] = offline(engine, *POINTS[point])
+            save()
+        report["mixed_step"] = mixed_step(engine, rate, bandwidth,
+                                          bytes_per_token(bundle / "model"))
+        report["decode_fp8"] = decode(engine)
+        report["ttft_ms"] = {"1k": ttft_ms(engine, 1024), "8k": ttft_ms(engine, 8000)}
+    report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    save()
+    print_table(report)
+    return 0
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']} @ {report['commit']}: read {report['read_bandwidth_gbs']} GB/s, "
+          f"FP8 GEMM {report['fp8_gemm_tflops']} TFLOP/s, build {report['build_fp8_seconds']} s, "
+          f"engine {report['engine']}")
+    print(f"{'point':<18}{'dwc tok/s':>11}{'TRT-LLM':>9}{'ratio':>7}{'goal':>7}{'s':>7}")
+    for key, r in report["results"].items():
+        base = TRTLLM.get(key)
+        ratio = f"{r['output_tok_s'] / base:.2f}" if base else "-"
+        print(f"{key:<18}{r['output_tok_s']:>11}{base or '-':>9}{ratio:>7}"
+              f"{GOALS.get(key, '-'):>7}{r['seconds']:>7}")
+    for key in ("host", "mixed_step", "decode_fp8", "ttft_ms", "peak_memory_gb"):
+        if key in report:
+            print(f"{key}: {report[key]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The engine's settings (`EngineConfig`), from a bundle's KV plan or given by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None          # None: from the KV budget
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    device: str | None = None              # None: cuda when present, else cpu
+    dtype: str | None = None               # None: bfloat16 on cuda, float32 on cpu
+    kv_dtype: str | None = None            # "fp8_e4m3", or None: the compute dtype
+    kv_scales: list | None = None          # per layer (k_scale, v_scale) for FP8
+    cuda_graphs: bool = True               # GPU: replay captured decode steps
+    speculative: bool = True               # use the bundle's draft when it has one
+    num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
+    async_scheduling: bool = True          # overlap the host's next step with the GPU's
+    tensor_parallel: int = 1               # processes (GPUs) the model is split across
+    tensor_parallel_backend: str | None = None  # None: nccl on cuda, gloo on cpu
+
+    @classmethod
+    def from_plan(cls, plan: dict, **overrides) -> "EngineConfig":
+        """The settings of a bundle's KV plan (manifest `kv_cache`), some overridden."""
+        fp8 = plan["dtype"] == "fp8_e4m3"
+        return cls(**{"block_size": plan["block_size"], "num_blocks": plan["num_blocks"],
+                      "max_num_seqs": plan["max_num_seqs"],
+                      "max_num_batched_tokens": plan["max_num_batched_tokens"],
+                      "kv_dtype": "fp8_e4m3" if fp8 else None,
+                      "kv_scales": plan.get("kv_scales"),
+                      "tensor_parallel": plan.get("tensor_parallel", 1), **overrides})

@@ -1,0 +1,48 @@
+"""How many KV blocks the engine allocates: the plan's, or fewer where they do not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dwc.checkpoint import model_info
+from dwc.kvcache import kv_bytes_per_token
+
+CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
+
+
+def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
+               dtype: torch.dtype) -> int:
+    """`c`: the EngineConfig. The planned number of blocks, scaled down (with a warning) to what fits here:
+    on CPU a fixed budget, on a GPU 90% of the memory free before the weights load,
+    less the weights' size on disk. A block holds the target's K/V and the draft's.
+    With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
+    the whole draft (which runs there unsplit)."""
+    import warnings
+
+    from dwc.runtime.tensor_parallel import kv_heads_per_rank
+
+    itemsize = 1 if c.kv_dtype == "fp8_e4m3" else dtype.itemsize
+    info, n = model_info(model_dir), c.tensor_parallel
+    per_token = kv_bytes_per_token(info, itemsize) * \
+        kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / n
+    folders = []
+    if draft_dir:
+        per_token += kv_bytes_per_token(model_info(draft_dir), dtype.itemsize)
+        folders.append(draft_dir)
+    per_block = per_token * c.block_size
+    if device == "cuda":
+        weights += sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
+        budget = torch.cuda.mem_get_info()[0] * 0.9 - weights
+    else:
+        budget = CPU_KV_BUDGET_BYTES
+    fits = max(int(budget // per_block), 4)
+    if c.num_blocks is None:
+        return fits
+    if c.num_blocks > fits:
+        warnings.warn(f"KV plan asks for {c.num_blocks} blocks; {fits} fit on this "
+                      f"{device}: using {fits}")
+        return fits
+    return c.num_blocks
