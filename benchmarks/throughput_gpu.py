@@ -62,6 +62,45 @@ def fp8_gemm_rate() -> float:
     return 2 * 8192 ** 3 / statistics.median(times[5:])
 
 
+def gemm_table(shapes=((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)),
+               rows=(128, 256, 512, 8192)) -> list[dict]:
+    """The 8B shape's FP8 projections at decode / prefill sizes: `_scaled_mm` with
+    row-wise scales (what Fp8Linear runs) against one tensor-wise scale and bf16, us each
+    and the rate (weights cycled past L2)."""
+    out = []
+    for n, k in shapes:
+        ws = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(4)]
+        for m in rows:
+            a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+            sa, sb, one = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda"), \
+                torch.ones((), device="cuda")
+            ab = a.to(torch.bfloat16)
+            wb = [w.to(torch.bfloat16) for w in ws[:2]]
+            row = {"m": m, "n": n, "k": k}
+            for name, fn in (
+                    ("rowwise", lambda i: torch._scaled_mm(a, ws[i % 4].t(), scale_a=sa, scale_b=sb,
+                                                           out_dtype=torch.bfloat16)),
+                    ("tensorwise", lambda i: torch._scaled_mm(a, ws[i % 4].t(), scale_a=one,
+                                                              scale_b=one,
+                                                              out_dtype=torch.bfloat16)),
+                    ("bf16", lambda i: ab @ wb[i % 2].t())):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                for i in range(5):
+                    fn(i)
+                start.record()
+                for i in range(40):
+                    fn(i)
+                end.record()
+                torch.cuda.synchronize()
+                us = start.elapsed_time(end) / 40 * 1e3
+                row[f"{name}_us"] = round(us, 1)
+                row[f"{name}_tflops"] = round(2 * m * n * k / us / 1e6, 1)
+            out.append(row)
+        del ws
+    torch.cuda.empty_cache()
+    return out
+
+
 def offline(engine: Engine, n_in: int, n_out: int, n: int, seed: int = 0) -> dict:
     params = SamplingParams(max_tokens=n_out, ignore_eos=True)
     engine.generate(prompts(4, n_in, seed=seed + 1000), SamplingParams(max_tokens=4))  # warm
@@ -204,14 +243,18 @@ def main() -> int:
                         "plan": {k: plan[k] for k in ("max_num_seqs", "max_num_batched_tokens")}}
     torch.cuda.reset_peak_memory_stats()
     res = report["results"] = {}
-    res["128/128"] = offline(engine, *POINTS["128/128"])
-    save()
-    engine.config.async_scheduling = False
-    res["128/128 sync"] = offline(engine, *POINTS["128/128"])
-    engine.config.async_scheduling = True
+    report["warm_up_128_128"] = offline(engine, 128, 128, 600, seed=5)  # pinned pools, shapes
+    for seqs in (256, args.max_num_seqs):
+        engine.scheduler.max_num_seqs = seqs
+        res[f"128/128 {seqs} seqs"] = offline(engine, *POINTS["128/128"])
+        save()
     engine.scheduler.max_num_seqs = 256
-    res["128/128 256 seqs"] = offline(engine, *POINTS["128/128"])
-    engine.scheduler.max_num_seqs = args.max_num_seqs
+    engine.config.async_scheduling = False
+    res["128/128 256 seqs sync"] = offline(engine, *POINTS["128/128"])
+    engine.config.async_scheduling = True
+    best = max((256, args.max_num_seqs), key=lambda n: res[f"128/128 {n} seqs"]["output_tok_s"])
+    res["128/128"] = res[f"128/128 {best} seqs"]
+    engine.scheduler.max_num_seqs = report["engine"]["chosen_max_num_seqs"] = best
     report["host"] = {f"bs{b}": host_per_step(engine, b) for b in (1, 128, 256)}
     save()
     if not args.quick:
@@ -222,6 +265,10 @@ def main() -> int:
                                           bytes_per_token(bundle / "model"))
         report["decode_fp8"] = decode(engine)
         report["ttft_ms"] = {"1k": ttft_ms(engine, 1024), "8k": ttft_ms(engine, 8000)}
+        from perf_gpu import profile_step
+
+        report["profile_bs256_eager"] = profile_step(engine, 256)
+        report["gemm"] = gemm_table()
     report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     save()
     print_table(report)
@@ -238,6 +285,10 @@ def print_table(report: dict) -> None:
         ratio = f"{r['output_tok_s'] / base:.2f}" if base else "-"
         print(f"{key:<18}{r['output_tok_s']:>11}{base or '-':>9}{ratio:>7}"
               f"{GOALS.get(key, '-'):>7}{r['seconds']:>7}")
+    for row in report.get("profile_bs256_eager", [])[:8]:
+        print(f"  {row['device_us_per_step']:>9} us  x{row['calls_per_step']:<6} {row['name']}")
+    for row in report.get("gemm", []):
+        print("  gemm", row)
     for key in ("host", "mixed_step", "decode_fp8", "ttft_ms", "peak_memory_gb"):
         if key in report:
             print(f"{key}: {report[key]}")
