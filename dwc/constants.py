@@ -26,3 +26,10 @@ KERNEL_MAX_CHUNK = 16
 # Runtime: the largest step (in tokens) replayed from a captured CUDA graph; larger steps
 # run eagerly. Decode steps of up to this many sequences are graphed.
 MAX_GRAPH_TOKENS = 512
+# The step sizes (tokens) captured as CUDA graphs; a step is padded up to the next one.
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
+
+
+def graph_sizes(max_tokens: int) -> list[int]:
+    """The sizes captured for steps of up to `max_tokens` tokens."""
+    return [s for s in CAPTURE_SIZES if s < max_tokens] + [max_tokens]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dwc.config import option, positive
+from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
 from dwc.errors import TargetError
 from dwc.kvcache import kv_bytes_per_token, kv_scales
 from dwc.passes.base import Pass, PassResult
@@ -45,7 +46,9 @@ class KvLayoutOptions:
     workspace_gb: Optional[float] = option(
         None, help="memory kept for activations, CUDA graphs and the allocator "
                    "(default 2 GB GPU, 0.5 GB CPU), on top of the per-step estimate")
-    max_num_seqs: int = option(256, help="upper bound on concurrent sequences")
+    max_num_seqs: int = option(
+        512, help="upper bound on concurrent sequences (the 8B shape's 128/128 throughput "
+                  "on an H200 was highest at 512: docs/RUNTIME.md)")
 
     def validate(self, path: str) -> None:
         positive(self, path, "block_size", "memory_utilization", "workspace_gb", "max_num_seqs",
@@ -110,10 +113,12 @@ def plan_kv(ctx, options) -> dict:
     per_token += draft_per_token
     budget_tokens = step_tokens(ctx, weights, gpu, options.block_size)
     act = COMPUTE_BYTES[t.weights.dtype]
-    # Activations of one step (a few hidden-size and FFN-size buffers per token) and the
-    # float32 logits of every sequence that samples.
+    # Activations of one step (a few hidden-size and FFN-size buffers per token), the
+    # float32 logits of every sequence that samples, and on a GPU the logits each captured
+    # CUDA graph keeps (one buffer per captured size: 1.4 GB at 512 for a 128k vocabulary).
+    graphed = sum(graph_sizes(min(options.max_num_seqs, MAX_GRAPH_TOKENS))) if gpu else 0
     step = budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // n) * act + \
-        options.max_num_seqs * info.vocab_size * 4
+        (options.max_num_seqs + graphed) * info.vocab_size * 4
     free = t.hardware.memory_gb * GB * utilization - weights - reserve - step
     if free < per_token * max_context:
         raise TargetError(f"target {t.name}: {weights / GB:.2f} GB of weights leave "

@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dwc.constants import graph_sizes
 from dwc.runtime.inflight import Feed, to_device
 from dwc.runtime.model import Batch, DecodeGroup, Decoder
 
-CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
 
 
 class DecodeGraphs:
@@ -31,7 +31,7 @@ class DecodeGraphs:
         self.page = block_size
         self.width = max_blocks_per_seq
         self.scratch = scratch_block
-        self.sizes = [s for s in CAPTURE_SIZES if s < max_tokens] + [max_tokens]
+        self.sizes = graph_sizes(max_tokens)
         self.max_tokens = max_tokens
         dev = cache[0].device
         n = self.max_tokens
