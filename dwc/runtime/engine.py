@@ -16,6 +16,7 @@ from dwc.checkpoint import model_info
 from dwc.errors import BadInput
 from dwc.formats import manifest as mf
 from dwc.kvcache import kv_bytes_per_token
+from dwc.runtime import logprobs
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import sample
@@ -220,8 +221,10 @@ class Engine:
         if self.drafter:
             self.drafter.propose(chunks, self.blocks)
         logits = self.runner.run(chunks, self.blocks)
-        return [c.seq for c, tokens in zip(chunks, self._new_tokens(chunks, logits))
-                if self._advance(c, tokens)]
+        new_tokens = self._new_tokens(chunks, logits)
+        if logprobs.wanted(chunks):  # before _advance: it reads the tokens' positions
+            logprobs.record(chunks, logits, new_tokens)
+        return [c.seq for c, tokens in zip(chunks, new_tokens) if self._advance(c, tokens)]
 
     def _new_tokens(self, chunks, logits: torch.Tensor) -> list[list[int]]:
         """Per chunk, the tokens it yields: none (a piece of a prefill), one sampled
