@@ -41,6 +41,10 @@ class QueueFull(Exception):
 
 FAILING_STEPS = 3      # consecutive failed steps after which new work is refused (503)
 FAILING_RETRY_S = 10   # ... for this long after the last failure, then tried again
+# New work is refused (503) once the oldest waiting request has been kept out by a full
+# KV cache this long without a break: a queue blocked on memory for a moment is normal
+# under load (preemption, sequences finishing), one blocked for seconds is saturation.
+KV_WAIT_S = 10.0
 
 
 def kv_full(scheduler, blocks) -> str | None:
@@ -70,6 +74,8 @@ class AsyncEngine:
         self.errors = 0                       # failed steps, for /health
         self.failing = 0                      # failed steps since the last one that ran
         self.failed_at = 0.0
+        self.kv_wait_s = KV_WAIT_S
+        self.kv_blocked: tuple[float, str] | None = None  # (since, why) the KV cache is full
         self.thread = threading.Thread(target=self._loop, name="dwc-engine", daemon=True)
         self.thread.start()
 
@@ -94,8 +100,10 @@ class AsyncEngine:
             return "the engine is not running", FAILING_RETRY_S
         if self.failing >= FAILING_STEPS and time.monotonic() - self.failed_at < FAILING_RETRY_S:
             return f"the engine's last {self.failing} steps failed", FAILING_RETRY_S
-        full = kv_full(self.engine.scheduler, self.engine.blocks)
-        return (full, 1) if full else None
+        blocked = self.kv_blocked
+        if blocked and time.monotonic() - blocked[0] >= self.kv_wait_s:
+            return f"{blocked[1]} for {time.monotonic() - blocked[0]:.0f} s", 1
+        return None
 
     def abort(self, request: Request) -> None:
         self.inbox.put(("abort", request))
@@ -111,16 +119,26 @@ class AsyncEngine:
             try:
                 self._drain_inbox(block=not self.engine.has_work())
                 if not self.engine.has_work():
+                    self.kv_blocked = None  # nothing waits
                     continue
                 finished = self.engine.step()
                 self.failing = 0
                 self._publish(finished)
+                self._watch_kv()
             except Exception as e:  # noqa: BLE001  the thread must outlive any one batch
                 self.failing += 1
                 self.failed_at = time.monotonic()
                 self._fail_all(e)
             if self.metrics:
                 self.metrics.observe_engine(self.engine)
+
+    def _watch_kv(self) -> None:
+        """Note when the KV cache started keeping the queue out (unavailable reads it)."""
+        full = kv_full(self.engine.scheduler, self.engine.blocks)
+        if not full:
+            self.kv_blocked = None
+        elif self.kv_blocked is None:
+            self.kv_blocked = (time.monotonic(), full)
 
     def _fail_all(self, error: Exception) -> None:
         """A step failed: end every live request with the error and free its blocks, so
