@@ -206,3 +206,28 @@ def test_chat_without_a_template_is_400_and_logs_nothing(served):
         api.tokenizer.chat_template = template
     assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
     assert errors == []
+
+
+def test_chat_n_and_streamed_n(served):
+    url = served[0]
+    chat = post(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+                      "seed": 3, "temperature": 1.0}, "/v1/chat/completions").json()
+    assert [c["index"] for c in chat["choices"]] == [0, 1]
+    assert chat["usage"]["completion_tokens"] <= 8
+    texts, reasons = {0: "", 1: ""}, {}
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+            "prompt": "import os", "max_tokens": 5, "n": 2, "stream": True, "seed": 3,
+            "temperature": 1.0, "ignore_eos": True}) as r:
+        ids = set()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                ids.add(chunk["id"])
+                c = chunk["choices"][0]
+                texts[c["index"]] += c["text"]
+                if c["finish_reason"]:
+                    reasons[c["index"]] = c["finish_reason"]
+    whole = post(url, {"prompt": "import os", "max_tokens": 5, "n": 2, "seed": 3,
+                       "temperature": 1.0, "ignore_eos": True}).json()["choices"]
+    assert len(ids) == 1 and reasons == {0: "length", 1: "length"}
+    assert [texts[0], texts[1]] == [c["text"] for c in whole]
