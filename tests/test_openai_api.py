@@ -71,6 +71,9 @@ def test_echoed_prompt_logprobs_equal_transformers(served, original, bundle):
     # values agree within the bundle's own measured KL, not within 1e-3.
     orig = reference(checkpoint, ids)
     kl = (orig.exp() * (orig - ref)).sum(-1).mean().item()
+    print(f"served vs bundle weights max {(got - want).abs().max().item():.2e}; vs original max "
+          f"{(got - orig[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]).abs().max().item():.2e}"
+          f", KL {kl:.3g} (build's {manifest_of(bundle)['quality']['kl_divergence']:.3g})")
     assert kl <= 2 * manifest_of(bundle)["quality"]["kl_divergence"] + 1e-6, kl
     for i in (1, len(ids) // 2, len(ids) - 1):  # the top 5 (and the chosen token) by text
         top = lp["top_logprobs"][i]
