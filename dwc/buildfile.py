@@ -18,7 +18,7 @@ import yaml
 
 from dwc.config import from_dict, option, positive
 from dwc.constants import NAME_PATTERN
-from dwc.data import read_records
+from dwc.data import has_chat_template, read_records
 from dwc.errors import BadInput, BuildFileError
 
 
@@ -139,6 +139,9 @@ def _check_inputs(build: BuildFile) -> None:
     for field, data in (("calibration.data", build.calibration.data),
                         ("evaluation.data", build.evaluation.data)):
         try:
-            read_records(data)
+            records = read_records(data)
         except BadInput as e:
             raise BuildFileError(f"{field}: {e.message}") from None
+        if any(not isinstance(r, str) for r in records) and not has_chat_template(build.model):
+            raise BuildFileError(f"{field}: {data} holds chat records (\"messages\") but the "
+                                 "model's tokenizer has no chat template to render them")

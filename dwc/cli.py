@@ -160,6 +160,8 @@ def inspect(bundle, verify, as_json):
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
 @click.option("--max-waiting", default=256, show_default=True, type=int,
               help="Requests allowed to wait; beyond that the server answers 429.")
+@click.option("--max-body-bytes", default=4 << 20, show_default=True, type=click.IntRange(1),
+              help="Largest request body; a larger one is answered 413 before it is parsed.")
 @click.option("--no-draft", is_flag=True,
               help="Do not speculate with the bundle's draft model (requests can also "
                    "turn it off one by one with \"speculative\": false).")
@@ -167,7 +169,7 @@ def inspect(bundle, verify, as_json):
               help="Split the model across this many GPUs (NCCL; CPU: processes over gloo). "
                    "[default: the bundle's target, else 1]")
 @command
-def serve(bundle, host, port, max_waiting, no_draft, tensor_parallel, as_json):
+def serve(bundle, host, port, max_waiting, max_body_bytes, no_draft, tensor_parallel, as_json):
     """Serve a torch-triton bundle over the OpenAI HTTP API (refuses a tampered bundle)."""
     from dwc.bundle.reader import read_manifest
     from dwc.runtime.engine import Engine
@@ -177,7 +179,7 @@ def serve(bundle, host, port, max_waiting, no_draft, tensor_parallel, as_json):
 
     from dwc.http_server import make_app
 
-    app = make_app(engine, read_manifest(bundle)["name"], max_waiting)
+    app = make_app(engine, read_manifest(bundle)["name"], max_waiting, max_body_bytes)
     if as_json:
         click.echo(json.dumps({"serving": str(bundle), "url": f"http://{host}:{port}",
                                "tensor_parallel": engine.config.tensor_parallel}))

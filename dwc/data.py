@@ -60,12 +60,27 @@ def _is_chat(messages) -> bool:
 
 
 def render(record, tokenizer) -> str:
-    """A record as plain text; chats go through the tokenizer's own template."""
+    """A record as plain text; chats go through the tokenizer's own template. Without one
+    a chat cannot be rendered as the model will be prompted (transformers refuses too),
+    so it is an input error, not a silently invented format."""
     if isinstance(record, str):
         return record
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(record, tokenize=False)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in record)
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInput("chat records (\"messages\") need the model's tokenizer to have a "
+                       "chat template, and it has none")
+    return tokenizer.apply_chat_template(record, tokenize=False)
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether a checkpoint folder's tokenizer has a chat template, from its files (the
+    build file is checked before anything loads the tokenizer)."""
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
 
 
 def token_windows(path: Path, tokenizer, samples: int, seq_len: int):

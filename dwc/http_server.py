@@ -1,10 +1,14 @@
 """`dwc serve`: the OpenAI-compatible HTTP API over the runtime (Starlette on uvicorn).
 
-/v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models, /health,
-/metrics (Prometheus). Bad JSON, parameters or fields -> 400 with the reason, never a 500
-(unknown fields are refused, as OpenAI does); a prompt longer than the context -> 400
-naming the limit; a full queue -> 429; a client that disconnects has its sequence
-aborted and its blocks freed. uvicorn drains in-flight requests on SIGTERM.
+/v1/completions and /v1/chat/completions (both with SSE streaming; n, best_of, echo,
+logprobs), /v1/models, /health, /metrics (Prometheus). Answers: bad JSON, parameters or
+fields -> 400 with the reason, never a 500 (unknown fields are refused, as OpenAI does);
+a prompt longer than the context -> 400 naming the limit; chat on a tokenizer without a
+chat template -> 400; a body over the size limit -> 413 before it is parsed; a full
+queue -> 429; an engine that cannot admit work (its KV cache full with requests already
+waiting for blocks, its steps failing, or stopped) -> 503 with Retry-After. A client that
+disconnects has its sequences aborted and their blocks freed. uvicorn drains in-flight
+requests on SIGTERM. The answers themselves are built in http_answer.py.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 
 from jinja2.exceptions import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
@@ -23,10 +26,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dwc.errors import BadInput
-from dwc.openai_request import check_fields, encodable, sampling_from
+from dwc.http_answer import Answer, ClientGone, EngineFailed, Prompt, Tagged, releasable  # noqa: F401
+from dwc.openai_request import (check_fields, choices_from, encodable, per_choice, prompts_from,
+                                sampling_from)
 from dwc.runtime.async_engine import AsyncEngine, QueueFull, Request
 from dwc.runtime.engine import Engine
 from dwc.runtime.sequence import SamplingParams
+
+# 4 MiB: a full 128k-token context as JSON token ids is about 1 MiB; past this a body is
+# refused (413) before it is read into memory and parsed.
+MAX_BODY_BYTES = 4 << 20
 
 
 class Metrics:
@@ -63,40 +72,34 @@ class Metrics:
             self.per_step.set(spec["mean_accepted_tokens"])
 
 
-def releasable(text: str, sent: int, hold: int) -> str:
-    """The prefix of `text` that can be streamed now: not the last `hold` characters (they
-    may start a stop string), and not a trailing character whose bytes have not all
-    arrived (decoded as U+FFFD until they have). Never shorter than what was sent."""
-    ready = text[:max(sent, len(text) - hold)]
-    while ready.endswith("\ufffd") and len(ready) > sent:
-        ready = ready[:-1]
-    return ready
+def bad_request(message: str, status: int = 400, retry_after: int | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 413: "invalid_request_error"}.get(status, "server_busy")
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status,
+                        headers=headers)
 
 
-def bad_request(message: str, status: int = 400) -> JSONResponse:
-    kind = "invalid_request_error" if status == 400 else "server_busy"
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
-class EngineFailed(Exception):
-    """The engine's step failed while this request was in it."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was complete."""
+class BodyTooLarge(Exception):
+    pass
 
 
 class Api:
-    def __init__(self, engine: Engine, model_name: str, max_waiting: int = 256):
+    def __init__(self, engine: Engine, model_name: str, max_waiting: int = 256,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         self.engine = engine
         self.name = model_name
         self.metrics = Metrics()
         self.core = AsyncEngine(engine, max_waiting, self.metrics)
         self.tokenizer = engine.tokenizer
+        self.max_body_bytes = max_body_bytes
+        self.vocab = int(engine.runner.hf_model.config.vocab_size)
 
     async def completions(self, http: HttpRequest, chat: bool = False):
         try:
-            body = json.loads(await http.body())
+            body = json.loads(await self._body(http))
+        except BodyTooLarge:
+            return bad_request(f"request body over the limit of {self.max_body_bytes} bytes "
+                               "(dwc serve --max-body-bytes)", 413)
         except (ValueError, RecursionError):  # bad JSON or UTF-8; nesting past the stack
             return bad_request("body is not valid JSON")
         except ClientDisconnect:  # gone before its body arrived: nobody reads an answer
@@ -105,33 +108,74 @@ class Api:
             return bad_request("body must be a JSON object")
         try:
             check_fields(body, chat)
-            prompt = self._prompt(body, chat)
-            params = sampling_from(body)
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            self.engine.check(ids, params)
+            choices = choices_from(body, chat)
+            params = sampling_from(body, choices)
+            prompts = self._prompts(body, chat)
+            for p in prompts:
+                self.engine.check(p.ids, params)
         except BadInput as e:
             return bad_request(e.message)
-        request = Request(ids, params, asyncio.get_running_loop())
+        busy = self.core.unavailable()  # after the checks: a wrong request is 400 anyway
+        if busy:
+            return bad_request(f"server unavailable: {busy[0]}", 503, retry_after=busy[1])
+        queue, loop = asyncio.Queue(), asyncio.get_running_loop()
+        groups = [[Request(p.ids, sp, loop, events=Tagged(queue, i * choices.best_of + j))
+                   for j, sp in enumerate(per_choice(params, choices))] for i, p in enumerate(prompts)]
         try:
-            self.core.submit(request)
+            self.core.submit_groups(groups)
         except QueueFull as e:
             return bad_request(f"server busy: {e}", 429)
-        if body.get("stream"):
-            return StreamingResponse(self._stream(request, http, chat),
-                                     media_type="text/event-stream")
-        return await self._complete(request, http, chat)
+        answer = Answer(self, prompts, groups, choices, chat, queue)
+        if choices.stream:
+            return StreamingResponse(answer.stream(http), media_type="text/event-stream")
+        try:
+            return JSONResponse(await answer.complete(http))
+        except EngineFailed as e:
+            return JSONResponse({"error": {"message": f"generation failed: {e}",
+                                           "type": "server_error"}}, status_code=500)
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"
 
-    def _prompt(self, body: dict, chat: bool) -> str:
-        if not chat:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise BadInput("prompt: expected a string")
-            return encodable(prompt, "prompt")
+    async def _body(self, http: HttpRequest) -> bytes:
+        """The body, refused past the size limit before it is parsed: by its declared
+        length, else (chunked) as soon as the bytes read pass it."""
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise BodyTooLarge
+        parts, size = [], 0
+        async for part in http.stream():
+            size += len(part)
+            if size > self.max_body_bytes:
+                raise BodyTooLarge
+            parts.append(part)
+        return b"".join(parts)
+
+    def _prompts(self, body: dict, chat: bool) -> list[Prompt]:
+        if chat:
+            text = self._chat_prompt(body)
+            return [Prompt(self.tokenizer(text, add_special_tokens=False)["input_ids"], text)]
+        out = []
+        for i, p in enumerate(prompts_from(body)):
+            if isinstance(p, str):
+                out.append(Prompt(self.tokenizer(p, add_special_tokens=False)["input_ids"], p))
+                continue
+            bad = next((t for t in p if not 0 <= t < self.vocab), None)
+            if bad is not None:  # an id past the embedding would fail the whole batch's step
+                raise BadInput(f"prompt: token id {bad} is outside the vocabulary "
+                               f"(0..{self.vocab - 1})")
+            out.append(Prompt(p, self.tokenizer.decode(p)))
+        return out
+
+    def _chat_prompt(self, body: dict) -> str:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str) for m in messages):
             raise BadInput("messages: expected a list of {role, content} objects")
+        if not getattr(self.tokenizer, "chat_template", None):
+            # transformers raises ValueError here; vLLM answers 400 as well.
+            raise BadInput("this model's tokenizer has no chat template: chat completions "
+                           "are not available (use /v1/completions)")
         try:
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                         add_generation_prompt=True)
@@ -139,91 +183,14 @@ class Api:
             raise BadInput(f"messages: the chat template refuses them: {e}") from None
         return encodable(prompt, "messages")
 
-    async def _events(self, request: Request, http: HttpRequest):
-        """Tokens as they come; aborts the sequence if the client goes away (checked at
-        least once a second, also while tokens keep coming)."""
-        checked = time.monotonic()
-        try:
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(request.events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    kind = None
-                if time.monotonic() - checked >= 1.0 or kind is None:
-                    checked = time.monotonic()
-                    if await http.is_disconnected():
-                        raise ClientGone
-                if kind is None:
-                    continue
-                if kind == "error":
-                    raise EngineFailed(value)
-                yield kind, value
-                if kind == "done":
-                    return
-        except (asyncio.CancelledError, GeneratorExit, ClientGone):
-            self.core.abort(request)
-            raise
-
-    def _text(self, ids: list[int], params: SamplingParams) -> str:
+    def text(self, ids: list[int], params: SamplingParams) -> str:
         text = self.tokenizer.decode([t for t in ids if t not in self.engine.eos_ids])
         cuts = [text.find(s) for s in params.stop if s in text]
         return text[:min(cuts)] if cuts else text
 
-    async def _complete(self, request: Request, http: HttpRequest, chat: bool):
-        ids, reason = [], None
-        try:
-            async for kind, value in self._events(request, http):
-                if kind == "token":
-                    ids.append(value)
-                else:
-                    reason = value
-        except EngineFailed as e:
-            return JSONResponse({"error": {"message": f"generation failed: {e}",
-                                           "type": "server_error"}}, status_code=500)
-        except ClientGone:
-            return Response(status_code=499)  # nginx's "client closed request"
-        self._observe_tpot(request, len(ids))
-        text = self._text(ids, request.params)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "finish_reason": reason} if chat else
-                  {"index": 0, "text": text, "finish_reason": reason})
-        return JSONResponse(self._envelope(chat, choice) | {"usage": {
-            "prompt_tokens": len(request.prompt_ids), "completion_tokens": len(ids),
-            "total_tokens": len(request.prompt_ids) + len(ids)}})
-
-    async def _stream(self, request: Request, http: HttpRequest, chat: bool):
-        ids, sent = [], ""
-        hold = max((len(s) for s in request.params.stop), default=1) - 1
-        try:
-            async for kind, value in self._events(request, http):
-                if kind == "token":
-                    ids.append(value)
-                    ready = releasable(self._text(ids, request.params), len(sent), hold)
-                else:
-                    ready = self._text(ids, request.params)
-                delta, sent = ready[len(sent):], ready
-                reason = value if kind == "done" else None
-                if delta or reason:
-                    choice = ({"index": 0, "delta": {"content": delta}, "finish_reason": reason}
-                              if chat else {"index": 0, "text": delta, "finish_reason": reason})
-                    yield f"data: {json.dumps(self._envelope(chat, choice, chunk=True))}\n\n"
-        except EngineFailed as e:
-            error = {"error": {"message": f"generation failed: {e}", "type": "server_error"}}
-            yield f"data: {json.dumps(error)}\n\n"
-            return
-        except ClientGone:
-            return
-        self._observe_tpot(request, len(ids))
-        yield "data: [DONE]\n\n"
-
-    def _observe_tpot(self, request: Request, n: int) -> None:
+    def observe_tpot(self, request: Request, n: int) -> None:
         if n > 1 and request.first_token_at:
             self.metrics.tpot.observe((time.perf_counter() - request.first_token_at) / (n - 1))
-
-    def _envelope(self, chat: bool, choice: dict, chunk: bool = False) -> dict:
-        kind = "chat.completion" + (".chunk" if chunk else "") if chat else "text_completion"
-        return {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": kind, "created": int(time.time()),
-                "model": self.name, "choices": [choice]}
 
     async def models(self, _):
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model",
@@ -237,8 +204,9 @@ class Api:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def make_app(engine: Engine, model_name: str, max_waiting: int = 256) -> Starlette:
-    api = Api(engine, model_name, max_waiting)
+def make_app(engine: Engine, model_name: str, max_waiting: int = 256,
+             max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    api = Api(engine, model_name, max_waiting, max_body_bytes)
 
     async def chat(http):
         return await api.completions(http, chat=True)

@@ -88,7 +88,7 @@ def _malformed(rng: random.Random, limit: int) -> Case:
         "prompt_type": {"prompt": 123}, "max_tokens_type": {**ok, "max_tokens": "8"},
         "negative_max_tokens": {**ok, "max_tokens": -5}, "zero_max_tokens": {**ok, "max_tokens": 0},
         "temperature_type": {**ok, "temperature": "hot"}, "stop_type": {**ok, "stop": [1, 2]},
-        "unknown_field": {**ok, "beam_width": 4}, "unsupported_n": {**ok, "n": 3},
+        "unknown_field": {**ok, "beam_width": 4}, "zero_n": {**ok, "n": 0},
         "empty_prompt": {**ok, "prompt": ""},
         "oversized_prompt": {**ok, "prompt": "x " * (2 * limit)},
         "oversized_max_tokens": {**ok, "max_tokens": limit},

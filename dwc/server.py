@@ -22,7 +22,9 @@ from dwc.errors import BadInput
 from dwc.runtime.engine import Engine, EngineConfig
 from dwc.runtime.sequence import SamplingParams
 
-SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
+# Logprobs are served over HTTP (dwc serve); batch_inference returns text and ids only,
+# so it refuses them rather than ignore them.
+SAMPLING_KEYS = {f.name for f in fields(SamplingParams)} - {"logprobs", "prompt_logprobs"}
 
 
 class InferenceServer:

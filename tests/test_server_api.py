@@ -19,6 +19,8 @@ def test_inference_server_on_a_bundle(bundle):
     assert server.generate(PROMPTS[1], max_tokens=5, ignore_eos=True) == results[1]["text"]
     with pytest.raises(BadInput, match="unknown field"):
         server.batch_inference([{"prompt": "x", "beam_width": 4}])
+    with pytest.raises(BadInput, match="unknown field"):  # not returned here: refused
+        server.batch_inference([{"prompt": "x", "logprobs": 2}])
     with pytest.raises(BadInput, match="prompt"):
         server.batch_inference([{"max_tokens": 4}])
 

@@ -65,6 +65,9 @@ class BlockManager:
 
         At least one token is left to compute, so the step still yields logits."""
         assert not seq.block_table and seq.num_computed == 0
+        if seq.params.prompt_logprobs is not None and \
+                len(seq.prompt_logprobs) < len(seq.prompt_ids) - 1:
+            return  # it needs every prompt position's logits; cached blocks hold only K/V
         tokens = seq.tokens
         parent = None
         usable = (len(tokens) - 1) // self.block_size

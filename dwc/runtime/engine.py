@@ -15,6 +15,7 @@ from dwc.bundle.reader import open_bundle
 from dwc.constants import MAX_GRAPH_TOKENS
 from dwc.errors import BadInput
 from dwc.formats import manifest as mf
+from dwc.runtime import logprobs
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.config import EngineConfig  # noqa: F401  (re-exported: the engine's settings)
 from dwc.runtime.inflight import InFlight
@@ -165,8 +166,11 @@ class Engine:
         return finished
 
     def _overlappable(self, chunks) -> bool:
+        """Overlap needs every sampled token to be a device argmax: no sampled request,
+        draft, tensor parallelism, or logprobs (recorded on the host from the logits)."""
         return (self.config.async_scheduling and self.drafter is None and self.tp is None
-                and all(c.seq.params.temperature <= 0 for c in chunks if c.logits))
+                and all(c.seq.params.temperature <= 0 for c in chunks if c.logits)
+                and not logprobs.wanted(chunks))
 
     def _launch(self, chunks) -> InFlight:
         """Run a step without waiting for it: greedy tokens are picked on the device
@@ -209,8 +213,10 @@ class Engine:
         if self.drafter:
             self.drafter.propose(chunks, self.blocks)
         logits = self.runner.run(chunks, self.blocks)
-        return [c.seq for c, tokens in zip(chunks, self._new_tokens(chunks, logits))
-                if self._advance(c, tokens)]
+        new_tokens = self._new_tokens(chunks, logits)
+        if logprobs.wanted(chunks):  # before _advance: it reads the tokens' positions
+            logprobs.record(chunks, logits, new_tokens)
+        return [c.seq for c, tokens in zip(chunks, new_tokens) if self._advance(c, tokens)]
 
     def _new_tokens(self, chunks, logits: torch.Tensor) -> list[list[int]]:
         """Per chunk, the tokens it yields: none (a piece of a prefill), one sampled

@@ -9,6 +9,7 @@ import torch
 from dwc.constants import KERNEL_MAX_CHUNK
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.inflight import Feed, to_device
+from dwc.runtime.logprobs import prompt_rows
 from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
 from dwc.runtime.scheduler import Chunk
 
@@ -103,7 +104,7 @@ class ModelRunner:
         tensor-parallel group sends the other ranks (which hold no scheduler)."""
         g = self.graphs
         if g is not None and all(c.length <= KERNEL_MAX_CHUNK for c in chunks) and \
-                g.fits(sum(c.length for c in chunks)):
+                g.fits(sum(c.length for c in chunks)) and not prompt_rows(chunks):
             return "graph", self._kernel_rows(chunks, blocks)
         return "eager", self._batch_lists(chunks, blocks)
 
@@ -153,6 +154,7 @@ class ModelRunner:
                 parts.append((offset, c.length, c.start, seq_slots))
             offset += c.length
             rows.extend(range(offset - c.logits, offset))
+        rows.extend(prompt_rows(chunks))  # prompt logprobs: after every chunk's own rows
         return ids, positions, slots, parts, rows, kernel_rows, tables, lens, prompts
 
     def _batch(self, ids, positions, slots, parts, rows, kernel_rows, tables, lens,

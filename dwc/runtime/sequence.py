@@ -19,6 +19,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     speculative: bool = True          # use the draft when the engine has one
+    logprobs: int | None = None       # None: none; k: each generated token's logprob + top k
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (all but the first)
 
 
 class Status(enum.Enum):
@@ -44,6 +46,10 @@ class Sequence:
     num_pending: int = 0
     finish_reason: str | None = None
     generator: object = None          # torch.Generator when a seed is given
+    # (logprob, [(token id, logprob)] top k) per output token, when params.logprobs is set;
+    # per prompt token after the first, when params.prompt_logprobs is (logprobs.py).
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:

@@ -105,7 +105,7 @@ def test_an_error_only_the_server_log_shows_is_caught(engine, monkeypatch):
     def broken(self, body, chat):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(http_server.Api, "_prompt", broken)
+    monkeypatch.setattr(http_server.Api, "_prompts", broken)
     with soak.server_errors() as errors, soak.serving(engine) as (url, _):
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}).status_code == 500
     assert errors == ["Exception in ASGI application: RuntimeError"]
@@ -113,14 +113,15 @@ def test_an_error_only_the_server_log_shows_is_caught(engine, monkeypatch):
 
 def test_openai_fields_at_their_defaults_pass_and_others_are_refused():
     """What SDKs send by default is taken; a field that would change the answer, or one
-    nobody defines, is a 400 naming it (the soak's unknown_field / unsupported_n cases)."""
+    nobody defines, is a 400 naming it (the soak's unknown_field / zero_n cases)."""
     from dwc.errors import BadInput
     from dwc.openai_request import check_fields
 
     check_fields({"prompt": "x", "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0,
                   "logprobs": None, "echo": False, "logit_bias": {}, "user": "u",
                   "model": "m", "stream": False}, chat=False)
-    for body, name in (({"n": 2}, "n"), ({"echo": True}, "echo"), ({"logprobs": 0}, "logprobs"),
+    for body, name in (({"presence_penalty": 1}, "presence_penalty"),
+                       ({"logit_bias": {"1": 5}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
                        ({"beam_width": 4}, "beam_width"), ({"messages": []}, "messages")):
         with pytest.raises(BadInput, match=name):
             check_fields({"prompt": "x", **body}, chat=False)
