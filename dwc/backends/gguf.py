@@ -28,8 +28,9 @@ from dwc.formats import manifest as mf
 FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
 USES_IMATRIX = ("q4_k_m",)  # llama.cpp's K-quant types weigh their rounding by it
 # llama.cpp's CPU weight repacking (llama_model_params.use_extra_bufts; `--no-repack` on
-# llama-server): off, in dwc's own runs and in the bundle's launch files. It crashes
-# llama.cpp 0.3.36 on some shapes (FACTS.md, 2026-12-03); see README "GGUF: repacking".
+# llama-server): off, in dwc's own runs and in the bundle's launch files. It crashed
+# llama.cpp 0.3.36 on a Q8_0 Qwen2 (FACTS.md, 2026-12-03); why always: README, "GGUF
+# repacking" (the measured cost, and the machines where it repacks what).
 REPACK = False
 GGUF_FILE = "model.gguf"
 SERVE_DIR = "serve"
@@ -183,8 +184,9 @@ def emit(writer: BundleWriter, ctx) -> None:
 
 def llama_server_script(ctx: int) -> str:
     repack = "" if REPACK else " --no-repack"
-    why = "" if REPACK else ("# --no-repack: llama.cpp's CPU weight repacking stays off, as in dwc's own runs of\n"
-                             "# this file (it crashes llama.cpp on some model shapes; dwc's README, GGUF).\n")
+    why = "" if REPACK else (
+        "# --no-repack: llama.cpp's CPU weight repacking off, as dwc ran and measured this\n"
+        "# file (repacking crashed llama.cpp on some model shapes; see dwc's README, GGUF).\n")
     return f"""#!/bin/sh
 # Serve this bundle with llama.cpp's OpenAI-compatible server (llama-server), from any
 # folder: sh serve/llama-server.sh [more llama-server flags]
