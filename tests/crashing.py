@@ -25,3 +25,9 @@ def refuse(message: str):
     from dwc.errors import BadInput
 
     raise BadInput(message)
+
+
+def sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)

@@ -87,6 +87,23 @@ def test_the_shape_that_crashed_llama_cpp_builds_and_meets_the_bounds(shape_buil
     assert "--no-repack" in (bundle / "serve" / "Modelfile").read_text()
 
 
+def test_llama_cpp_is_opened_without_repacking_and_the_default_restored(shape_build):
+    """`Llama` takes no repacking argument: dwc hands it defaults with use_extra_bufts set
+    while it constructs, and puts llama-cpp-python's own function back after."""
+    from llama_cpp import llama_cpp as L
+
+    default = L.llama_model_default_params
+    path = shape_build[1]["cpu-gguf-q4_k_m"] / "model" / "model.gguf"
+    for repack in (False, True):
+        llm = backend.open_model(path, 64, repack=repack)
+        try:
+            assert llm.model_params.use_extra_bufts is repack
+        finally:
+            llm.close()
+    assert L.llama_model_default_params is default and default().use_extra_bufts is True
+    assert backend.REPACK is False  # dwc's own runs (evaluate, bench) use the default
+
+
 def _leftovers(out):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 

@@ -115,9 +115,23 @@ def _picklable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
+def _die_with_parent() -> None:
+    """A build killed with SIGKILL takes its llama.cpp child with it (Linux), rather than
+    leaving it to finish a long evaluation into a scratch folder the next build removes."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere the child ends at its next read, when the pipe is closed
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 def _serve() -> None:
     """The child's loop: (fn, args) in on stdin, ("ok", result) or ("error", exception)
     out, until stdin closes."""
+    _die_with_parent()
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever llama.cpp prints goes to stderr, never into the replies
     sys.stdout = sys.stderr
