@@ -2,12 +2,12 @@
 example for cpu-gguf-f16, cpu-gguf-q8_0 and cpu-gguf-q4_k_m, then times llama.cpp on each
 bundle's file with `use_extra_bufts` true and false (what llama-server's `--repack` /
 `--no-repack` switch), batch 1, the same random prompts as `dwc bench`, alternating the two
-settings `--repeats` times. The machine is shared: each setting's best run (highest tok/s,
-the least disturbed) is the figure; the medians and every run are kept in the JSON. Also records which tensors
-llama.cpp repacked (its load log), since on x86 it repacks Q4_0 / Q4_K / IQ4_NL but not
-Q8_0.
+settings `--repeats` times. The machine is shared: each setting's best run (highest
+tok/s, the least disturbed) is the figure; the medians and every run are kept in the
+JSON. Also records how many tensors llama.cpp repacked (its load log): on x86 it repacks
+Q4_0 / Q4_K / IQ4_NL, never Q8_0.
 
-    python3 benchmarks/gguf_repack_cpu.py --out benchmarks/results   # about 3 minutes
+    .venv/bin/python benchmarks/gguf_repack_cpu.py --out benchmarks/results  # ~3 min
 """
 
 from __future__ import annotations
