@@ -15,34 +15,28 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dwc.bench import BenchConfig
+if TYPE_CHECKING:  # dwc.bench imports torch: the llama.cpp child imports this module
+    from dwc.bench import BenchConfig
 
 
 def bench_gguf(bundle: Path, manifest: dict, cfg: BenchConfig, threads: int | None = None) -> dict:
-    from dwc.backends.gguf import GGUF_FILE, open_model
+    from dwc.backends import gguf_child
+    from dwc.backends.gguf import GGUF_FILE
     from dwc.errors import BadInput
     from dwc.formats import manifest as mf
 
     if cfg.output_len < 2:
         raise BadInput(f"--output-len {cfg.output_len}: a GGUF bench times generation after the "
                        "first token, so it needs at least 2")
-    llm = open_model(Path(bundle) / mf.MODEL_DIR / GGUF_FILE, cfg.input_len + cfg.output_len + 8,
-                     threads=threads)
-    try:
-        rng = random.Random(cfg.seed)
-        vocab = llm.n_vocab()
-        batch = [[rng.randrange(vocab) for _ in range(cfg.input_len)]
-                 for _ in range(cfg.num_prompts)]
-        _llama_one(llm, batch[0][:8], 2)  # warm-up
-        prompt_s = gen_s = 0.0
-        for ids in batch:
-            p, g = _llama_one(llm, ids, cfg.output_len)
-            prompt_s, gen_s = prompt_s + p, gen_s + g
-    finally:
-        llm.close()
+    path = Path(bundle) / mf.MODEL_DIR / GGUF_FILE
+    # llama.cpp in a child process: a native crash is an error line, not dwc's death
+    batch, prompt_s, gen_s = gguf_child.run("benchmarking", path, llama_bench, path,
+                                            cfg.num_prompts, cfg.input_len, cfg.output_len,
+                                            cfg.seed, threads)
     result = {"backend": "llama.cpp", "prompts": cfg.num_prompts, "input_len": cfg.input_len,
               "output_len": cfg.output_len,
               "prompt_tok_s": round(cfg.num_prompts * cfg.input_len / prompt_s, 1),
@@ -57,6 +51,28 @@ def bench_gguf(bundle: Path, manifest: dict, cfg: BenchConfig, threads: int | No
     elif cfg.baseline:
         result["transformers"] = {"skipped": f"original model not found at {source}"}
     return result
+
+
+def llama_bench(path: Path, num_prompts: int, input_len: int, output_len: int, seed: int,
+                threads: int | None = None, repack: bool | None = None):
+    """(the prompts, prompt seconds, generation seconds) of llama.cpp on `path`, summed
+    over `num_prompts` random prompts; repack None: dwc's setting (backends/gguf.py)."""
+    from dwc.backends.gguf import REPACK, open_model
+
+    llm = open_model(path, input_len + output_len + 8, threads=threads,
+                     repack=REPACK if repack is None else repack)
+    try:
+        rng = random.Random(seed)
+        vocab = llm.n_vocab()
+        batch = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num_prompts)]
+        _llama_one(llm, batch[0][:8], 2)  # warm-up
+        prompt_s = gen_s = 0.0
+        for ids in batch:
+            p, g = _llama_one(llm, ids, output_len)
+            prompt_s, gen_s = prompt_s + p, gen_s + g
+    finally:
+        llm.close()
+    return batch, prompt_s, gen_s
 
 
 def _llama_one(llm, ids: list[int], n_out: int) -> tuple[float, float]:

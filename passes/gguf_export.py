@@ -77,7 +77,6 @@ class GgufExport(Pass):
         folder.mkdir(parents=True)
         config = model.config.to_dict()
         text = Path(ctx.build.evaluation.data).read_text(encoding="utf-8")[:50_000]
-        backend.quiet()
         pre = gguf_file.choose_pre_tokenizer(config, ctx.info.path, text, folder)
         if pre is None:
             raise TargetError(f"{ctx.info.path}: llama.cpp tokenizes the evaluation text "

@@ -13,11 +13,13 @@ byte against the CLI while this was built).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from pathlib import Path
 
 import numpy as np
 
+from dwc.backends import gguf_child
 from dwc.bundle.writer import BundleWriter
 from dwc.errors import DwcError
 from dwc.formats import manifest as mf
@@ -25,6 +27,11 @@ from dwc.formats import manifest as mf
 # llama.cpp's file types (enum llama_ftype) for the targets' weight formats.
 FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
 USES_IMATRIX = ("q4_k_m",)  # llama.cpp's K-quant types weigh their rounding by it
+# llama.cpp's CPU weight repacking (llama_model_params.use_extra_bufts; `--no-repack` on
+# llama-server): off, in dwc's own runs and in the bundle's launch files. It crashed
+# llama.cpp 0.3.36 on a Q8_0 Qwen2 (FACTS.md, 2026-12-03); why always: README, "GGUF
+# repacking" (the measured cost, and the machines where it repacks what).
+REPACK = False
 GGUF_FILE = "model.gguf"
 SERVE_DIR = "serve"
 # Hugging Face Linear names -> llama.cpp tensor kinds (gguf.MODEL_TENSOR attribute names).
@@ -68,7 +75,14 @@ def imatrix_entries(mean_sq: dict) -> dict[str, np.ndarray]:
 
 def quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | None,
              threads: int = 0) -> None:
-    """llama.cpp's quantizer: F16 `src` -> `dst` of `ftype`, with the imatrix when given."""
+    """llama.cpp's quantizer: F16 `src` -> `dst` of `ftype`, with the imatrix when given
+    (in a child process: a crash there is an error, not the end of dwc)."""
+    gguf_child.run(f"quantizing to {ftype.upper()}", src, _quantize_here, src, dst, ftype,
+                   imatrix, threads)
+
+
+def _quantize_here(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | None,
+                   threads: int) -> None:
     import os
 
     from llama_cpp import llama_cpp as L
@@ -92,38 +106,70 @@ def quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | 
         raise DwcError(f"{src}: llama.cpp's quantizer failed ({ftype}, code {rc})")
 
 
-def open_model(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None):
+def open_model(path: Path, n_ctx: int, logits_all: bool = False, threads: int | None = None,
+               repack: bool = REPACK):
+    """llama.cpp's model and context on `path`, in this process (callers in dwc run it in
+    a child: gguf_child). `repack`: llama.cpp's CPU weight repacking (use_extra_bufts)."""
     from llama_cpp import Llama
 
     quiet()
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                 logits_all=logits_all, verbose=False, n_threads=threads)
+    with _model_params(use_extra_bufts=repack):
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                     logits_all=logits_all, verbose=False, n_threads=threads)
+
+
+@contextlib.contextmanager
+def _model_params(**fields):
+    """llama-cpp-python's `Llama` has no argument for some llama_model_params fields (the
+    repacking switch among them); it fills its params from llama_model_default_params()
+    once, while constructing, so defaults with `fields` set are handed to it then."""
+    from llama_cpp import llama_cpp as L
+
+    default = L.llama_model_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    L.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        L.llama_model_default_params = default
 
 
 def llama_logits(path: Path, seq_len: int):
     """An ids [b, s] -> logits [b, s, vocab] function running the GGUF file in llama.cpp
-    (each window evaluated from an empty cache, as the reference sees it)."""
+    (each window evaluated from an empty cache, as the reference sees it), in one child
+    process that keeps the model open between calls; `.close()` ends it."""
     import torch
 
-    state = {}
+    child = gguf_child.LlamaProcess("evaluating", path)
 
     def fn(ids):
-        if "model" not in state:
-            state["model"] = open_model(path, seq_len, logits_all=True)
-        model = state["model"]
-        out = []
-        for row in ids.tolist():
-            model.reset()
-            model.eval(row)
-            out.append(torch.from_numpy(np.array(model.scores[:len(row)], dtype=np.float32)))
-        return torch.stack(out)
+        # looked up at each call, so a test can send the child another function
+        return torch.from_numpy(child.call(_window_logits, str(path), seq_len, ids.tolist()))
 
-    def close():
-        if "model" in state:
-            state.pop("model").close()
-
-    fn.close = close
+    fn.close = child.close
     return fn
+
+
+_open: dict = {}  # in the evaluation child: (path, n_ctx) -> the open model
+
+
+def _window_logits(path: str, seq_len: int, rows: list[list[int]]) -> np.ndarray:
+    """[b, s, vocab] float32 logits of each row, each from an empty cache."""
+    model = _open.get((path, seq_len))
+    if model is None:
+        model = _open[(path, seq_len)] = open_model(Path(path), seq_len, logits_all=True)
+    out = []
+    for row in rows:
+        model.reset()
+        model.eval(row)
+        out.append(np.array(model.scores[:len(row)], dtype=np.float32))
+    return np.stack(out)
 
 
 def emit(writer: BundleWriter, ctx) -> None:
@@ -137,14 +183,18 @@ def emit(writer: BundleWriter, ctx) -> None:
 
 
 def llama_server_script(ctx: int) -> str:
+    repack = "" if REPACK else " --no-repack"
+    why = "" if REPACK else (
+        "# --no-repack: llama.cpp's CPU weight repacking off, as dwc ran and measured this\n"
+        "# file (repacking crashed llama.cpp on some model shapes; see dwc's README, GGUF).\n")
     return f"""#!/bin/sh
 # Serve this bundle with llama.cpp's OpenAI-compatible server (llama-server), from any
 # folder: sh serve/llama-server.sh [more llama-server flags]
-# Speculative decoding: GGUF bundles carry no draft model (distill-draft is not in the
+{why}# Speculative decoding: GGUF bundles carry no draft model (distill-draft is not in the
 # GGUF targets); with a GGUF draft of the same tokenizer add
 #   -md <draft.gguf> --spec-draft-n-max 8   (llama.cpp builds before the rename: --draft-max 8)
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
-exec llama-server -m "$HERE/{mf.MODEL_DIR}/{GGUF_FILE}" -c {ctx} --host 127.0.0.1 --port 8080 "$@"
+exec llama-server -m "$HERE/{mf.MODEL_DIR}/{GGUF_FILE}" -c {ctx}{repack} --host 127.0.0.1 --port 8080 "$@"
 """
 
 
@@ -155,5 +205,10 @@ def modelfile(source_dir: Path) -> str:
 
     eos = AutoTokenizer.from_pretrained(source_dir, local_files_only=True).eos_token
     stop = f'PARAMETER stop "{eos}"\n' if eos else ""
+    # Ollama has no Modelfile parameter for llama.cpp's repacking: say so where it is used
+    repack = "" if REPACK else (
+        "# dwc ran this file with llama.cpp's CPU weight repacking off (llama-server\n"
+        "# --no-repack); Ollama has no parameter for it. If Ollama crashes on this model,\n"
+        "# serve it with serve/llama-server.sh instead.\n")
     return (f"# Ollama: ollama create <name> -f serve/Modelfile (from the bundle's folder)\n"
-            f"FROM ../{mf.MODEL_DIR}/{GGUF_FILE}\nPARAMETER temperature 0\n{stop}")
+            f"{repack}FROM ../{mf.MODEL_DIR}/{GGUF_FILE}\nPARAMETER temperature 0\n{stop}")

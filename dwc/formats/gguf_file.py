@@ -267,28 +267,32 @@ def choose_pre_tokenizer(config: dict, source_dir: Path, text: str, work: Path) 
     import gguf
     from transformers import AutoTokenizer
 
+    from dwc.backends.gguf_child import LlamaProcess
+
     text = text + PROBE_EXTRA
     want = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)(
         text, add_special_tokens=False).input_ids
     arch = ARCHITECTURES[config["architectures"][0]]
     probe = Path(work) / "vocab-probe.gguf"
-    try:
-        for pre in PRE_TOKENIZERS:
-            w = gguf.GGUFWriter(str(probe), arch)
-            _hyperparameters(w, config, "probe")
-            _tokenizer(w, Path(source_dir), config, pre)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
-            try:
-                got = llama_tokenize(probe, text)
-            except (ValueError, RuntimeError):  # a name this llama.cpp build does not know
-                continue
-            if got == want:
-                return pre
-    finally:
-        probe.unlink(missing_ok=True)
+    # llama.cpp in one child process for all the names (backends/gguf_child.py)
+    with LlamaProcess("probing the pre-tokenizer of", probe) as child:
+        try:
+            for pre in PRE_TOKENIZERS:
+                w = gguf.GGUFWriter(str(probe), arch)
+                _hyperparameters(w, config, "probe")
+                _tokenizer(w, Path(source_dir), config, pre)
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file()
+                w.close()
+                try:
+                    got = child.call(llama_tokenize, probe, text)
+                except (ValueError, RuntimeError):  # a name this llama.cpp build does not know
+                    continue
+                if got == want:
+                    return pre
+        finally:
+            probe.unlink(missing_ok=True)
     return None
 
 
@@ -296,6 +300,9 @@ def llama_tokenize(path: Path, text: str) -> list[int]:
     """llama.cpp's tokenization of `text` (no BOS), from the file's vocabulary alone."""
     from llama_cpp import Llama
 
+    from dwc.backends.gguf import quiet
+
+    quiet()
     vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
         return vocab.tokenize(text.encode(), add_bos=False, special=False)
