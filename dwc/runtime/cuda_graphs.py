@@ -80,11 +80,11 @@ class DecodeGraphs:
         through one pinned host buffer and one copy, queued behind the GPU's work."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
-        width = max(len(t) for t in tables)  # the kernel reads no entry past a row's context
-        table = np.zeros((4 + width, n), dtype=np.int64)
+        width = max(map(len, tables))  # the kernel reads no entry past a row's context
+        padded = [t if len(t) == width else t + [0] * (width - len(t)) for t in tables]
+        table = np.empty((4 + width, n), dtype=np.int64)
         table[:4] = (ids, positions, slots, lens)
-        for i, t in enumerate(tables):
-            table[4:4 + len(t), i] = t
+        table[4:] = np.array(padded, dtype=np.int64).T  # one conversion, not one per row
         host = torch.from_numpy(table)
         dev = host.pin_memory().to(self.ids.device, non_blocking=True) if self.pinned else host
         self.ids[:n].copy_(dev[0])

@@ -177,11 +177,12 @@ class Engine:
         and start their way to the host; the chunks' K/V count as computed."""
         feed = self.inflight.feed(chunks) if self.inflight else None
         logits = self.runner.run(chunks, self.blocks, feed)
-        sampled = []
+        sampled, page = [], self.blocks.block_size
         for c in chunks:
             seq = c.seq
             seq.num_computed = c.end
-            self.blocks.seal_full_blocks(seq, min(seq.num_computed, seq.num_known))
+            if c.end // page > seq.num_sealed:  # a block may have filled (else a no-op)
+                self.blocks.seal_full_blocks(seq, min(seq.num_computed, seq.num_known))
             if c.logits:
                 seq.num_pending += 1
                 sampled.append(seq)
@@ -193,13 +194,13 @@ class Engine:
         flight, self.inflight = self.inflight, None
         if flight is None:
             return []
-        finished = []
+        finished, page = [], self.blocks.block_size
         for seq, token in zip(flight.seqs, flight.wait()):
             if seq.status is Status.FINISHED:
                 continue
             seq.num_pending -= 1
             seq.output_ids.append(token)
-            if seq.status is Status.RUNNING:
+            if seq.status is Status.RUNNING and seq.num_computed // page > seq.num_sealed:
                 self.blocks.seal_full_blocks(seq, min(seq.num_computed, seq.num_known))
             reason = self._finish_reason(seq, token)
             if reason:

@@ -32,6 +32,8 @@ def prompt_positions(chunk: Chunk) -> range:
 
 def prompt_rows(chunks: list[Chunk]) -> list[int]:
     """Token rows (in the step's flattened batch) of every chunk's `prompt_positions`."""
+    if all(c.seq.params.prompt_logprobs is None for c in chunks):
+        return []  # every step asks; almost none has such a request (batch 256: 0.6 ms)
     rows, offset = [], 0
     for c in chunks:
         rows.extend(offset + p - c.start for p in prompt_positions(c))

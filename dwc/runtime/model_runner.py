@@ -11,7 +11,7 @@ from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.inflight import Feed, to_device
 from dwc.runtime.logprobs import prompt_rows
 from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
-from dwc.runtime.scheduler import Chunk
+from dwc.runtime.scheduler import PENDING, Chunk
 
 
 def load_hf_model(model_dir: Path, device: str, dtype: torch.dtype):
@@ -55,6 +55,8 @@ class ModelRunner:
         self.device = device
         self.tp = tp
         self.hf_model = hf_model
+        # Read once: a transformers config attribute costs microseconds, every step.
+        self.max_context = int(hf_model.config.max_position_embeddings)
         self.decoder = d = Decoder(hf_model, device)
         # Tensor parallel: the kernels are built on the CPU; shard_decoder moves the shards.
         self.kernels = d.use_kernels(weights_dir, "cpu" if tp else device, fusion) \
@@ -84,9 +86,6 @@ class ModelRunner:
             self.graphs = DecodeGraphs(d, self.cache, block_size, width, num_blocks, graph_tokens)
             self.graphs.capture()
 
-    @property
-    def max_context(self) -> int:
-        return int(self.hf_model.config.max_position_embeddings)
 
     def run(self, chunks: list[Chunk], blocks: BlockManager, feed: Feed | None = None
             ) -> torch.Tensor:
@@ -122,7 +121,20 @@ class ModelRunner:
         """A kernel-only step as lists, one row per token: ids, positions, slots, block
         tables, context lengths, and the rows whose logits are returned."""
         ids, positions, slots, tables, lens, rows = [], [], [], [], [], []
+        page = blocks.block_size
         for c in chunks:
+            if c.length == 1:  # a decode row (the common case: no ranges, no generators)
+                seq, p = c.seq, c.start
+                k = seq.num_known
+                ids.append(PENDING if p >= k else seq.prompt_ids[p] if p < len(seq.prompt_ids)
+                           else seq.output_ids[p - len(seq.prompt_ids)])
+                positions.append(p)
+                slots.append(seq.block_table[p // page] * page + p % page)
+                tables.append(seq.block_table)
+                lens.append(p + 1)
+                if c.logits:
+                    rows.append(len(ids) - 1)
+                continue
             positions.extend(range(c.start, c.start + c.length))
             ids.extend(c.token_ids())
             _kernel_chunk(c, blocks, slots, tables, lens)

@@ -88,9 +88,13 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if len(seq.output_ids) + seq.num_pending >= seq.params.max_tokens:
                 continue  # its last token is pending: it finishes when that arrives
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            k = self._lookahead(seq, budget) if seq.num_tokens - seq.num_computed == 1 else 0
-            if not self._make_room(seq, seq.num_computed + n + k):
+            left = seq.num_tokens - seq.num_computed
+            n = min(left, budget)
+            k = self._lookahead(seq, budget) if left == 1 and self.num_speculative else 0
+            total = seq.num_computed + n + k
+            # Most decode steps stay inside the last block: no block-manager call then.
+            if total > len(seq.block_table) * self.blocks.block_size and \
+                    not self._make_room(seq, total):
                 continue
             chunks.append(chunk_for(seq, n, k))
             budget -= n + k

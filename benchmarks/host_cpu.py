@@ -1,0 +1,34 @@
+"""(CPU, here) The engine's host time per decode step, with the model replaced by a stub
+that returns logits at once: what scheduling, input building, feeding and collecting
+cost per step at a batch (issue 18's "host time per step at batch 256 under 1 ms").
+Treats every step as a graph step (the GPU's decode path). Prints the time and a
+cProfile of 100 steps.
+
+    .venv/bin/python benchmarks/host_cpu.py 256
+"""
+import time, torch, cProfile, pstats, sys
+from dwc.runtime.engine import Engine, EngineConfig
+from dwc.runtime.sequence import SamplingParams
+eng = Engine("examples/stdlib-coder/checkpoint", EngineConfig(device="cpu", num_blocks=8192, max_num_seqs=512, max_num_batched_tokens=8192))
+V = eng.runner.hf_model.config.vocab_size
+def fake_execute(step, feed=None):
+    kind, lists = step
+    rows = lists[5] if kind == "graph" else lists[4]
+    return torch.zeros(len(rows), V)
+eng.runner.execute = fake_execute
+# pretend to be the GPU graph path: plan as graph
+from dwc.runtime import model_runner
+eng.runner.graphs = type("G", (), {"fits": lambda self, n: n <= 512})()
+B = int(sys.argv[1])
+seqs = [eng.add([10 + (i * 7 + j) % 4000 for j in range(128)], SamplingParams(max_tokens=400, ignore_eos=True)) for i in range(B)]
+while any(s.num_computed < 128 for s in seqs): eng.step()
+for _ in range(5): eng.step()
+t = time.perf_counter(); N = 100
+pr = cProfile.Profile(); pr.enable()
+for _ in range(N): eng.step()
+pr.disable()
+print(f"batch {B}: host ms per step {(time.perf_counter()-t)/N*1e3:.3f} (profiled)")
+t = time.perf_counter()
+for _ in range(N): eng.step()
+print(f"batch {B}: host ms per step {(time.perf_counter()-t)/N*1e3:.3f}")
+pstats.Stats(pr).sort_stats("tottime").print_stats(14)
