@@ -95,3 +95,16 @@ def test_same_tokens_with_and_without_overlap_on_the_gpu(bundle, kw):
                                                     async_scheduling=overlap, **kw))
             for overlap in (False, True)]
     assert run(runs[1], params) == run(runs[0], params)
+
+
+def test_a_pending_token_never_reaches_the_model_unfed(bundle):
+    """Driving the runner by hand after an overlapped step (the token still pending) is
+    refused in Python, not turned into an out-of-range embedding index."""
+    from dwc.runtime.scheduler import Chunk
+
+    eng = engine(bundle, True)
+    seq = eng.add(PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    eng.blocks.grow(seq, seq.num_tokens)
+    with pytest.raises(RuntimeError, match="pending token"):
+        eng.runner.run([Chunk(seq, seq.num_computed, 1, logits=1)], eng.blocks)

@@ -142,8 +142,10 @@ def test_cuda_graph_steps_match_eager_steps(bundle):
 
     logits = {}
     for graphs in (False, True):
+        # Synchronous: the runner is driven by hand next, with the prefills' tokens on
+        # the host (an overlapped step would leave them pending on the device).
         eng = Engine(bundle / "model", EngineConfig(device="cuda", num_blocks=64,
-                                                    cuda_graphs=graphs))
+                                                    cuda_graphs=graphs, async_scheduling=False))
         seqs = [eng.add(p, SamplingParams(max_tokens=4)) for p in PROMPTS[:3]]
         eng.step()  # the prefills
         for s in seqs:
@@ -175,11 +177,14 @@ def test_fused_quantized_model_matches_unfused(build_for, target):
     logits of a decode step after each prompt agree within bf16 rounding (as quantization
     amplifies it)."""
     bundle = build_for(target)
-    fused = Engine.from_bundle(bundle, EngineConfig(device="cuda", num_blocks=256))
+    # Synchronous steps: the runner is driven by hand after the prefill's step.
+    fused = Engine.from_bundle(bundle, EngineConfig(device="cuda", num_blocks=256,
+                                                    async_scheduling=False))
     assert "qkv" in fused.runner.decoder.proj[0] and fused.runner.kernels == 28
     plain = Engine(bundle / "model", EngineConfig(device="cuda", num_blocks=256,
                                                   kv_dtype=fused.config.kv_dtype,
-                                                  kv_scales=fused.config.kv_scales))
+                                                  kv_scales=fused.config.kv_scales,
+                                                  async_scheduling=False))
     # INT8 quantizes activations per token, so a last-bit difference in a norm output can
     # move a rounding step: greedy sequences may part after a while, logits stay close.
     params = SamplingParams(max_tokens=2, ignore_eos=True)

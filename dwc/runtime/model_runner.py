@@ -93,6 +93,8 @@ class ModelRunner:
         `chunk.logits` rows, in chunk order. `feed`: the ids of pending input tokens
         (asynchronous scheduling, inflight.py; one process only)."""
         step = self.plan(chunks, blocks)
+        if feed is None and PENDING in step[1][0]:  # its id would index the embedding
+            raise RuntimeError("a pending token reached the model runner without its feed")
         if self.tp is not None:
             assert feed is None, "tensor-parallel ranks take their inputs from the host"
             self.tp.send_step(step)
