@@ -203,6 +203,27 @@ def mixed_step(engine: Engine, rate: float, bandwidth: float, weight_bytes: int)
             "roofline_ms": round(roofline * 1e3, 3), "x_roofline": round(step / roofline, 2)}
 
 
+def profile_prefill(engine: Engine, n: int = 4, length: int = 2048) -> list[dict]:
+    """Kernel times of one step prefilling `n` prompts of `length` tokens (the 2048/128
+    point's steps), sync, after the same shapes ran once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.config.async_scheduling = False
+    params = SamplingParams(max_tokens=1)
+    engine.generate(prompts(n, length, seed=41), params)
+    for p in prompts(n, length, seed=42):
+        engine.add(p, params)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    while engine.has_work():
+        engine.step()
+    engine.config.async_scheduling = True
+    return [{"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1)}
+            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]]
+
+
 def decode(engine: Engine) -> dict:
     out = {}
     for batch in (1, 8, 32, 128, 256):
@@ -268,6 +289,7 @@ def main() -> int:
         from perf_gpu import profile_step
 
         report["profile_bs256_eager"] = profile_step(engine, 256)
+        report["profile_prefill_4x2048"] = profile_prefill(engine)
         report["gemm"] = gemm_table()
     report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     save()
