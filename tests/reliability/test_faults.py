@@ -21,9 +21,17 @@ def test_sigkill_at_several_points_then_a_clean_build(example, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, DWC_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "dwc", "build", str(bf), "-t", "cpu-gguf-q4_k_m", "-o", str(out)]
-    for delay in (0.5, 2.5, 4.5, 6.5):
+    calibrated = tmp_path / "cache" / "passes" / "calibrate"
+    for delay in (0.5, 2.5, 4.5, None):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
+        if delay is None:  # the last kill comes once calibrate's entry is in place (a loaded
+            deadline = time.monotonic() + 300  # machine takes longer than any fixed delay;
+            # entries being written are dot-folders, renamed when whole)
+            while proc.poll() is None and not any(calibrated.glob("[!.]*")) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.1)
+            delay = 0.5
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
