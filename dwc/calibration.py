@@ -43,7 +43,21 @@ MANY_PROMPTS = 8     # prompts joining one step, to time what each further one a
 
 def calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: list[int],
               seed: int = 0) -> Calibration:
-    """Decode steps at each number of sequences in `sizes`, then a short serving run."""
+    """Decode steps at each number of sequences in `sizes`, then a short serving run.
+
+    Steps run synchronously here: an overlapped step's wall time is mostly the wait for
+    the step before it (docs/RUNTIME.md), so a step log would charge each prompt to the
+    step after its own. Synchronous costs are an upper bound of the overlapped ones (by
+    the host's time per step)."""
+    overlap, engine.config.async_scheduling = engine.config.async_scheduling, False
+    try:
+        return _calibrate(engine, prompt_tokens, output_tokens, sizes, seed)
+    finally:
+        engine.config.async_scheduling = overlap
+
+
+def _calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: list[int],
+               seed: int) -> Calibration:
     decode, alone, each = _decode_steps(engine, prompt_tokens, sizes, seed)
     log = StepLog(engine)
     try:
