@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from dwc.backends import EMITTERS
-from dwc.backends.torch_triton import write_draft
+from dwc.backends.torch_triton import vllm_command, write_draft
 from dwc.bundle.writer import BundleWriter
 from dwc.config import options_dict
 from dwc.formats import manifest as mf
@@ -39,8 +39,9 @@ class Emit(Pass):
                       "seconds": round(time.perf_counter() - t0, 3), "cached": False,
                       "metrics": {}}
             manifest = build_manifest(ctx, record)
+            vllm = vllm_command(manifest) if ctx.target.backend == "torch-triton" else None
             readme = render("bundle_README.md.j2", m=manifest, model_dir=mf.MODEL_DIR,
-                            reports_dir=mf.REPORTS_DIR)
+                            reports_dir=mf.REPORTS_DIR, vllm=vllm)
             writer.write_bytes(mf.README, readme.encode())
             manifest = writer.finalize(manifest)
             path = writer.commit()

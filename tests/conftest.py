@@ -19,6 +19,15 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "stdlib-coder"
+# Figures a test measured and wants in the run's output (pytest -q hides print()).
+REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("measured")
+        for line in REPORT:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,6 +63,14 @@ def example() -> Path:
         subprocess.run([sys.executable, str(ROOT / "examples" / "make_example_model.py"),
                         "--out", str(EXAMPLE)], check=True)
     return EXAMPLE
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of .venv-vllm, where vLLM for CPU lives (its own torch and transformers).
+    `make test` makes it before pytest starts; `make vllm` is a no-op once it exists."""
+    subprocess.run(["make", "-s", "-C", str(ROOT), "vllm"], check=True)
+    return ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def write_buildfile(folder: Path, example: Path, **changes) -> Path:

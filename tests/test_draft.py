@@ -106,3 +106,20 @@ def test_bench_speculates_with_the_bundle_draft_and_no_draft_turns_it_off(drafte
     assert 1.0 <= spec["mean_accepted_tokens"] <= 1 + spec["k"]
     off = json.loads(dwc(*args, "--no-draft").stdout)
     assert off["speculation"] is None
+
+
+@pytest.mark.slow
+def test_vllm_serve_command_speculates_with_the_draft(drafted, vllm_python):
+    """serve/vllm.sh through vLLM's own `vllm serve` parser: the draft as vLLM spells it,
+    with the K the build chose; a misspelt flag is refused by the same check."""
+    from tests.test_vllm import probe_serve_args, serve_args
+
+    args = serve_args(drafted)
+    result = probe_serve_args(vllm_python, drafted, args)
+    assert result.get("ok"), result
+    k = manifest_of(drafted)["draft"]["k"]
+    assert result["args"]["speculative_config"] == {"model": "draft", "num_speculative_tokens": k,
+                                                    "method": "draft_model"}
+    assert (drafted / "draft" / "config.json").exists()
+    bad = [a.replace("--kv-cache-dtype", "--kv-cache-dtpe") for a in args]
+    assert probe_serve_args(vllm_python, drafted, bad) == {"error": "SystemExit: 2"}

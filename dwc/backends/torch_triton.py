@@ -1,16 +1,25 @@
 """The torch-triton backend's model/: a Hugging Face checkpoint (config.json, safetensors,
 tokenizer), loadable as it is by transformers and vLLM, and by dwc's runtime. Quantized
 models are in the compressed-tensors layout (with llm-compressor's recipe.yaml).
+serve/vllm.sh is the `vllm serve` command for the same bundle, from the KV plan.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 from dwc.bundle.writer import BundleWriter
 from dwc.constants import MAX_SHARD_SIZE
 from dwc.formats import hf
 from dwc.formats import manifest as mf
+from dwc.templating import render
+
+VLLM_SCRIPT = f"{mf.SERVE_DIR}/vllm.sh"
+# dwc's KV cache dtypes as vLLM's --kv-cache-dtype spells them ("fp8" is E4M3 there);
+# "auto" is the model's dtype, which vLLM prefers to an explicit "bfloat16".
+VLLM_KV_DTYPES = {"fp8_e4m3": "fp8", "bfloat16": "auto", "float16": "auto", "float32": "auto"}
 
 
 def emit(writer: BundleWriter, ctx) -> None:
@@ -25,6 +34,40 @@ def emit(writer: BundleWriter, ctx) -> None:
         out = writer.path(f"{mf.MODEL_DIR}/{hf.CONFIG}").parent
         model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     copy_tokenizer(writer, source_dir, mf.MODEL_DIR)
+    described = {"name": ctx.build.name, "draft": ctx.artifacts.get("draft"),
+                 "kv_cache": ctx.artifacts.get("kv_plan") or {"dtype": ctx.target.kv_cache_dtype}}
+    writer.write_bytes(VLLM_SCRIPT, render("vllm.sh.j2", command=vllm_command(described),
+                                           model_dir=mf.MODEL_DIR).encode())
+
+
+def vllm_serve_args(m: dict) -> list[str]:
+    """`vllm serve` arguments for a bundle described by `m` (its manifest, or the same
+    keys: name, kv_cache, draft), run from the bundle's folder: the KV plan's cache dtype,
+    page size, KV bytes (so vLLM neither profiles nor reserves a share of memory by
+    itself), batch and token limits, and the draft with the K the build chose. The
+    served name is the manifest's, as with `dwc serve`, so clients need no change."""
+    plan = m["kv_cache"]
+    args = [mf.MODEL_DIR, "--served-model-name", m["name"],
+            "--kv-cache-dtype", VLLM_KV_DTYPES[plan["dtype"]]]
+    if plan.get("num_blocks"):
+        per_token = plan["bytes_per_token"] + plan.get("draft_bytes_per_token", 0)
+        args += ["--block-size", str(plan["block_size"]),
+                 "--kv-cache-memory-bytes", str(plan["num_blocks"] * plan["block_size"] * per_token),
+                 "--max-num-seqs", str(plan["max_num_seqs"]),
+                 "--max-num-batched-tokens", str(plan["max_num_batched_tokens"]),
+                 "--max-model-len", str(plan["max_context"])]
+    if plan.get("tensor_parallel", 1) > 1:  # the plan is one rank's: KV bytes are per GPU
+        args += ["--tensor-parallel-size", str(plan["tensor_parallel"])]
+    if m.get("draft"):
+        spec = {"model": mf.DRAFT_DIR, "num_speculative_tokens": m["draft"]["k"],
+                "method": "draft_model"}
+        args += ["--speculative-config", json.dumps(spec)]
+    return args + ["--host", "127.0.0.1", "--port", "8000"]
+
+
+def vllm_command(m: dict) -> str:
+    """The command line, quoted for a POSIX shell."""
+    return shlex.join(["vllm", "serve", *vllm_serve_args(m)])
 
 
 def copy_tokenizer(writer: BundleWriter, source_dir: Path, dest: str) -> None:

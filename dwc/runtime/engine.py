@@ -168,7 +168,8 @@ class Engine:
     def _overlappable(self, chunks) -> bool:
         """Overlap needs every sampled token to be a device argmax: no sampled request,
         draft, tensor parallelism, or logprobs (recorded on the host from the logits)."""
-        return (self.config.async_scheduling and self.drafter is None and self.tp is None
+        return (self.config.async_scheduling and self.drafter is None
+                and self.runner.tp is None  # the runner's own group: a test may swap it in
                 and all(c.seq.params.temperature <= 0 for c in chunks if c.logits)
                 and not logprobs.wanted(chunks))
 
