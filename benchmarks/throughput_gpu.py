@@ -224,6 +224,38 @@ def profile_prefill(engine: Engine, n: int = 4, length: int = 2048) -> list[dict
             for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]]
 
 
+def profile_mixed(engine: Engine) -> dict:
+    """Host (CPU) and device time of the mixed step of `mixed_step` (a 512-token prompt
+    beside 255 decoding sequences), eager, and its kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.config.async_scheduling = False
+    seqs = [engine.add(p, SamplingParams(max_tokens=64, ignore_eos=True))
+            for p in prompts(255, 128, seed=55)]
+    while any(s.num_computed < 130 for s in seqs):
+        engine.step()
+    engine.add(prompts(1, 512, seed=299)[0], SamplingParams(max_tokens=2))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    for s in seqs:
+        engine.abort(s)
+    while engine.has_work():
+        engine.step()
+    engine.config.async_scheduling = True
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                         "cudaLaunchKernelExC"))
+    kernels = [{"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1),
+                "cpu_us": round(e.cpu_time_total, 1)}
+               for e in sorted(events, key=lambda e: -e.device_time_total)[:20]]
+    top_cpu = [{"name": e.key[:80], "calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
+               for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]
+    return {"launches": launches, "kernels": kernels, "top_self_cpu": top_cpu,
+            "device_us_total": round(sum(e.self_device_time_total for e in events), 1)}
+
+
 def decode(engine: Engine) -> dict:
     out = {}
     for batch in (1, 8, 32, 128, 256):
@@ -239,6 +271,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="128/128 and host times only")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="the mixed step (timed and profiled) and the prefill profile only")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "throughput_gpu", "device": torch.cuda.get_device_name(0),
@@ -263,6 +297,17 @@ def main() -> int:
                         "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
                         "plan": {k: plan[k] for k in ("max_num_seqs", "max_num_batched_tokens")}}
     torch.cuda.reset_peak_memory_stats()
+    if args.profile_only:
+        report["mixed_step"] = mixed_step(engine, rate, bandwidth,
+                                          bytes_per_token(bundle / "model"))
+        report["profile_mixed_767"] = profile_mixed(engine)
+        save()
+        report["profile_prefill_4x2048"] = profile_prefill(engine)
+        report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        save()
+        print(json.dumps({k: report[k] for k in ("mixed_step", "profile_mixed_767",
+                                                   "profile_prefill_4x2048")}, indent=1))
+        return 0
     res = report["results"] = {}
     report["warm_up_128_128"] = offline(engine, 128, 128, 600, seed=5)  # pinned pools, shapes
     for seqs in (256, args.max_num_seqs):
