@@ -13,6 +13,14 @@ from dwc.formats import manifest as mf
 from dwc.hashing import sha256_file
 
 
+def serving_facts(ctx) -> dict:
+    """The manifest keys a serving command is made from (name, draft, kv_cache), for a
+    backend's emit, which runs before the manifest exists."""
+    return {"name": ctx.build.name, "draft": ctx.artifacts.get("draft"),
+            "kv_cache": ctx.artifacts.get("kv_plan") or
+            {"dtype": ctx.target.kv_cache_dtype, "plan": None}}
+
+
 def build_manifest(ctx, emit_record: dict) -> dict:
     """Every manifest key but `files` (the bundle writer adds those when it hashes)."""
     b, t = ctx.build, ctx.target
@@ -20,18 +28,19 @@ def build_manifest(ctx, emit_record: dict) -> dict:
     source["build_file"] = {"path": str(ctx.build_path), "sha256": sha256_file(ctx.build_path)}
     source["calibration_data"] = _data(b.calibration.data)
     source["evaluation_data"] = _data(b.evaluation.data)
+    facts = serving_facts(ctx)
     return {
         "schema": mf.SCHEMA,
         "dwc_version": __version__,
-        "name": b.name,
+        "name": facts["name"],
         "target": {"name": t.name, "backend": t.backend, "device": t.device,
                    "hardware": vars(t.hardware) | {}},
         "source": source,
         "passes": [r.as_dict() for r in ctx.records] + [emit_record],
         "quantization": _quantization(ctx),
-        "draft": ctx.artifacts.get("draft"),
+        "draft": facts["draft"],
         "fusion": ctx.artifacts.get("fusion"),
-        "kv_cache": ctx.artifacts.get("kv_plan") or {"dtype": t.kv_cache_dtype, "plan": None},
+        "kv_cache": facts["kv_cache"],
         "quality": ctx.artifacts["quality"],
         "slo": _slo(ctx),
         "build": _build_info(ctx),

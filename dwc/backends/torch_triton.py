@@ -14,6 +14,7 @@ from dwc.bundle.writer import BundleWriter
 from dwc.constants import MAX_SHARD_SIZE
 from dwc.formats import hf
 from dwc.formats import manifest as mf
+from dwc.manifest import serving_facts
 from dwc.templating import render
 
 VLLM_SCRIPT = f"{mf.SERVE_DIR}/vllm.sh"
@@ -34,9 +35,7 @@ def emit(writer: BundleWriter, ctx) -> None:
         out = writer.path(f"{mf.MODEL_DIR}/{hf.CONFIG}").parent
         model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     copy_tokenizer(writer, source_dir, mf.MODEL_DIR)
-    described = {"name": ctx.build.name, "draft": ctx.artifacts.get("draft"),
-                 "kv_cache": ctx.artifacts.get("kv_plan") or {"dtype": ctx.target.kv_cache_dtype}}
-    writer.write_bytes(VLLM_SCRIPT, render("vllm.sh.j2", command=vllm_command(described),
+    writer.write_bytes(VLLM_SCRIPT, render("vllm.sh.j2", command=vllm_command(serving_facts(ctx)),
                                            model_dir=mf.MODEL_DIR).encode())
 
 
