@@ -249,7 +249,7 @@ def profile_mixed(engine: Engine) -> dict:
                                                          "cudaLaunchKernelExC"))
     kernels = [{"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1),
                 "cpu_us": round(e.cpu_time_total, 1)}
-               for e in sorted(events, key=lambda e: -e.device_time_total)[:20]]
+               for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]
     top_cpu = [{"name": e.key[:80], "calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]
     return {"launches": launches, "kernels": kernels, "top_self_cpu": top_cpu,
@@ -302,11 +302,14 @@ def main() -> int:
                                           bytes_per_token(bundle / "model"))
         report["profile_mixed_767"] = profile_mixed(engine)
         save()
+        report["gemm_mixed_sizes"] = gemm_table(rows=(256, 511, 512, 767, 768, 1024))
+        save()
         report["profile_prefill_4x2048"] = profile_prefill(engine)
         report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         save()
         print(json.dumps({k: report[k] for k in ("mixed_step", "profile_mixed_767",
-                                                   "profile_prefill_4x2048")}, indent=1))
+                                                   "profile_prefill_4x2048",
+                                                   "gemm_mixed_sizes")}, indent=1))
         return 0
     res = report["results"] = {}
     report["warm_up_128_128"] = offline(engine, 128, 128, 600, seed=5)  # pinned pools, shapes
