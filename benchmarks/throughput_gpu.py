@@ -247,7 +247,7 @@ def profile_mixed(engine: Engine) -> dict:
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                          "cudaLaunchKernelExC"))
-    kernels = [{"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1),
+    kernels = [{"name": e.key[:80], "calls": e.count, "device_us": round(e.self_device_time_total, 1),
                 "cpu_us": round(e.cpu_time_total, 1)}
                for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]]
     top_cpu = [{"name": e.key[:80], "calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
