@@ -163,19 +163,59 @@ class Decoder:
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: list[torch.Tensor]) -> torch.Tensor:
-        """Logits [rows, vocab] of the batch's sample rows. The residual stream is added
-        inside the next norm (add_rms_norm), so a fused kernel can do both."""
-        h = self.embed(batch.input_ids)                                  # [t, hidden]
-        cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)
-        residual = None
-        for layer, proj, layer_cache, scales in zip(self.layers, self.proj, cache, self.kv_scales):
-            x, residual = self.add_rms_norm(h, residual, layer.input_layernorm.weight, self.eps)
-            h = self.reduce(self._attention(proj, x, cos, sin, batch, layer_cache, scales))
-            x, residual = self.add_rms_norm(h, residual, layer.post_attention_layernorm.weight,
-                                            self.eps)
-            h = self.reduce(self._mlp(proj, x))
-        h = (h + residual)[batch.sample_rows]
-        return self.lm_head(rms_norm(h, self.final_norm.weight, self.eps)).float()
+        """Logits [rows, vocab] of the batch's sample rows: the pieces between attention
+        calls (head, between, tail) with each layer's attention core between them; the
+        piecewise CUDA graphs (cuda_graphs.py) replay the same pieces."""
+        q, residual, cos, sin = self.head(batch.input_ids, batch.positions, batch.slots, cache)
+        for i in range(len(self.layers)):
+            attn = self.attend(i, q, batch, cache[i])
+            if i + 1 < len(self.layers):
+                q, residual = self.between(i + 1, attn, residual, cos, sin, batch.slots, cache)
+        return self.logits(self.tail(attn, residual), batch.sample_rows)
+
+    # The pieces. The residual stream is added inside the next norm (add_rms_norm), so a
+    # fused kernel can do both. Every piece is row-independent: a row's output depends on
+    # that row's input only, so padding rows (captured sizes) cannot change real rows.
+
+    def head(self, ids, positions, slots, cache, q_out=None):
+        """Embedding, rotary tables, and layer 0 up to its attention: (q, residual, cos, sin)."""
+        h = self.embed(ids)                                              # [t, hidden]
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        q, residual = self._start(0, h, None, cos, sin, slots, cache[0], q_out)
+        return q, residual, cos, sin
+
+    def between(self, i, attn, residual, cos, sin, slots, cache, q_out=None):
+        """Layer i-1 after its attention, then layer i up to its attention: (q, residual)."""
+        h, residual = self._finish(i - 1, attn, residual)
+        return self._start(i, h, residual, cos, sin, slots, cache[i], q_out)
+
+    def tail(self, attn, residual) -> torch.Tensor:
+        """The last layer after its attention: the hidden states [t, hidden] before the
+        final norm."""
+        h, residual = self._finish(len(self.layers) - 1, attn, residual)
+        return h + residual
+
+    def logits(self, hidden, rows) -> torch.Tensor:
+        return self.lm_head(rms_norm(hidden[rows], self.final_norm.weight, self.eps)).float()
+
+    def _start(self, i, h, residual, cos, sin, slots, layer_cache, q_out):
+        x, residual = self.add_rms_norm(h, residual, self.layers[i].input_layernorm.weight,
+                                        self.eps)
+        q, k, v = self._qkv(self.proj[i], x)
+        if self.rope_kv is not None:
+            return self.rope_kv(q, k, v, cos, sin, slots, layer_cache, self.kv_scales[i],
+                                out=q_out), residual
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(layer_cache, slots, k, v, self.kv_scales[i])
+        return (q if q_out is None else q_out.copy_(q)), residual
+
+    def _finish(self, i, attn, residual):
+        t = attn.shape[0]
+        proj = self.proj[i]
+        h = self.reduce(proj["o_proj"](attn.view(t, self.num_heads * self.head_dim)))
+        x, residual = self.add_rms_norm(h, residual, self.layers[i].post_attention_layernorm.weight,
+                                        self.eps)
+        return self.reduce(self._mlp(proj, x)), residual
 
     def _mlp(self, proj, x) -> torch.Tensor:
         if "gate_up" in proj:
@@ -194,22 +234,18 @@ class Decoder:
                 k.reshape(t, self.num_kv_heads, self.head_dim),
                 v.reshape(t, self.num_kv_heads, self.head_dim))
 
-    def _attention(self, proj, x, cos, sin, batch: Batch, layer_cache, scales) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self._qkv(proj, x)
-        if self.rope_kv is not None:
-            q = self.rope_kv(q, k, v, cos, sin, batch.slots, layer_cache, scales)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            write_kv(layer_cache, batch.slots, k, v, scales)
-        out = torch.empty_like(q)
+    def attend(self, i, q, batch: Batch, layer_cache, out=None) -> torch.Tensor:
+        """Layer i's attention core over the paged cache (the K/V of this step already
+        written): [t, heads, d], into `out` when given (every real row is written)."""
+        scales = self.kv_scales[i]
+        out = torch.empty_like(q) if out is None else out
         if batch.decode is not None:
             from dwc.runtime.layers.paged_attention_triton import paged_decode
 
             dg = batch.decode
             if dg.rows is None:
-                out = paged_decode(q, layer_cache, dg.block_tables, dg.context_lens, dg.page,
-                                   self.scale, scales)
+                paged_decode(q, layer_cache, dg.block_tables, dg.context_lens, dg.page,
+                             self.scale, scales, out=out)
             else:
                 out[dg.rows] = paged_decode(q[dg.rows], layer_cache, dg.block_tables,
                                             dg.context_lens, dg.page, self.scale, scales)
@@ -219,4 +255,4 @@ class Decoder:
         for offset, length, start, seq_slots in batch.chunks:
             out[offset:offset + length] = paged_attention(
                 q[offset:offset + length], layer_cache, seq_slots, start, self.scale, scales)
-        return proj["o_proj"](out.view(t, self.num_heads * self.head_dim))
+        return out

@@ -116,15 +116,16 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr,
 
 def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
-            scales: tuple[float, float]) -> torch.Tensor:
+            scales: tuple[float, float], out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary on q and k, and k, v written to the cache at `slots`, in one kernel.
 
     q: [t, heads, d]; k, v: [t, kv_heads, d] (views of the stacked QKV output are fine);
-    cos, sin: [t, d]; cache: [2, slots, kv_heads, d]. Returns the rotated q [t, heads, d].
+    cos, sin: [t, d]; cache: [2, slots, kv_heads, d]. Returns the rotated q [t, heads, d],
+    in `out` when given (a captured piece's static buffer, cuda_graphs.py).
     """
     t, heads, d = q.shape
     kv_heads = k.shape[1]
-    q_out = torch.empty(t, heads, d, dtype=q.dtype, device=q.device)
+    q_out = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if out is None else out
     _rope_kv_kernel[(t, heads + kv_heads)](
         q, k, v, cos, sin, slots, cache, q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

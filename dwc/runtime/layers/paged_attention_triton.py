@@ -60,16 +60,17 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
 
 def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, page: int, scale: float,
-                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                 kv_scales: tuple[float, float] = (1.0, 1.0), out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """q: [seqs, heads, d] (one new token each, already in the cache); cache:
     [2, slots, kv_heads, d]; block_tables: [seqs, max_blocks] int32; context_lens: [seqs]
-    int32 (tokens including the new one). Returns [seqs, heads, d]."""
+    int32 (tokens including the new one). Returns [seqs, heads, d], in `out` if given."""
     seqs, heads, d = q.shape
     kv_heads = cache.shape[2]
     group = heads // kv_heads
     k, v = cache[0], cache[1]
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     block_n = max(16, min(64, page * 4))
     _paged_decode_kernel[(seqs, kv_heads)](
         q, k, v, out, block_tables, context_lens, scale, kv_scales[0], kv_scales[1],
