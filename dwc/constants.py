@@ -33,3 +33,16 @@ CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 44
 def graph_sizes(max_tokens: int) -> list[int]:
     """The sizes captured for steps of up to `max_tokens` tokens."""
     return [s for s in CAPTURE_SIZES if s < max_tokens] + [max_tokens]
+
+
+# Runtime: the token counts at which the other steps (those with prompt tokens, or too
+# big for the decode graphs) are captured piecewise (runtime/piecewise_graphs.py). A
+# step is padded up to the next size: up to 512 rows an FP8/bf16 GEMM costs about the same
+# at any size (weight reads, measured), above it a step pays at most a third more rows.
+PIECEWISE_SIZES = (64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 1792, 2048, 2304,
+                   2560, 3072, 3584, 4096, 4608, 5120, 6144, 7168, 8192)
+
+
+def piecewise_sizes(max_tokens: int) -> list[int]:
+    """The piecewise sizes for steps of up to `max_tokens` tokens."""
+    return [s for s in PIECEWISE_SIZES if s < max_tokens] + [max_tokens]

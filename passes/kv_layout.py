@@ -115,10 +115,11 @@ def plan_kv(ctx, options) -> dict:
     act = COMPUTE_BYTES[t.weights.dtype]
     # Activations of one step (a few hidden-size and FFN-size buffers per token), the
     # float32 logits of every sequence that samples, and on a GPU the logits each captured
-    # CUDA graph keeps (one buffer per captured size: 1.4 GB at 512 for a 128k vocabulary).
+    # CUDA graph keeps (one buffer per captured size: 1.4 GB at 512 for a 128k vocabulary)
+    # and the piecewise graphs' pool: about one more step's activations, kept.
     graphed = sum(graph_sizes(min(options.max_num_seqs, MAX_GRAPH_TOKENS))) if gpu else 0
-    step = budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // n) * act + \
-        (options.max_num_seqs + graphed) * info.vocab_size * 4
+    step = budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // n) * act * \
+        (2 if gpu and n == 1 else 1) + (options.max_num_seqs + graphed) * info.vocab_size * 4
     free = t.hardware.memory_gb * GB * utilization - weights - reserve - step
     if free < per_token * max_context:
         raise TargetError(f"target {t.name}: {weights / GB:.2f} GB of weights leave "

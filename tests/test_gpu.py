@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -153,6 +155,43 @@ def test_cuda_graph_steps_match_eager_steps(bundle):
         chunks = [Chunk(s, s.num_computed, 1, logits=1) for s in seqs]
         logits[graphs] = eng.runner.run(chunks, eng.blocks)
     torch.testing.assert_close(logits[True], logits[False], atol=0.05, rtol=0.02)
+
+
+def test_piecewise_graph_steps_match_eager_steps(bundle, build_for):
+    """Steps with prompt tokens replayed piecewise (padded to a captured size, attention
+    run eagerly between the pieces) give the eager path's greedy tokens in float32, with
+    chunked prompts beside decoding rows, and leave every block free; on an FP8 bundle a
+    mixed step's logits match the eager step's within bf16 rounding."""
+    from tests.test_speculative import MORE_PROMPTS
+
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    outs = {}
+    for pieces in (False, True):
+        eng = Engine(bundle / "model", EngineConfig(
+            device="cuda", dtype="float32", num_blocks=512, max_num_batched_tokens=96,
+            piecewise_graphs=pieces))
+        assert (eng.runner.pieces is not None) == pieces
+        outs[pieces] = [o.output_ids for o in eng.generate(MORE_PROMPTS + PROMPTS, params)]
+        assert eng.blocks.num_free == 512
+    assert outs[True] == outs[False]
+
+    from dwc.runtime.scheduler import Chunk
+
+    fp8 = build_for("h100-fp8")
+    plan = json.loads((fp8 / "manifest.json").read_text())["kv_cache"]
+    eng = Engine.from_bundle(fp8, EngineConfig.from_plan(
+        plan, num_blocks=256, max_num_batched_tokens=256, async_scheduling=False))
+    seqs = [eng.add(p, SamplingParams(max_tokens=4)) for p in PROMPTS[:3]]
+    eng.step()  # the prefills: the three now decode beside a new prompt
+    late = eng.add(MORE_PROMPTS[0], SamplingParams(max_tokens=4))
+    for s in seqs + [late]:
+        eng.blocks.grow(s, s.num_tokens)
+    chunks = [Chunk(s, s.num_computed, 1, logits=1) for s in seqs] + \
+        [Chunk(late, 0, late.num_tokens, logits=1)]
+    kind, lists = eng.runner.plan(chunks, eng.blocks)
+    assert kind == "pieces"
+    eager = eng.runner.execute(("eager", lists))
+    torch.testing.assert_close(eng.runner.execute((kind, lists)), eager, atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -52,6 +52,27 @@ def test_greedy_is_token_identical_to_transformers(bundle, hf_reference, budget)
         assert out.finish_reason == "length"
 
 
+def test_piecewise_path_is_token_identical(bundle, hf_reference):
+    """The piecewise-graph path (its pieces run uncaptured here: the same static
+    buffers, padding rows and scratch block the GPU's replays use) gives transformers'
+    greedy tokens, with chunked prompts beside decoding rows and steps padded up."""
+    from dwc.runtime.piecewise_graphs import PiecewiseGraphs
+
+    eng = engine(bundle, num_blocks=64, max_num_batched_tokens=48)
+    r = eng.runner
+    page = r.block_size
+    r.cache = [torch.cat([c, torch.zeros_like(c[:, :page])], dim=1) for c in r.cache]
+    pieces = PiecewiseGraphs(r.decoder, r.cache, len(eng.blocks.blocks) * page, [8, 20, 48])
+    pieces.uncaptured()
+    r.pieces, sizes, run = pieces, [], pieces.run
+    pieces.run = lambda batch: sizes.append(batch.input_ids.shape[0]) or run(batch)
+    outs = eng.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.output_ids == hf_greedy(hf_reference, prompt, 24), prompt
+    assert 48 in sizes and any(n not in (8, 20, 48) for n in sizes)  # chunks, and padding
+    assert not r.cache[0][:, -page + 1:].any()  # padding wrote the scratch block's first slot only
+
+
 def test_same_output_alone_and_in_a_busy_batch(bundle):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     alone = engine(bundle).generate([PROMPTS[1]], params)[0].output_ids

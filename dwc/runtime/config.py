@@ -16,6 +16,7 @@ class EngineConfig:
     kv_dtype: str | None = None            # "fp8_e4m3", or None: the compute dtype
     kv_scales: list | None = None          # per layer (k_scale, v_scale) for FP8
     cuda_graphs: bool = True               # GPU: replay captured decode steps
+    piecewise_graphs: bool = True          # GPU: and the other steps, captured piecewise
     speculative: bool = True               # use the bundle's draft when it has one
     num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
     async_scheduling: bool = True          # overlap the host's next step with the GPU's

@@ -61,7 +61,9 @@ class Engine:
             if c.cuda_graphs and not gloo else 0
         args = dict(num_blocks=num_blocks, block_size=c.block_size, device=device,
                     weights_dir=model_dir, kv_dtype=c.kv_dtype, kv_scales=c.kv_scales,
-                    graph_tokens=graph, fusion=fusion)
+                    graph_tokens=graph, fusion=fusion,
+                    piecewise_tokens=c.max_num_batched_tokens
+                    if c.cuda_graphs and c.piecewise_graphs else 0)
         self.tp = None  # rank 0 of a tensor-parallel group (tensor_parallel.py)
         if c.tensor_parallel > 1:
             from dwc.runtime import tensor_parallel

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from dwc.constants import KERNEL_MAX_CHUNK
+from dwc.constants import KERNEL_MAX_CHUNK, piecewise_sizes
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.inflight import Feed, to_device
 from dwc.runtime.logprobs import prompt_rows
 from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
+from dwc.runtime.piecewise_graphs import PiecewiseGraphs
 from dwc.runtime.scheduler import PENDING, Chunk
 
 
@@ -47,9 +48,11 @@ class ModelRunner:
     def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
                  weights_dir: Path | None = None, kv_dtype: str | None = None,
                  kv_scales: list | None = None, graph_tokens: int = 0,
-                 fusion: dict | None = None, tp=None):
+                 fusion: dict | None = None, tp=None, piecewise_tokens: int = 0):
         """`graph_tokens` > 0 (GPU only): capture CUDA graphs for kernel-only steps of up
-        to that many tokens (see cuda_graphs.py). `fusion`: a fusion plan (fusion.py).
+        to that many tokens (see cuda_graphs.py); `piecewise_tokens` > 0 (GPU, one
+        process): capture the other steps of up to that many tokens piecewise
+        (piecewise_graphs.py). `fusion`: a fusion plan (fusion.py).
         `tp`: this process's tensor_parallel.Group; the runner keeps its rank's shard,
         and rank 0's `run` hands each step to the other ranks."""
         self.device = device
@@ -72,7 +75,9 @@ class ModelRunner:
         fp8 = kv_dtype == "fp8_e4m3"
         cache_dtype = torch.float8_e4m3fn if fp8 else d.dtype
         graphs = device == "cuda" and graph_tokens > 0
-        slots = (num_blocks + graphs) * block_size  # graphs: one scratch block for padding
+        pieces = device == "cuda" and piecewise_tokens > 0 and tp is None
+        scratch = graphs or pieces  # one block past the manager's: padding rows' K/V
+        slots = (num_blocks + scratch) * block_size
         self.cache = [torch.zeros(2, slots, d.num_kv_heads, d.head_dim, dtype=cache_dtype,
                                   device=device) for _ in range(len(d.layers))]
         scales = kv_scales if fp8 and kv_scales else [(1.0, 1.0)] * len(d.layers)
@@ -85,6 +90,11 @@ class ModelRunner:
             width = -(-min(self.max_context, num_blocks * block_size) // block_size)
             self.graphs = DecodeGraphs(d, self.cache, block_size, width, num_blocks, graph_tokens)
             self.graphs.capture()
+        self.pieces = None
+        if pieces:
+            self.pieces = PiecewiseGraphs(d, self.cache, num_blocks * block_size,
+                                          piecewise_sizes(piecewise_tokens))
+            self.pieces.capture()
 
 
     def run(self, chunks: list[Chunk], blocks: BlockManager, feed: Feed | None = None
@@ -107,7 +117,9 @@ class ModelRunner:
         if g is not None and all(c.length <= KERNEL_MAX_CHUNK for c in chunks) and \
                 g.fits(sum(c.length for c in chunks)) and not prompt_rows(chunks):
             return "graph", self._kernel_rows(chunks, blocks)
-        return "eager", self._batch_lists(chunks, blocks)
+        tokens = sum(c.length for c in chunks)
+        pieces = self.pieces is not None and self.pieces.fits(tokens)
+        return "pieces" if pieces else "eager", self._batch_lists(chunks, blocks)
 
     def execute(self, step: tuple[str, tuple], feed: Feed | None = None) -> torch.Tensor:
         kind, lists = step
@@ -116,6 +128,8 @@ class ModelRunner:
         batch = self._batch(*lists)
         if feed is not None:
             feed.apply(batch.input_ids)
+        if kind == "pieces":
+            return self.pieces.run(batch)
         return self.decoder.forward(batch, self.cache)
 
     @staticmethod
