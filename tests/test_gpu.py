@@ -183,7 +183,7 @@ def test_piecewise_graph_steps_match_eager_steps(bundle, build_for):
         plan, num_blocks=256, max_num_batched_tokens=256, async_scheduling=False))
     seqs = [eng.add(p, SamplingParams(max_tokens=4)) for p in PROMPTS[:3]]
     eng.step()  # the prefills: the three now decode beside a new prompt
-    late = eng.add(MORE_PROMPTS[0], SamplingParams(max_tokens=4))
+    late = eng.add(PROMPTS[2] + MORE_PROMPTS[4], SamplingParams(max_tokens=4))  # > 16 tokens
     for s in seqs + [late]:
         eng.blocks.grow(s, s.num_tokens)
     chunks = [Chunk(s, s.num_computed, 1, logits=1) for s in seqs] + \
