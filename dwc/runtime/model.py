@@ -165,7 +165,7 @@ class Decoder:
     def forward(self, batch: Batch, cache: list[torch.Tensor]) -> torch.Tensor:
         """Logits [rows, vocab] of the batch's sample rows: the pieces between attention
         calls (head, between, tail) with each layer's attention core between them; the
-        piecewise CUDA graphs (cuda_graphs.py) replay the same pieces."""
+        piecewise CUDA graphs (piecewise_graphs.py) replay the same pieces."""
         q, residual, cos, sin = self.head(batch.input_ids, batch.positions, batch.slots, cache)
         for i in range(len(self.layers)):
             attn = self.attend(i, q, batch, cache[i])

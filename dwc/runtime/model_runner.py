@@ -113,11 +113,10 @@ class ModelRunner:
     def plan(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[str, tuple]:
         """The step as plain lists: what `execute` needs, and what rank 0 of a
         tensor-parallel group sends the other ranks (which hold no scheduler)."""
-        g = self.graphs
+        g, tokens = self.graphs, sum(c.length for c in chunks)
         if g is not None and all(c.length <= KERNEL_MAX_CHUNK for c in chunks) and \
-                g.fits(sum(c.length for c in chunks)) and not prompt_rows(chunks):
+                g.fits(tokens) and not prompt_rows(chunks):
             return "graph", self._kernel_rows(chunks, blocks)
-        tokens = sum(c.length for c in chunks)
         pieces = self.pieces is not None and self.pieces.fits(tokens)
         return "pieces" if pieces else "eager", self._batch_lists(chunks, blocks)
 

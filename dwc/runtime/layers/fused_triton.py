@@ -121,7 +121,7 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
 
     q: [t, heads, d]; k, v: [t, kv_heads, d] (views of the stacked QKV output are fine);
     cos, sin: [t, d]; cache: [2, slots, kv_heads, d]. Returns the rotated q [t, heads, d],
-    in `out` when given (a captured piece's static buffer, cuda_graphs.py).
+    in `out` when given (a captured piece's static buffer, piecewise_graphs.py).
     """
     t, heads, d = q.shape
     kv_heads = k.shape[1]
