@@ -107,6 +107,79 @@ def test_paged_decode_kernel_reads_an_fp8_cache_with_scales():
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
+def _paged_cache(num_blocks, page, kv_heads, d, dtype, gen, lens):
+    """A random cache and shuffled block tables of sequences of `lens` tokens."""
+    cache = torch.randn(2, num_blocks * page, kv_heads, d, device="cuda", generator=gen)
+    cache = cache.to(dtype)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).tolist()
+    tables, used = [], 0
+    for n in lens:
+        blocks = -(-n // page)
+        tables.append(perm[used:used + blocks])
+        used += blocks
+    return cache, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+@pytest.mark.parametrize("heads, kv_heads, d, page", [(32, 8, 128, 16), (4, 2, 64, 8), (8, 8, 64, 16)])
+def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, d, page):
+    """Chunks of every kind in one launch, at their rows of a step that also holds
+    other rows: whole prompts, later pieces of a prompt (start > 0), lengths around the
+    tile sizes; an FP8 cache with scales (bf16 queries)."""
+    from dwc.runtime.layers.attention import paged_attention
+    from dwc.runtime.layers.paged_prefill_triton import paged_prefill
+    from dwc.runtime.layers.prefill_tiles import block_q_for, tile_table
+    from dwc.runtime.model import PrefillGroup
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    spans = [(0, 17), (0, 128), (40, 97), (130, 300), (0, 1), (256, 129)]  # (start, length)
+    cache, tables = _paged_cache(256, page, kv_heads, d, dtype, gen, [s + n for s, n in spans])
+    qdtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
+    scales = (0.7, 1.3) if dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    gap = 5  # rows the kernel must neither read nor write (decode rows of the step)
+    chunks, row = [], gap
+    for start, n in spans:
+        chunks.append((row, n, start))
+        row += n + gap
+    q = torch.randn(row, heads, d, device="cuda", dtype=qdtype, generator=gen)
+    out = torch.full_like(q, 7.0)
+    block_q = block_q_for(qdtype, d, heads // kv_heads)
+    width = max(len(t) for t in tables)
+    group = PrefillGroup(
+        torch.tensor(tile_table(chunks, block_q), dtype=torch.int32, device="cuda"),
+        torch.tensor(chunks, dtype=torch.int32, device="cuda"),
+        torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                     device="cuda"), page, block_q)
+    paged_prefill(q, cache, group, d ** -0.5, scales, out)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for (start, n), (r, _, _), table in zip(spans, chunks, tables):
+        slots = torch.tensor([table[p // page] * page + p % page for p in range(start + n)],
+                             device="cuda")
+        want = paged_attention(q[r:r + n].double(), cache.double() if dtype != torch.float8_e4m3fn
+                               else cache, slots, start, d ** -0.5, scales)
+        torch.testing.assert_close(out[r:r + n].double(), want.double(), atol=tol, rtol=tol)
+        assert (out[r - gap:r] == 7.0).all()
+
+
+def test_paged_decode_kernel_reads_and_writes_given_rows():
+    from dwc.runtime.layers.paged_attention_triton import paged_decode
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    lens = [5, 40, 100]
+    cache, tables = _paged_cache(32, 16, 8, 128, torch.bfloat16, gen, lens)
+    table_t = torch.tensor([t + [0] * (7 - len(t)) for t in tables], dtype=torch.int32,
+                           device="cuda")
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(9, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    rows = torch.tensor([6, 0, 3], device="cuda")
+    out = torch.full_like(q, 7.0)
+    paged_decode(q, cache, table_t, lens_t, 16, 128 ** -0.5, out=out, rows=rows)
+    want = paged_decode(q[rows], cache, table_t, lens_t, 16, 128 ** -0.5)
+    torch.testing.assert_close(out[rows], want, atol=0, rtol=0)
+    others = [r for r in range(9) if r not in (6, 0, 3)]
+    assert (out[others] == 7.0).all()
+
+
 def test_speculative_greedy_is_token_identical_on_the_gpu(bundle, weak_draft):
     """Verification chunks run in the paged decode kernel (one row per token): greedy
     output equal to plain decoding, float32, batch 1 and 12, weak and perfect drafts."""

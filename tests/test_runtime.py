@@ -243,3 +243,20 @@ def test_prefix_keys_are_exact_not_hashed():
     c = Sequence([-1, 5, 7, 7, 3], SamplingParams())
     blocks.match_prefix(c)
     assert c.num_cached == 4 and c.block_table == a.block_table[:2]
+
+
+def test_prefill_tiles_cover_every_query_once_heaviest_first():
+    """The paged prefill kernel's programs (layers/prefill_tiles.py): each query row of
+    each chunk in exactly one tile, tiles that see more keys launched first."""
+    from dwc.runtime.layers.prefill_tiles import block_q_for, tile_table
+
+    chunks = [(0, 300, 0), (300, 17, 40), (317, 129, 256), (446, 128, 0)]
+    block_q = block_q_for(torch.bfloat16, 128, 4)
+    tiles = tile_table(chunks, block_q)
+    covered = sorted((c, m + i) for c, m in tiles for i in range(block_q)
+                     if m + i < chunks[c][1])
+    assert covered == sorted((c, i) for c, (_, n, _) in enumerate(chunks) for i in range(n))
+    last_key = [chunks[c][2] + m for c, m in tiles]
+    assert last_key == sorted(last_key, reverse=True)
+    assert block_q == 32 and block_q_for(torch.bfloat16, 128, 7) == 16
+    assert block_q_for(torch.float32, 128, 1) == 32

@@ -34,6 +34,7 @@ class Batch:
     sample_rows: torch.Tensor      # [rows whose logits are returned] token rows
     decode: "DecodeGroup | None" = None  # one-token chunks served by the GPU kernel
     prompts: list = None           # PromptGroups: whole prompts attended in one call each
+    prefill: "PrefillGroup | None" = None  # GPU: every longer chunk, in one kernel
 
 
 @dataclass
@@ -52,6 +53,18 @@ class DecodeGroup:
     block_tables: torch.Tensor     # [n, max_blocks] int32
     context_lens: torch.Tensor     # [n] int32, tokens in the cache after this step
     page: int                      # block size
+
+
+@dataclass
+class PrefillGroup:
+    """The GPU's prompt chunks (longer than KERNEL_MAX_CHUNK, from any position) as the
+    paged prefill kernel reads them (layers/paged_prefill_triton.py)."""
+
+    tiles: torch.Tensor            # [tiles, 2] int32: chunk index, first query in it
+    chunks: torch.Tensor           # [chunks, 3] int32: token row, length, start position
+    block_tables: torch.Tensor     # [chunks, max_blocks] int32
+    page: int                      # block size
+    block_q: int                   # queries per tile the table was cut for
 
 
 def _whole(x: torch.Tensor) -> torch.Tensor:
@@ -243,12 +256,12 @@ class Decoder:
             from dwc.runtime.layers.paged_attention_triton import paged_decode
 
             dg = batch.decode
-            if dg.rows is None:
-                paged_decode(q, layer_cache, dg.block_tables, dg.context_lens, dg.page,
-                             self.scale, scales, out=out)
-            else:
-                out[dg.rows] = paged_decode(q[dg.rows], layer_cache, dg.block_tables,
-                                            dg.context_lens, dg.page, self.scale, scales)
+            paged_decode(q, layer_cache, dg.block_tables, dg.context_lens, dg.page,
+                         self.scale, scales, out=out, rows=dg.rows)
+        if batch.prefill is not None:
+            from dwc.runtime.layers.paged_prefill_triton import paged_prefill
+
+            paged_prefill(q, layer_cache, batch.prefill, self.scale, scales, out)
         for pg in batch.prompts or ():
             out[pg.rows] = prompt_attention(q[pg.gather], layer_cache, pg.slots, pg.flat,
                                             self.scale, scales)

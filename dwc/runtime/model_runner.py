@@ -10,7 +10,8 @@ from dwc.constants import KERNEL_MAX_CHUNK, piecewise_sizes
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.inflight import Feed, to_device
 from dwc.runtime.logprobs import prompt_rows
-from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
+from dwc.runtime.layers.prefill_tiles import block_q_for, tile_table
+from dwc.runtime.model import Batch, DecodeGroup, Decoder, PrefillGroup, PromptGroup
 from dwc.runtime.piecewise_graphs import PiecewiseGraphs
 from dwc.runtime.scheduler import PENDING, Chunk
 
@@ -138,7 +139,7 @@ class ModelRunner:
         ids, positions, slots, tables, lens, rows = [], [], [], [], [], []
         page = blocks.block_size
         for c in chunks:
-            if c.length == 1:  # a decode row (the common case: no ranges, no generators)
+            if c.length == 1 and not c.draft:  # a decode row (the common case)
                 seq, p = c.seq, c.start
                 k = seq.num_known
                 ids.append(PENDING if p >= k else seq.prompt_ids[p] if p < len(seq.prompt_ids)
@@ -158,20 +159,26 @@ class ModelRunner:
 
     def _batch_lists(self, chunks: list[Chunk], blocks: BlockManager) -> tuple:
         """Flatten the chunks. On the GPU, short chunks (decode and verification steps)
-        go to the Triton kernel as one group, one row per token, each row seeing the
-        positions up to its own (that is the causal mask). Whole prompts (chunks from
-        position 0) are attended together, padded into batches of similar length; the
-        other chunks (later pieces of a prompt) keep the per-sequence PyTorch path."""
+        go to the paged decode kernel as one group, one row per token, each row seeing
+        the positions up to its own (that is the causal mask), and every longer chunk
+        to the paged prefill kernel, all in one launch. On the CPU, whole prompts
+        (chunks from position 0) are attended together, padded into batches of similar
+        length; the other chunks (later pieces of a prompt) go one by one."""
         ids, positions, slots, parts, rows = [], [], [], [], []
         kernel_rows, tables, lens = [], [], []  # the kernel's token rows, their tables and lengths
-        prompts = []  # (offset, length) of whole-prompt chunks
+        prompts = []  # CPU: (offset, length) of whole-prompt chunks
+        prefill = []  # GPU: (offset, length, start, block table) of the longer chunks
         offset = 0
+        gpu = self.device == "cuda"
         for c in chunks:
             ids.extend(c.token_ids())
             positions.extend(range(c.start, c.start + c.length))
-            if self.device == "cuda" and c.length <= KERNEL_MAX_CHUNK:
+            if gpu and c.length <= KERNEL_MAX_CHUNK:
                 kernel_rows.extend(range(offset, offset + c.length))
                 _kernel_chunk(c, blocks, slots, tables, lens)
+            elif gpu:
+                slots.extend(blocks.slot(c.seq, p) for p in range(c.start, c.start + c.length))
+                prefill.append((offset, c.length, c.start, c.seq.block_table))
             elif c.start == 0:
                 slots.extend(blocks.slot(c.seq, p) for p in range(c.length))
                 prompts.append((offset, c.length))
@@ -182,16 +189,31 @@ class ModelRunner:
             offset += c.length
             rows.extend(range(offset - c.logits, offset))
         rows.extend(prompt_rows(chunks))  # prompt logprobs: after every chunk's own rows
-        return ids, positions, slots, parts, rows, kernel_rows, tables, lens, prompts
+        return ids, positions, slots, parts, rows, kernel_rows, tables, lens, prompts, prefill
 
     def _batch(self, ids, positions, slots, parts, rows, kernel_rows, tables, lens,
-               prompts) -> Batch:
+               prompts, prefill) -> Batch:
         """The Batch of `_batch_lists`' lists, as tensors on this runner's device."""
         as_tensor = lambda x: to_device(x, self.device)  # noqa: E731
         return Batch(as_tensor(ids), as_tensor(positions), as_tensor(slots),
                      [(o, n, start, as_tensor(s)) for o, n, start, s in parts],
                      as_tensor(rows), self._decode_group(kernel_rows, tables, lens),
-                     [self._prompt_group(g, slots) for g in _similar_lengths(prompts)])
+                     [self._prompt_group(g, slots) for g in _similar_lengths(prompts)],
+                     self._prefill_group(prefill))
+
+    def _prefill_group(self, prefill: list) -> PrefillGroup | None:
+        if not prefill:
+            return None
+        d = self.decoder
+        block_q = block_q_for(d.dtype, d.head_dim, d.num_heads // d.num_kv_heads)
+        chunks = [(off, n, start) for off, n, start, _ in prefill]
+        width = max(len(t) for *_, t in prefill)
+        return PrefillGroup(
+            tiles=to_device(tile_table(chunks, block_q), self.device, torch.int32),
+            chunks=to_device(chunks, self.device, torch.int32),
+            block_tables=to_device([t + [0] * (width - len(t)) for *_, t in prefill],
+                                   self.device, torch.int32),
+            page=self.block_size, block_q=block_q)
 
     def _prompt_group(self, group: list[tuple[int, int]], slots: list[int]) -> PromptGroup:
         """Right-pad whole-prompt chunks [(offset, length)] to the longest; padding
