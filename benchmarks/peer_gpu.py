@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import date
 from pathlib import Path
 
@@ -43,17 +44,40 @@ def dwc_decode(engine: Engine) -> dict:
     return out
 
 
+def run_peer(args, save, report) -> dict:
+    """gpt-fast's own script: its result lines ("bf16 8 5.84 ms/step 1368 tok/s") kept as
+    they come, its json when it finishes within --peer-timeout."""
+    peer = {}
+    proc = subprocess.Popen([sys.executable, str(args.peers / "gptfast_bench.py"),
+                             str(args.peers / "gpt-fast"), str(args.out)],
+                            stdout=subprocess.PIPE, text=True)
+    timer = threading.Timer(args.peer_timeout, proc.kill)  # its compiles print nothing
+    timer.start()
+    for line in proc.stdout:
+        parts = line.split()
+        if len(parts) == 6 and parts[3] == "ms/step":
+            peer[f"{parts[0]}_bs{parts[1]}"] = {"step_ms": float(parts[2]),
+                                                "tok_s": float(parts[4])}
+            report["gpt_fast"] = peer
+            save()
+    timer.cancel()
+    if proc.wait() != 0:
+        peer["unfinished"] = f"exit {proc.returncode} (killed after --peer-timeout " \
+            f"{args.peer_timeout:.0f} s if negative)"
+        return peer
+    return json.loads((args.out / "gptfast.json").read_text())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", type=Path, default=ROOT / ".peers")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
     ap.add_argument("--fp8", type=Path, help="an h200-fp8 bundle of the 8B shape")
+    ap.add_argument("--peer-timeout", type=float, default=420.0,
+                    help="seconds the peer may take (its compiles are minutes)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(args.peers / "gptfast_bench.py"),
-                           str(args.peers / "gpt-fast"), str(args.out)])
-    peer = json.loads((args.out / "gptfast.json").read_text()) if proc.returncode == 0 else {}
     from build_8b import make_checkpoint
 
     ckpt = args.work / "llama3-8b-shape"
@@ -62,7 +86,10 @@ def main() -> int:
     report = {"benchmark": "peer_gpu", "device": torch.cuda.get_device_name(0),
               "date": date.today().isoformat(), "commit": os.environ.get("DWC_COMMIT", "?"),
               "settings": "Llama-3-8B shape, random weights, 128 in / 128 out, greedy",
-              "gpt_fast": peer, "dwc": {}}
+              "gpt_fast": {}, "dwc": {}}
+    save = lambda: (args.out / "peer_gpu.json").write_text(json.dumps(report, indent=1))  # noqa: E731,E501
+    # dwc first (a minute), then the peer, whose compiles take minutes: a call that ends
+    # inside them keeps dwc's figures and the peer's lines printed so far.
     bf16 = Engine(ckpt, EngineConfig(num_blocks=4096, max_num_seqs=64,
                                      max_num_batched_tokens=8192), fusion=DEFAULT_PLAN)
     report["dwc"]["bf16"] = dwc_decode(bf16)
@@ -70,6 +97,9 @@ def main() -> int:
     torch.cuda.empty_cache()
     if args.fp8:
         report["dwc"]["fp8"] = dwc_decode(Engine.from_bundle(args.fp8))
+        torch.cuda.empty_cache()
+    save()
+    report["gpt_fast"] = peer = run_peer(args, save, report)
     (args.out / "peer_gpu.json").write_text(json.dumps(report, indent=1))
     print(f"\n{report['device']} @ {report['commit']}: {report['settings']}")
     print(f"{'':<10}" + "".join(f"{'bs' + str(b):>24}" for b in BATCHES))
