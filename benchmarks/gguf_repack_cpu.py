@@ -36,8 +36,8 @@ def repacked_tensors(path: Path) -> int:
 
 
 def measure(path: Path, repack: bool, args) -> dict:
-    from dwc.backends import gguf_child
-    from dwc.bench_gguf import llama_bench
+    from dwc.backends.gguf import child as gguf_child
+    from dwc.backends.gguf.bench import llama_bench
 
     _, prompt_s, gen_s = gguf_child.run("benchmarking", path, llama_bench, path, args.num_prompts,
                                         args.input_len, args.output_len, 0, None, repack)

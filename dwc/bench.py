@@ -25,6 +25,7 @@ class BenchConfig:
     input_len: int = 128
     output_len: int = 64
     rps: float = 2.0
+    rps_levels: tuple[float, ...] = (2.0,)  # `dwc bench --rps`: the online levels measured
     online_requests: int = 16
     online_warmup: int = 0    # first requests of the arrivals, sent but not measured
     baseline: bool = True

@@ -210,94 +210,26 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
           no_draft, out, as_json):
     """Measure a bundle. torch-triton: offline throughput and online latency, against its
     SLO. GGUF: llama.cpp's prompt and generation tok/s against transformers on this CPU."""
-    from dwc.bench import BenchConfig, against_slo, cost, offline, online
-    from dwc.bundle.reader import open_bundle, read_manifest
-    from dwc.reports import json_bytes, line_chart
-    from dwc.runtime.engine import Engine
-
-    manifest = open_bundle(bundle)
-    if manifest["target"]["backend"] == "gguf":
-        return _bench_gguf(bundle, manifest, BenchConfig(num_prompts, input_len, output_len,
-                                                         baseline=not no_baseline), out, as_json)
-    engine = Engine.from_bundle(bundle, speculative=not no_draft)
-    cfg = BenchConfig(num_prompts, input_len, output_len, baseline=not no_baseline,
-                      online_requests=requests)
-    result = {"bundle": str(bundle), "device": engine.runner.device,
-              "offline": offline(engine, cfg), "online_levels": []}
-    for rps in rps_levels or (2.0,):
-        cfg.rps = rps
-        result["online_levels"].append(online(engine, cfg))
-    result["online"] = max(result["online_levels"], key=lambda r: r["rps"])
-    result["slo"] = against_slo(read_manifest(bundle).get("slo"), result)
-    result["speculation"] = engine.speculation()  # over the whole run; None without a draft
-    off = result["offline"]
-    result["cost"] = cost(manifest["target"]["hardware"]["usd_per_hour"], off["output_tok_s"],
-                          off["prompts"] / off["seconds"])
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_bytes(json_bytes(result))
-        levels = result["online_levels"]
-        (out / "latency.png").write_bytes(line_chart(
-            {"TTFT p99 (ms)": [r["ttft_ms"]["p99"] for r in levels],
-             "TPOT p99 (ms)": [r["tpot_ms"]["p99"] for r in levels]},
-            title="Latency against load (" + ", ".join(f"{r['rps']} rps" for r in levels) + ")",
-            xlabel="load level", ylabel="ms"))
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    off = result["offline"]
-    base = off.get("transformers_output_tok_s")
-    click.echo(f"offline  {off['prompts']} x {off['input_len']} in / {off['output_len']} out: "
-               f"{off['output_tok_s']} output tok/s"
-               + (f" (transformers {base})" if base else ""))
-    for r in result["online_levels"]:
-        click.echo(f"online   {r['rps']} rps (achieved {r['achieved_rps']}): TTFT p50/p99 "
-                   f"{r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} ms, TPOT p50/p99 "
-                   f"{r['tpot_ms']['p50']}/{r['tpot_ms']['p99']} ms")
-    spec = result["speculation"]
-    if spec:
-        click.echo(f"draft    K={spec['k']}: acceptance {spec['acceptance_rate']}, "
-                   f"{spec['mean_accepted_tokens']} tokens per verification step")
-    for name, check in (result["slo"] or {}).items():
-        click.echo(f"slo      {name} {check['target']}: p99 {check['measured_p99']} ms "
-                   f"{'met' if check['met'] else 'NOT met'}")
-    c = result["cost"]
-    click.echo(f"cost     ${c['usd_per_million_output_tokens']} per million output tokens, "
-               f"${c['usd_per_million_requests']} per million requests "
-               f"(offline throughput, ${c['usd_per_hour']}/h)")
-
-
-def _bench_gguf(bundle: Path, manifest: dict, cfg, out: Path | None, as_json: bool) -> None:
-    from dwc.bench_gguf import bench_gguf
+    from dwc import backends
+    from dwc.bench import BenchConfig
+    from dwc.bundle.reader import open_bundle
     from dwc.reports import json_bytes
 
-    from dwc.bench import cost
-
-    result = {"bundle": str(bundle), "device": "cpu", **bench_gguf(bundle, manifest, cfg)}
-    # batch 1: a request takes its prompt and its generation time
-    seconds = cfg.input_len / result["prompt_tok_s"] + \
-        (cfg.output_len - 1) / result["generation_tok_s"]
-    result["cost"] = cost(manifest["target"]["hardware"]["usd_per_hour"],
-                          result["generation_tok_s"], 1 / seconds)
+    manifest = open_bundle(bundle)
+    cfg = BenchConfig(num_prompts, input_len, output_len, baseline=not no_baseline,
+                      online_requests=requests, rps_levels=tuple(rps_levels) or (2.0,))
+    run = backends.get(manifest["target"]["backend"]).bench(bundle, manifest, cfg,
+                                                            draft=not no_draft)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_bytes(json_bytes(result))
+        (out / "bench.json").write_bytes(json_bytes(run.result))
+        for name, data in run.files.items():
+            (out / name).write_bytes(data)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(run.result))
         return
-    click.echo(f"llama.cpp     {cfg.num_prompts} x {cfg.input_len} in / {cfg.output_len} out, "
-               f"batch 1: prompt {result['prompt_tok_s']} tok/s, generation "
-               f"{result['generation_tok_s']} tok/s")
-    base = result.get("transformers") or {}
-    if "prompt_tok_s" in base:
-        click.echo(f"transformers  prompt {base['prompt_tok_s']} tok/s, generation "
-                   f"{base['generation_tok_s']} tok/s (x{result['speedup_prompt']} / "
-                   f"x{result['speedup_generation']})")
-    elif base:
-        click.echo(f"transformers  {base['skipped']}")
-    c = result["cost"]
-    click.echo(f"cost          ${c['usd_per_million_output_tokens']} per million output tokens, "
-               f"${c['usd_per_million_requests']} per million requests (${c['usd_per_hour']}/h)")
+    for line in run.lines:
+        click.echo(line)
 
 
 @main.command()

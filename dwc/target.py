@@ -12,9 +12,10 @@ from typing import Literal, Optional
 
 import yaml
 
+from dwc import backends
 from dwc.checkpoint import ModelInfo
 from dwc.config import from_dict, option, positive
-from dwc.errors import BadInput, TargetError
+from dwc.errors import TargetError
 
 KV_DTYPES = Literal["bfloat16", "float16", "float32", "fp8_e4m3"]
 
@@ -49,8 +50,7 @@ class Weights:
 class Target:
     name: str = option(help="target name, as given to --target")
     description: str = option(help="one line for `dwc targets`")
-    backend: Literal["torch-triton", "gguf", "tensorrt-llm"] = option(
-        help="serving backend of the bundle")
+    backend: str = option(help="serving backend of the bundle: " + ", ".join(backends.BACKENDS))
     device: Literal["cpu", "cuda"] = option(help="where the runtime runs")
     hardware: Hardware = option(help="the machine's figures")
     weights: Weights = option(help="weight format")
@@ -61,11 +61,20 @@ class Target:
                 "`hardware` describes one of them")
 
     def validate(self, path: str) -> None:
+        if self.backend not in backends.BACKENDS:
+            raise TargetError(f"backend: {self.backend!r} is not one of "
+                              f"{', '.join(backends.BACKENDS)}")
+        backend = backends.get(self.backend)
         if self.tensor_parallel < 1:
             raise TargetError("tensor_parallel: must be at least 1")
-        if self.tensor_parallel > 1 and self.backend != "torch-triton":
+        if self.tensor_parallel > 1 and not backend.tensor_parallel:
             raise TargetError(f"tensor_parallel: {self.backend} bundles are not split by dwc; "
                               "tensor parallelism is for the torch-triton runtime")
+        for other in backends.BACKENDS.values():
+            foreign = [p for p in self.passes if p in other.own_passes and other is not backend]
+            if foreign:
+                raise TargetError(f"passes: {foreign[0]} is a pass of {other.name} bundles, "
+                                  f"not {self.backend}")
         if self.tensor_parallel > 1 and self.weights.scheme == "int4-w4a16":
             raise TargetError("tensor_parallel: INT4 (W4A16) weights are not split yet")
 
@@ -77,37 +86,7 @@ class Target:
         if info.head_dim % 2:
             raise TargetError(f"target {self.name}: head size {info.head_dim} is odd; "
                               "rotary embeddings need an even head size")
-        if self.backend == "gguf":
-            from dwc.formats.gguf_file import check_representable
-
-            # llama.cpp's quantizer handles rows that K-quants cannot split (it falls
-            # back to another type for that tensor): no size rule here.
-            check_representable(info.path, info.config)
-            return
-        # Every quantized Linear's input size must split into whole groups (INT4) or fit
-        # the 16-element alignment of FP8 / INT8 matrix kernels.
-        multiple = self.weights.group_size or (16 if self.weights.scheme != "none" else 1)
-        for name in ("hidden_size", "intermediate_size"):
-            size = getattr(info, name)
-            if size % multiple:
-                raise TargetError(f"target {self.name}: {name} {size} is not a multiple of "
-                                  f"{multiple}, which {self.weights.scheme} needs")
-        if self.device == "cpu" and self.weights.scheme != "none":
-            raise TargetError(f"target {self.name}: {self.weights.scheme} needs a GPU runtime")
-        if self.tensor_parallel > 1:
-            from dwc.runtime.tensor_parallel import check_layout
-
-            try:
-                check_layout(info.num_heads, info.num_kv_heads, info.intermediate_size,
-                             self.tensor_parallel)
-            except BadInput as e:
-                raise TargetError(f"target {self.name}: {e.message}") from None
-            # Each rank's quantized slices must keep the kernels' alignment too.
-            share = info.intermediate_size // self.tensor_parallel
-            if share % multiple:
-                raise TargetError(f"target {self.name}: intermediate_size / tensor_parallel = "
-                                  f"{share} is not a multiple of {multiple}, which "
-                                  f"{self.weights.scheme} needs")
+        backends.get(self.backend).check_model(self, info)
 
     def summary(self) -> dict:
         return {"name": self.name, "backend": self.backend, "device": self.device,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from dwc.backends import EMITTERS
-from dwc.backends.torch_triton import vllm_command, write_draft
+from dwc import backends
+from dwc.bundle.draft import write_draft
 from dwc.bundle.writer import BundleWriter
 from dwc.config import options_dict
 from dwc.formats import manifest as mf
@@ -29,8 +29,9 @@ class Emit(Pass):
 
     def run(self, ctx, options) -> PassResult:
         t0 = time.perf_counter()
+        backend = backends.get(ctx.target.backend)
         with BundleWriter(ctx.output, force=ctx.force) as writer:
-            EMITTERS[ctx.target.backend](writer, ctx)
+            backend.emit(writer, ctx)
             if ctx.artifacts.get("draft_model") is not None:
                 write_draft(writer, ctx.artifacts["draft_model"], ctx.info.path)
             for name, data in sorted(ctx.reports.items()):
@@ -39,7 +40,7 @@ class Emit(Pass):
                       "seconds": round(time.perf_counter() - t0, 3), "cached": False,
                       "metrics": {}}
             manifest = build_manifest(ctx, record)
-            vllm = vllm_command(manifest) if ctx.target.backend == "torch-triton" else None
+            vllm = backend.alternative_serving(manifest)
             readme = render("bundle_README.md.j2", m=manifest, model_dir=mf.MODEL_DIR,
                             reports_dir=mf.REPORTS_DIR, vllm=vllm)
             writer.write_bytes(mf.README, readme.encode())

@@ -1,11 +1,11 @@
 """`gguf-export`: the model as one GGUF file for llama.cpp, quantized by llama.cpp itself.
 
 Writes the model (the source weights, with a LoRA adapter merged by `load`) as F16 GGUF
-in llama.cpp's conventions (dwc/formats/gguf_file.py), after choosing the pre-tokenizer
+in llama.cpp's conventions (dwc/backends/gguf/file.py), after choosing the pre-tokenizer
 name under which llama.cpp tokenizes the evaluation text exactly as the Hugging Face
 tokenizer does; then, for Q8_0 / Q4_K_M targets, runs llama.cpp's quantizer with an
 importance matrix made from the `calibrate` pass's per-column mean squared activations
-(dwc/backends/gguf.py). The `evaluate` pass then runs this very file in llama.cpp.
+(dwc/backends/gguf/llama.py). The `evaluate` pass then runs this very file in llama.cpp.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class GgufExport(Pass):
                 "gguf": version("gguf"), "llama_cpp": version("llama-cpp-python"), "version": 2}
 
     def run(self, ctx, options) -> PassResult:
-        from dwc.backends import gguf as backend
-        from dwc.formats import gguf_file
+        from dwc.backends.gguf import llama as backend
+        from dwc.backends.gguf import file as gguf_file
 
         model = ctx.artifacts["model"]
         ggml_type = ctx.target.weights.scheme.removeprefix("gguf-")

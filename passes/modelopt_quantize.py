@@ -1,5 +1,5 @@
 """`modelopt-quantize`: the target's scheme through NVIDIA ModelOpt, exported as the unified
-Hugging Face checkpoint TensorRT-LLM loads (dwc/formats/modelopt_hf.py).
+Hugging Face checkpoint TensorRT-LLM loads (dwc/backends/tensorrt_llm/checkpoint.py).
 
 `mtq.quantize` calibrates on the build file's calibration windows (FP8: per-tensor
 weight and input scales, amax / 448, and K / V scales with an FP8 KV cache; INT4 AWQ:
@@ -55,7 +55,7 @@ class ModelOptQuantize(Pass):
                 "modelopt": version("nvidia-modelopt"), "version": 1}
 
     def run(self, ctx, options) -> PassResult:
-        from dwc.formats.modelopt_hf import load_model, quantize_and_export
+        from dwc.backends.tensorrt_llm.checkpoint import load_model, quantize_and_export
 
         c, t = ctx.build.calibration, ctx.target
         windows = token_windows(c.data, ctx.artifacts["tokenizer"], c.samples, c.seq_len)
@@ -81,7 +81,7 @@ class ModelOptQuantize(Pass):
         (folder / SUMMARY).write_text(json.dumps(q.summary))
 
     def load(self, folder: Path, ctx) -> dict:
-        from dwc.formats.modelopt_hf import load_model
+        from dwc.backends.tensorrt_llm.checkpoint import load_model
 
         summary = json.loads((folder / SUMMARY).read_text())
         return {"model": load_model(folder / CHECKPOINT, ctx.compute_device),
@@ -91,7 +91,7 @@ class ModelOptQuantize(Pass):
 def _summary(folder: Path, scheme: str) -> dict:
     from safetensors import safe_open
 
-    from dwc.formats.modelopt_hf import read_quant_config
+    from dwc.backends.tensorrt_llm.checkpoint import read_quant_config
 
     quant = read_quant_config(folder)
     layers = 0

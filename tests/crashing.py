@@ -1,4 +1,4 @@
-"""Functions the tests send to dwc's llama.cpp child process (dwc/backends/gguf_child.py)
+"""Functions the tests send to dwc's llama.cpp child process (dwc/backends/gguf/child.py)
 in place of dwc's own: a module of their own, without heavy imports, because the child
 imports the module of every function it is sent."""
 

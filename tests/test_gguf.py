@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.conftest import assert_clean_error, dwc, manifest_of, write_buildfile
-from dwc.backends import gguf as backend
-from dwc.formats import gguf_file
+from dwc.backends.gguf import llama as backend
+from dwc.backends.gguf import file as gguf_file
 
 
 def llama_scores(path: Path, ids: list[int]) -> np.ndarray:

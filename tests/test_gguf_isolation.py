@@ -1,5 +1,5 @@
 """llama.cpp kept where a native crash cannot take dwc down (issue 17): the child process
-(dwc/backends/gguf_child.py), a crash in each place dwc calls llama.cpp through the CLI,
+(dwc/backends/gguf/child.py), a crash in each place dwc calls llama.cpp through the CLI,
 and the Qwen2 shape that crashed llama.cpp built to every GGUF target."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from tests import crashing
 from tests.conftest import ROOT, assert_clean_error, dwc, manifest_of, write_buildfile
 from tests.qwen2_shape import cached_qwen2_shape
 from tests.test_gguf import _perplexity
-from dwc.backends import gguf as backend
-from dwc.backends import gguf_child
+from dwc.backends.gguf import llama as backend
+from dwc.backends.gguf import child as gguf_child
 
 BUDGETS = {"cpu-gguf-f16": 1.0, "cpu-gguf-q8_0": 1.0, "cpu-gguf-q4_k_m": 5.0}  # test_gguf's
 
@@ -124,7 +124,7 @@ def test_a_llama_cpp_crash_in_a_build_is_one_line_exit_1_and_no_bundle(
 
 
 def test_a_llama_cpp_crash_in_bench_is_one_line_exit_1(shape_build, monkeypatch, tmp_path):
-    from dwc import bench_gguf
+    from dwc.backends.gguf import bench as bench_gguf
 
     monkeypatch.setattr(bench_gguf, "llama_bench", crashing.segfault)
     bundle = shape_build[1]["cpu-gguf-q8_0"]

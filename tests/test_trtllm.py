@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from dwc.formats import modelopt_hf
+from dwc.backends.tensorrt_llm import checkpoint as modelopt_hf
 from tests.conftest import assert_clean_error, dwc, manifest_of, write_buildfile
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -24,3 +24,7 @@ FILE_KEYS = ("sha256", "bytes")
 # (when and where it was built). They live in manifest.json only, which is not itself
 # listed in "files"; every listed file is byte-identical across builds.
 VOLATILE_PASS_KEYS = ("seconds", "cached")
+
+# The backend whose bundles dwc's own runtime serves (`dwc serve`, `dwc bench`, Engine):
+# the runtime reads this layout and no other.
+RUNTIME_BACKEND = "torch-triton"

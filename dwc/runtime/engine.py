@@ -102,9 +102,9 @@ class Engine:
         (when it has one) unless `speculative` or config.speculative is False. Splits the
         model over `tensor_parallel` processes (None: the plan's, else config's)."""
         manifest = open_bundle(bundle)
-        if manifest["target"]["backend"] != "torch-triton":
+        if manifest["target"]["backend"] != mf.RUNTIME_BACKEND:
             raise BadInput(f"{bundle}: a {manifest['target']['backend']} bundle; dwc's runtime "
-                           "runs torch-triton bundles")
+                           f"runs {mf.RUNTIME_BACKEND} bundles")
         plan = manifest["kv_cache"]
         if config is None and plan.get("num_blocks"):
             config = EngineConfig.from_plan(plan)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dwc.backends import gguf_child
+from dwc.backends.gguf import child as gguf_child
 from dwc.bundle.writer import BundleWriter
 from dwc.errors import DwcError
 from dwc.formats import manifest as mf
@@ -58,7 +58,7 @@ def imatrix_entries(mean_sq: dict) -> dict[str, np.ndarray]:
     permutation does not touch columns, so the statistics apply unchanged."""
     import gguf
 
-    from dwc.formats.gguf_file import tensor_name
+    from dwc.backends.gguf.file import tensor_name
 
     out = {}
     for name, values in mean_sq.items():

@@ -10,6 +10,7 @@ import json
 import shlex
 from pathlib import Path
 
+from dwc.bundle.draft import copy_tokenizer
 from dwc.bundle.writer import BundleWriter
 from dwc.constants import MAX_SHARD_SIZE
 from dwc.formats import hf
@@ -67,19 +68,3 @@ def vllm_serve_args(m: dict) -> list[str]:
 def vllm_command(m: dict) -> str:
     """The command line, quoted for a POSIX shell."""
     return shlex.join(["vllm", "serve", *vllm_serve_args(m)])
-
-
-def copy_tokenizer(writer: BundleWriter, source_dir: Path, dest: str) -> None:
-    """Tokenizer files verbatim from the source checkpoint (byte-identical, not re-saved)."""
-    for name in hf.TOKENIZER_FILES:
-        if (Path(source_dir) / name).is_file():
-            writer.copy_file(f"{dest}/{name}", Path(source_dir) / name)
-
-
-def write_draft(writer: BundleWriter, draft, source_dir: Path) -> None:
-    """draft/: the distilled draft in Hugging Face layout (bf16) with the shared tokenizer."""
-    import torch
-
-    out = writer.path(f"{mf.DRAFT_DIR}/{hf.CONFIG}").parent
-    draft.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    copy_tokenizer(writer, source_dir, mf.DRAFT_DIR)

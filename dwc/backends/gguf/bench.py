@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # dwc.bench imports torch: the llama.cpp child imports this m
 
 
 def bench_gguf(bundle: Path, manifest: dict, cfg: BenchConfig, threads: int | None = None) -> dict:
-    from dwc.backends import gguf_child
-    from dwc.backends.gguf import GGUF_FILE
+    from dwc.backends.gguf import child as gguf_child
+    from dwc.backends.gguf.llama import GGUF_FILE
     from dwc.errors import BadInput
     from dwc.formats import manifest as mf
 
@@ -57,7 +57,7 @@ def llama_bench(path: Path, num_prompts: int, input_len: int, output_len: int, s
                 threads: int | None = None, repack: bool | None = None):
     """(the prompts, prompt seconds, generation seconds) of llama.cpp on `path`, summed
     over `num_prompts` random prompts; repack None: dwc's setting (backends/gguf.py)."""
-    from dwc.backends.gguf import REPACK, open_model
+    from dwc.backends.gguf.llama import REPACK, open_model
 
     llm = open_model(path, input_len + output_len + 8, threads=threads,
                      repack=REPACK if repack is None else repack)
@@ -122,3 +122,30 @@ def _transformers(source: Path, batch: list[list[int]], n_out: int, threads: int
             gen_s += max((t2 - t1) - (t1 - t0), (t2 - t1) / 10)
     return {"prompt_tok_s": round(len(batch) * len(batch[0]) / prompt_s, 1),
             "generation_tok_s": round(len(batch) * (n_out - 1) / gen_s, 1)}
+
+
+def bench_run(bundle: Path, manifest: dict, cfg: BenchConfig):
+    """`dwc bench` on a GGUF bundle: the measurement, its cost, the lines it prints."""
+    from dwc.backends.base import BenchRun
+    from dwc.bench import cost
+
+    result = {"bundle": str(bundle), "device": "cpu", **bench_gguf(bundle, manifest, cfg)}
+    # batch 1: a request takes its prompt and its generation time
+    seconds = cfg.input_len / result["prompt_tok_s"] + \
+        (cfg.output_len - 1) / result["generation_tok_s"]
+    result["cost"] = c = cost(manifest["target"]["hardware"]["usd_per_hour"],
+                              result["generation_tok_s"], 1 / seconds)
+    lines = [f"llama.cpp     {cfg.num_prompts} x {cfg.input_len} in / {cfg.output_len} out, "
+             f"batch 1: prompt {result['prompt_tok_s']} tok/s, generation "
+             f"{result['generation_tok_s']} tok/s"]
+    base = result.get("transformers") or {}
+    if "prompt_tok_s" in base:
+        lines.append(f"transformers  prompt {base['prompt_tok_s']} tok/s, generation "
+                     f"{base['generation_tok_s']} tok/s (x{result['speedup_prompt']} / "
+                     f"x{result['speedup_generation']})")
+    elif base:
+        lines.append(f"transformers  {base['skipped']}")
+    lines.append(f"cost          ${c['usd_per_million_output_tokens']} per million output "
+                 f"tokens, ${c['usd_per_million_requests']} per million requests "
+                 f"(${c['usd_per_hour']}/h)")
+    return BenchRun(result, lines)

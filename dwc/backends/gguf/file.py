@@ -267,14 +267,14 @@ def choose_pre_tokenizer(config: dict, source_dir: Path, text: str, work: Path) 
     import gguf
     from transformers import AutoTokenizer
 
-    from dwc.backends.gguf_child import LlamaProcess
+    from dwc.backends.gguf.child import LlamaProcess
 
     text = text + PROBE_EXTRA
     want = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)(
         text, add_special_tokens=False).input_ids
     arch = ARCHITECTURES[config["architectures"][0]]
     probe = Path(work) / "vocab-probe.gguf"
-    # llama.cpp in one child process for all the names (backends/gguf_child.py)
+    # llama.cpp in one child process for all the names (backends/gguf/child.py)
     with LlamaProcess("probing the pre-tokenizer of", probe) as child:
         try:
             for pre in PRE_TOKENIZERS:
@@ -300,7 +300,7 @@ def llama_tokenize(path: Path, text: str) -> list[int]:
     """llama.cpp's tokenization of `text` (no BOS), from the file's vocabulary alone."""
     from llama_cpp import Llama
 
-    from dwc.backends.gguf import quiet
+    from dwc.backends.gguf.llama import quiet
 
     quiet()
     vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)

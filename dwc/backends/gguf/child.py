@@ -102,7 +102,7 @@ def _start() -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
-_CHILD = "from dwc.backends.gguf_child import _serve; _serve()"
+_CHILD = "from dwc.backends.gguf.child import _serve; _serve()"
 
 
 def _picklable(e: BaseException) -> BaseException:
