@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from dwc.bench import BenchConfig, online, sync
 from dwc.costmodel import Calibration, interpolate
 from dwc.runtime.engine import Engine
 from dwc.runtime.sequence import SamplingParams
+
+if TYPE_CHECKING:
+    from dwc.runtime.model_runner import ModelRunner
 
 STEPS = 8            # decode steps timed per size (median)
 SERVING_REQUESTS = 150
@@ -179,3 +183,25 @@ def _timed_step(engine: Engine) -> float:
 def _median_step(engine: Engine, steps: int) -> float:
     _timed_step(engine)  # the first step at a new size warms up
     return statistics.median(_timed_step(engine) for _ in range(steps))
+
+
+def decode_step_seconds(runner: "ModelRunner", context: int = 128, steps: int = 32) -> float:
+    """Seconds of one batch-1 decode step after `context` tokens (median of `steps`),
+    synchronised: what a draft's cost ratio is measured with."""
+    from dwc.runtime.block_manager import BlockManager
+    from dwc.runtime.scheduler import Chunk
+    from dwc.runtime.sequence import Sequence
+
+    blocks = BlockManager(-(-(context + steps + 4) // runner.block_size), runner.block_size)
+    seq = Sequence([1 + i % 100 for i in range(context + steps + 4)], SamplingParams())
+    blocks.grow(seq, seq.num_tokens)
+    runner.run([Chunk(seq, 0, context, logits=1)], blocks)
+    times = []
+    wait = torch.cuda.synchronize if runner.device == "cuda" else (lambda: None)
+    for pos in range(context, context + steps + 4):
+        wait()
+        t0 = time.perf_counter()
+        runner.run([Chunk(seq, pos, 1, logits=1)], blocks)
+        wait()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[4:])  # the first steps warm up

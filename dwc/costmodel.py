@@ -37,6 +37,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 
+COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # per weight, unquantized
+
 QUANTILE = 0.99
 
 
@@ -232,3 +234,14 @@ def replicas(target_rps: float, one: float) -> int | None:
 
 def usd_per_million_tokens(usd_per_hour: float, output_tok_s: float) -> float | None:
     return usd_per_hour / 3600 / output_tok_s * 1e6 if output_tok_s > 0 else None
+
+
+def weight_bytes(ctx) -> int:
+    """Bytes of the optimized model's weights, as a step reads them: the quantized
+    summary's figure, else the parameters at the target's compute dtype (the figure the
+    KV plan and the cost model both use)."""
+    quantized = ctx.artifacts.get("quantized")
+    if quantized is not None:
+        return int(quantized.summary["weight_bytes"])
+    size = COMPUTE_BYTES[ctx.target.weights.dtype]
+    return sum(p.numel() for p in ctx.artifacts["model"].parameters()) * size

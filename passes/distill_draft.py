@@ -222,7 +222,8 @@ def cost_ratio(draft, target, ctx) -> float:
 def _timed_ratio(draft, target, ctx) -> float:
     """Batch-1 decode steps of the bf16 draft over those of the target with its GPU
     kernels and KV cache dtype, both in dwc's ModelRunner."""
-    from dwc.runtime.model_runner import ModelRunner, decode_step_seconds
+    from dwc.calibration import decode_step_seconds
+    from dwc.runtime.model_runner import ModelRunner
 
     quantized = ctx.artifacts.get("quantized")
     kv = ctx.target.kv_cache_dtype if ctx.target.kv_cache_dtype == "fp8_e4m3" else None

@@ -27,6 +27,7 @@ from typing import Optional
 
 from dwc.config import option, positive
 from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
+from dwc.costmodel import COMPUTE_BYTES, weight_bytes
 from dwc.errors import TargetError
 from dwc.kvcache import kv_bytes_per_token, kv_scales
 from dwc.passes.base import Pass, PassResult
@@ -35,7 +36,6 @@ from dwc.reports import json_bytes
 
 GB = 1e9
 KV_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8_e4m3": 1}
-COMPUTE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass
@@ -82,14 +82,6 @@ class KvLayout(Pass):
             metrics["max_k_scale"] = max(k for k, _ in plan["kv_scales"])
         return PassResult(outputs={"kv_plan": plan}, metrics=metrics,
                           reports={"kv_plan.json": json_bytes(plan)})
-
-
-def weight_bytes(ctx) -> int:
-    quantized = ctx.artifacts.get("quantized")
-    if quantized is not None:
-        return int(quantized.summary["weight_bytes"])
-    size = COMPUTE_BYTES[ctx.target.weights.dtype]
-    return sum(p.numel() for p in ctx.artifacts["model"].parameters()) * size
 
 
 def plan_kv(ctx, options) -> dict:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from dwc.config import option
 from dwc.costmodel import Calibration, Machine, ModelFigures, max_rps, predict, replicas, \
-    usd_per_million_tokens
+    usd_per_million_tokens, weight_bytes
 from dwc.errors import SloNotMet
 from dwc.passes.base import Pass, PassResult
 from dwc.reports import json_bytes, line_chart
@@ -87,7 +87,7 @@ class Tune(Pass):
                 tuning["calibration_failed"] = note
         finally:
             if engine is not None:
-                _release(engine)
+                engine.release()
         plan["max_num_seqs"] = best["max_num_seqs"]
         png = _load_plot(machine, _figures(ctx, plan, best["draft"]), best, slo, prompt, output)
         if slo and slo.enforce and not tuning["meets_slo"]:
@@ -168,7 +168,7 @@ def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, op
         tuning["confirmed"] = None
         tuning["confirmation"] = "not run: the choice speculates with the draft"
         return
-    engine.scheduler.max_num_seqs = best["max_num_seqs"]
+    engine.set_limits(max_num_seqs=best["max_num_seqs"])
     # Steady state first: the requests of two predicted lifetimes load the engine unmeasured.
     at = best["at_max_rps"]
     lifetime = (at["ttft_ms"] + output * at["tpot_ms"]) / 1000
@@ -192,17 +192,6 @@ def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, op
             tuning["meets_slo"] = False
 
 
-def _release(engine) -> None:
-    """Give the engine's GPU memory back before the next pass."""
-    import gc
-
-    import torch
-
-    engine.runner = engine.blocks = engine.scheduler = engine.drafter = None
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def _powers(limit: int) -> list[int]:
     out, n = [], 1
     while n < limit:
@@ -212,8 +201,6 @@ def _powers(limit: int) -> list[int]:
 
 
 def _figures(ctx, plan: dict, draft: bool) -> ModelFigures:
-    from dwc.passes.kv_layout import weight_bytes
-
     d = ctx.artifacts.get("draft") if draft else None
     return ModelFigures(
         weight_bytes=weight_bytes(ctx),  # the figure the KV plan used

@@ -260,3 +260,16 @@ def test_prefill_tiles_cover_every_query_once_heaviest_first():
     assert last_key == sorted(last_key, reverse=True)
     assert block_q == 32 and block_q_for(torch.bfloat16, 128, 7) == 16
     assert block_q_for(torch.float32, 128, 1) == 32
+
+
+def test_engine_limits_and_release(bundle):
+    """The public knobs measurement code uses: batch limits, and giving memory back."""
+    eng = Engine(bundle / "model", EngineConfig(num_blocks=64, max_num_seqs=8))
+    tokens = eng.scheduler.max_num_batched_tokens
+    assert eng.set_limits(max_num_seqs=2) == (8, tokens)
+    outs = eng.generate(PROMPTS[:3], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [len(o.output_ids) for o in outs] == [3, 3, 3]
+    assert (eng.scheduler.max_num_seqs, eng.scheduler.max_num_batched_tokens) == (2, tokens)
+    eng.release()
+    assert eng.runner is None and eng.scheduler is None and eng.blocks is None
+    eng.release()  # twice is harmless

@@ -94,6 +94,27 @@ class Engine:
             self.tp.close(force)
             self.tp = None
 
+    def release(self) -> None:
+        """Give the model, the KV cache and the graphs' memory back (the engine cannot
+        step afterwards): for a caller that measured with it and needs the GPU next."""
+        import gc
+
+        self.close()
+        self.runner = self.blocks = self.scheduler = self.drafter = self.inflight = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def set_limits(self, max_num_seqs: int | None = None,
+                   max_num_batched_tokens: int | None = None) -> tuple[int, int]:
+        """Change the scheduler's batch limits (None keeps one); returns the previous
+        (max_num_seqs, max_num_batched_tokens)."""
+        sched = self.scheduler
+        old = sched.max_num_seqs, sched.max_num_batched_tokens
+        sched.max_num_seqs = max_num_seqs or old[0]
+        sched.max_num_batched_tokens = max_num_batched_tokens or old[1]
+        return old
+
     @classmethod
     def from_bundle(cls, bundle: Path, config: EngineConfig | None = None,
                     speculative: bool = True, tensor_parallel: int | None = None) -> "Engine":

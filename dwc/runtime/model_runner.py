@@ -259,26 +259,3 @@ def _kernel_chunk(c: Chunk, blocks: BlockManager, slots: list, tables: list, len
     slots.extend(blocks.slot(c.seq, p) for p in span)
     tables.extend([c.seq.block_table] * c.length)
     lens.extend(p + 1 for p in span)
-
-
-def decode_step_seconds(runner: ModelRunner, context: int = 128, steps: int = 32) -> float:
-    """Seconds of one batch-1 decode step after `context` tokens (median of `steps`),
-    synchronised: what a draft's cost ratio is measured with."""
-    import statistics
-    import time
-
-    from dwc.runtime.sequence import SamplingParams, Sequence
-
-    blocks = BlockManager(-(-(context + steps + 4) // runner.block_size), runner.block_size)
-    seq = Sequence([1 + i % 100 for i in range(context + steps + 4)], SamplingParams())
-    blocks.grow(seq, seq.num_tokens)
-    runner.run([Chunk(seq, 0, context, logits=1)], blocks)
-    times = []
-    sync = torch.cuda.synchronize if runner.device == "cuda" else (lambda: None)
-    for pos in range(context, context + steps + 4):
-        sync()
-        t0 = time.perf_counter()
-        runner.run([Chunk(seq, pos, 1, logits=1)], blocks)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[4:])  # the first steps warm up
