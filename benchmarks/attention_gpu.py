@@ -2,7 +2,7 @@
 blocks, shuffled block tables), bf16 and FP8 caches.
 
 - Prefill: the paged prefill kernel (one launch for every prompt chunk of a step,
-  dwc/runtime/layers/paged_prefill_triton.py) against the PyTorch path it replaced on
+  dwc/runtime/kernels/paged_prefill_triton.py) against the PyTorch path it replaced on
   the GPU (the cache gathered into padded [B, L] batches, SDPA, the output scattered
   back: layers/attention.py prompt_attention), TFLOP/s of the causal attention's work.
 - Decode: the paged decode kernel (paged_attention_triton.py) at batch x context, GB/s
@@ -27,10 +27,9 @@ import torch
 from triton.testing import do_bench
 
 from dwc.runtime.layers.attention import prompt_attention
-from dwc.runtime.layers.paged_attention_triton import paged_decode
-from dwc.runtime.layers.paged_prefill_triton import paged_prefill
-from dwc.runtime.layers.prefill_tiles import block_q_for, tile_table
-from dwc.runtime.model import PrefillGroup
+from dwc.runtime.kernels.paged_attention_triton import paged_decode
+from dwc.runtime.kernels.paged_prefill_triton import paged_prefill
+from dwc.runtime.kernels.prefill_tiles import PrefillGroup, block_q_for, tile_table
 
 HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 16
 PREFILL = {"4 x 2048": [(0, 2048)] * 4, "1 x 8192": [(0, 8192)], "1 x 1024": [(0, 1024)],

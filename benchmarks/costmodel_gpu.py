@@ -1,9 +1,9 @@
-"""The cost model (dwc/costmodel.py, the `tune` pass) against measurement on the H200
+"""The cost model (dwc/perf/costmodel.py, the `tune` pass) against measurement on the H200
 (issue 9): the Llama-3-8B shape (random weights) built `-t h200-fp8` with an SLO (on the
 GPU, `tune` calibrates the model with short measurements), then `dwc bench`'s online
 measurement (Poisson arrivals, 512-token prompts, 128 new tokens; warm-up requests not
 counted) at three loads below the predicted maximum, beside the build's prediction at
-the same rate, from the scheduler simulation (dwc/loadsim.py) that `tune` reports (the
+the same rate, from the scheduler simulation (dwc/perf/loadsim.py) that `tune` reports (the
 closed forms' errors are recorded too). Goal: predictions within 15% of measurements.
 
     DWC_COMMIT=<hash> python3 benchmarks/costmodel_gpu.py --out $OUT
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from build_8b import EXAMPLE, make_checkpoint  # noqa: E402
 
-from dwc.bench import BenchConfig, online  # noqa: E402
-from dwc.calibration import StepLog  # noqa: E402
-from dwc.costmodel import Calibration, Machine, ModelFigures, predict  # noqa: E402
-from dwc.loadsim import simulate  # noqa: E402
+from dwc.perf.bench import BenchConfig, online  # noqa: E402
+from dwc.perf.calibration import StepLog  # noqa: E402
+from dwc.perf.costmodel import Calibration, Machine, ModelFigures, predict  # noqa: E402
+from dwc.perf.loadsim import simulate  # noqa: E402
 from dwc.runtime.engine import Engine  # noqa: E402
 
 PROMPT, OUTPUT, TPOT_MS = 512, 128, 40.0

@@ -2,8 +2,8 @@
 app (uvicorn, in a thread of this process) over the example's cpu-bf16 bundle, 5,000
 requests at 64 concurrency: completions and chat, streamed and not, clients that go away
 mid-stream or mid-request, 20 kinds of malformed request, probes of /health, /metrics and
-/v1/models (dwc.loadtest); then a burst of long requests past a queue limit of 4, and
-requests after it. Checks (dwc.soak): every valid request answered 200 and well-formed,
+/v1/models (dwc.perf.loadtest); then a burst of long requests past a queue limit of 4, and
+requests after it. Checks (dwc.perf.soak): every valid request answered 200 and well-formed,
 every malformed one a 4xx with a JSON error, the KV block manager's free count back at
 its start, no sequence or request object left, resident memory growth after the warm-up
 at most --rss-growth-mib, 429s in the burst and service after it.
@@ -51,7 +51,7 @@ def example_bundle() -> Path:
 
 
 def main() -> int:
-    from dwc import loadtest, soak
+    from dwc.perf import loadtest, soak
     from dwc.runtime.engine import Engine, EngineConfig
 
     ap = argparse.ArgumentParser()

@@ -237,7 +237,7 @@ def measured_c_8b() -> dict:
     host-bound runtime, so bf16 is the fairer target)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dwc.calibration import decode_step_seconds
+    from dwc.perf.calibration import decode_step_seconds
     from dwc.runtime.model_runner import ModelRunner
 
     shapes = {"target_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

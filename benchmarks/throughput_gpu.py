@@ -324,16 +324,17 @@ def main() -> int:
     res = report["results"] = {}
     report["warm_up_128_128"] = offline(engine, 128, 128, 600, seed=5)  # pinned pools, shapes
     for seqs in (256, args.max_num_seqs):
-        engine.scheduler.max_num_seqs = seqs
+        engine.set_limits(max_num_seqs=seqs)
         res[f"128/128 {seqs} seqs"] = offline(engine, *POINTS["128/128"])
         save()
-    engine.scheduler.max_num_seqs = 256
+    engine.set_limits(max_num_seqs=256)
     engine.config.async_scheduling = False
     res["128/128 256 seqs sync"] = offline(engine, *POINTS["128/128"])
     engine.config.async_scheduling = True
     best = max((256, args.max_num_seqs), key=lambda n: res[f"128/128 {n} seqs"]["output_tok_s"])
     res["128/128"] = res[f"128/128 {best} seqs"]
-    engine.scheduler.max_num_seqs = report["engine"]["chosen_max_num_seqs"] = best
+    engine.set_limits(max_num_seqs=best)
+    report["engine"]["chosen_max_num_seqs"] = best
     report["host"] = {f"bs{b}": host_per_step(engine, b) for b in (1, 128, 256)}
     save()
     if not args.quick:

@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+VERSION = "0.1.0"  # dwc's version (`dwc --version`, manifests); pyproject.toml repeats it
+
 CACHE_ENV = "DWC_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dwc"
 

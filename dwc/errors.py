@@ -1,4 +1,5 @@
-"""User-facing errors. The CLI turns each into one line and its exit code (DESIGN.md §8).
+"""User-facing errors. The CLI turns each into one line and its exit code (README.md,
+"Commands").
 
 Raise a subclass of DwcError for anything the user can fix; any other exception is a bug
 or an environment failure and leaves with exit 1.

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dwc.data import batches, token_windows
-from dwc.hashing import sha256_file
+from dwc.quality.data import batches, token_windows
+from dwc.bundle.hashing import sha256_file
 from dwc.passes.base import BatchOptions, Pass, PassResult
-from dwc.reports import bar_chart, json_bytes
+from dwc.compiler.reports import bar_chart, json_bytes
 
 STATS_FILE = "calibration.safetensors"
 

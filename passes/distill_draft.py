@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from dwc.config import option, positive
-from dwc.data import token_windows
+from dwc.quality.data import token_windows
 from dwc.errors import BadInput
-from dwc.hashing import sha256_file
+from dwc.bundle.hashing import sha256_file
 from dwc.passes.base import Pass, PassResult
-from dwc.reports import json_bytes, line_chart
+from dwc.compiler.reports import json_bytes, line_chart
 
 DRAFT_DIR = "draft-model"
 ON_POLICY_BATCH = 128  # prompts the target continues at once
@@ -119,7 +119,7 @@ def make_draft(reference, layers: int):
 def load_existing(path: Path, ctx):
     from transformers import AutoModelForCausalLM
 
-    from dwc.checkpoint import model_info
+    from dwc.model.checkpoint import model_info
 
     info = model_info(path)
     if info.vocab_size != ctx.info.vocab_size:
@@ -146,7 +146,7 @@ def training_windows(ctx, target, options) -> list:
 
 
 def train(draft, target, windows, options, ctx) -> None:
-    from dwc.data import batches
+    from dwc.quality.data import batches
 
     groups = list(batches(windows, options.batch_size))
     opt = torch.optim.AdamW(draft.parameters(), lr=options.lr, weight_decay=0.0)
@@ -222,7 +222,7 @@ def cost_ratio(draft, target, ctx) -> float:
 def _timed_ratio(draft, target, ctx) -> float:
     """Batch-1 decode steps of the bf16 draft over those of the target with its GPU
     kernels and KV cache dtype, both in dwc's ModelRunner."""
-    from dwc.calibration import decode_step_seconds
+    from dwc.perf.calibration import decode_step_seconds
     from dwc.runtime.model_runner import ModelRunner
 
     quantized = ctx.artifacts.get("quantized")

@@ -14,9 +14,9 @@ from dwc.bundle.draft import write_draft
 from dwc.bundle.writer import BundleWriter
 from dwc.config import options_dict
 from dwc.formats import manifest as mf
-from dwc.manifest import build_manifest
+from dwc.compiler.manifest import build_manifest
 from dwc.passes.base import Pass, PassResult
-from dwc.templating import render
+from dwc.compiler.templating import render
 
 
 class Emit(Pass):

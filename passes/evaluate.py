@@ -1,5 +1,5 @@
 """`evaluate`: measure the optimized model against the reference on held-out text and
-enforce the quality budget (DESIGN.md §7).
+enforce the quality budget (README.md, "Passes").
 
 Perplexity before and after, KL divergence and top-1 agreement with the reference. The
 measurement is cached (it depends on the models, the data and the window settings); the
@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 
 from dwc.errors import QualityBudgetExceeded
-from dwc.hashing import sha256_file
+from dwc.bundle.hashing import sha256_file
 from dwc.passes.base import BatchOptions, Pass, PassResult
-from dwc.quality import apply_budget, measure
-from dwc.reports import json_bytes, line_chart
+from dwc.quality.gate import apply_budget, measure
+from dwc.compiler.reports import json_bytes, line_chart
 
 QUALITY_FILE = "quality.json"
 

@@ -1,4 +1,5 @@
-"""`fuse`: the fusion plan and kernel table for the torch-triton runtime (DESIGN.md §4.4).
+"""`fuse`: the fusion plan and kernel table for the torch-triton runtime (README.md,
+"Passes").
 
 The plan (dwc.runtime.fusion) stacks q/k/v and gate/up into one GEMM each and turns on
 the fused residual + RMSNorm, SwiGLU and rotary + KV-write kernels; the kernel table says which kernel
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from dwc.config import option, positive
-from dwc.data import token_windows
+from dwc.quality.data import token_windows
 from dwc.passes.base import Pass, PassResult
-from dwc.reports import json_bytes
+from dwc.compiler.reports import json_bytes
 from dwc.runtime.fusion import DEFAULT_PLAN, kernel_table
 
 

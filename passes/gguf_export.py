@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dwc.config import option
 from dwc.errors import TargetError
-from dwc.hashing import sha256_file
+from dwc.bundle.hashing import sha256_file
 from dwc.passes.base import Pass, PassResult
 
 GGUF_FOLDER = "gguf"
@@ -69,6 +69,7 @@ class GgufExport(Pass):
     def run(self, ctx, options) -> PassResult:
         from dwc.backends.gguf import llama as backend
         from dwc.backends.gguf import file as gguf_file
+        from dwc.backends.gguf import pretokenizer
 
         model = ctx.artifacts["model"]
         ggml_type = ctx.target.weights.scheme.removeprefix("gguf-")
@@ -77,7 +78,7 @@ class GgufExport(Pass):
         folder.mkdir(parents=True)
         config = model.config.to_dict()
         text = Path(ctx.build.evaluation.data).read_text(encoding="utf-8")[:50_000]
-        pre = gguf_file.choose_pre_tokenizer(config, ctx.info.path, text, folder)
+        pre = pretokenizer.choose_pre_tokenizer(config, ctx.info.path, text, folder)
         if pre is None:
             raise TargetError(f"{ctx.info.path}: llama.cpp tokenizes the evaluation text "
                               "differently from the Hugging Face tokenizer under every "

@@ -1,4 +1,4 @@
-"""`kv-layout`: plan the paged KV cache for the target (DESIGN.md §4.6).
+"""`kv-layout`: plan the paged KV cache for the target (README.md, "Passes").
 
 From the target's memory, the bundle's weight bytes, a workspace reserve and the longest
 context (`slo.max_context`, else the model's `max_position_embeddings`), it chooses the
@@ -27,12 +27,12 @@ from typing import Optional
 
 from dwc.config import option, positive
 from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
-from dwc.costmodel import COMPUTE_BYTES, weight_bytes
+from dwc.perf.costmodel import COMPUTE_BYTES, weight_bytes
 from dwc.errors import TargetError
-from dwc.kvcache import kv_bytes_per_token, kv_scales
+from dwc.model.kvcache import kv_bytes_per_token, kv_scales
 from dwc.passes.base import Pass, PassResult
-from dwc.runtime.tensor_parallel import kv_heads_per_rank
-from dwc.reports import json_bytes
+from dwc.runtime.parallel.layout import kv_heads_per_rank
+from dwc.compiler.reports import json_bytes
 
 GB = 1e9
 KV_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8_e4m3": 1}
@@ -104,14 +104,7 @@ def plan_kv(ctx, options) -> dict:
         weights += 2 * sum(p.numel() for p in draft.parameters())
     per_token += draft_per_token
     budget_tokens = step_tokens(ctx, weights, gpu, options.block_size)
-    act = COMPUTE_BYTES[t.weights.dtype]
-    # Activations of one step (a few hidden-size and FFN-size buffers per token), the
-    # float32 logits of every sequence that samples, and on a GPU the logits each captured
-    # CUDA graph keeps (one buffer per captured size: 1.4 GB at 512 for a 128k vocabulary)
-    # and the piecewise graphs' pool: about one more step's activations, kept.
-    graphed = sum(graph_sizes(min(options.max_num_seqs, MAX_GRAPH_TOKENS))) if gpu else 0
-    step = budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // n) * act * \
-        (2 if gpu and n == 1 else 1) + (options.max_num_seqs + graphed) * info.vocab_size * 4
+    step = step_activation_bytes(info, t, options, budget_tokens)
     free = t.hardware.memory_gb * GB * utilization - weights - reserve - step
     if free < per_token * max_context:
         raise TargetError(f"target {t.name}: {weights / GB:.2f} GB of weights leave "
@@ -138,8 +131,20 @@ def plan_kv(ctx, options) -> dict:
     }
 
 
+def step_activation_bytes(info, t, options, budget_tokens: int) -> int:
+    """Activations of one step (a few hidden-size and FFN-size buffers per token), the
+    float32 logits of every sequence that samples, and on a GPU the logits each captured
+    CUDA graph keeps (one buffer per captured size: 1.4 GB at 512 for a 128k vocabulary)
+    and the piecewise graphs' pool: about one more step's activations, kept."""
+    gpu, n = t.device == "cuda", t.tensor_parallel
+    act = COMPUTE_BYTES[t.weights.dtype]
+    graphed = sum(graph_sizes(min(options.max_num_seqs, MAX_GRAPH_TOKENS))) if gpu else 0
+    return budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // n) * act * \
+        (2 if gpu and n == 1 else 1) + (options.max_num_seqs + graphed) * info.vocab_size * 4
+
+
 def draft_info(draft):
-    """The draft's shape as dwc.checkpoint reads it (the draft is in memory, not on disk)."""
+    """The draft's shape as dwc.model.checkpoint reads it (the draft is in memory, not on disk)."""
     from types import SimpleNamespace
 
     c = draft.config

@@ -10,10 +10,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from dwc.checkpoint import check_size_against_weights, safetensors_header, stored_dtype, weight_files
+from dwc.model.checkpoint import check_size_against_weights, safetensors_header, stored_dtype, weight_files
 from dwc.formats import hf
-from dwc.hashing import sha256_file
-from dwc.loading import adapter_config, adapter_files, load_model, load_tokenizer, merge_adapter
+from dwc.bundle.hashing import sha256_file
+from dwc.model.loading import adapter_config, adapter_files, load_model, load_tokenizer, merge_adapter
 from dwc.passes.base import Pass, PassResult
 
 

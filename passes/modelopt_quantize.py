@@ -16,8 +16,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dwc.data import token_windows
-from dwc.hashing import sha256_file
+from dwc.quality.data import token_windows
+from dwc.bundle.hashing import sha256_file
 from dwc.passes.base import NoOptions, Pass, PassResult
 
 CHECKPOINT = "checkpoint"

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dwc.config import option, positive
-from dwc.data import token_windows
-from dwc.hashing import sha256_file
-from dwc.kvcache import kv_plan_for_measuring
+from dwc.quality.data import token_windows
+from dwc.bundle.hashing import sha256_file
+from dwc.model.kvcache import kv_plan_for_measuring
 from dwc.passes.base import Pass, PassResult
-from dwc.quality import measure, over_budget
-from dwc.quantization import load_compressed, recipe, run_oneshot, save_compressed
-from dwc.reports import bar_chart, json_bytes
-from dwc.sensitivity import layer_errors
+from dwc.quality.gate import measure, over_budget
+from dwc.compiler.quantization import load_compressed, recipe, run_oneshot, save_compressed
+from dwc.compiler.reports import bar_chart, json_bytes
+from dwc.quality.sensitivity import layer_errors
 
 CHECKPOINT = "checkpoint"
 SUMMARY = "quantization.json"

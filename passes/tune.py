@@ -1,5 +1,5 @@
 """`tune`: choose the serving configuration against the SLO with the cost model, and say
-what it costs (issue 9; dwc/costmodel.py).
+what it costs (issue 9; dwc/perf/costmodel.py).
 
 Candidates: the concurrency limit (max_num_seqs: powers of two up to the KV plan's) and,
 when the bundle has a draft, speculation on or off. Every candidate already meets the
@@ -13,7 +13,7 @@ candidate meets the latency limits at any rate, the build says which limit and b
 much, and exits 4 with `slo.enforce: true`.
 
 When the target's GPU is the one present, the model is calibrated first: dwc's engine
-times decode steps and prompt arrivals on it (dwc/calibration.py), and after the choice
+times decode steps and prompt arrivals on it (dwc/perf/calibration.py), and after the choice
 `dwc bench`'s online measurement runs the chosen configuration at the chosen rate; its
 p99 figures go to the manifest's `slo.measured` and decide `meets_slo`. Elsewhere the
 figures are roofline predictions from the target's YAML (labelled so).
@@ -26,11 +26,11 @@ import shutil
 from dataclasses import dataclass
 
 from dwc.config import option
-from dwc.costmodel import Calibration, Machine, ModelFigures, max_rps, predict, replicas, \
+from dwc.perf.costmodel import Calibration, Machine, ModelFigures, max_rps, predict, replicas, \
     usd_per_million_tokens, weight_bytes
 from dwc.errors import SloNotMet
 from dwc.passes.base import Pass, PassResult
-from dwc.reports import json_bytes, line_chart
+from dwc.compiler.reports import json_bytes, line_chart
 
 GB = 1e9
 SUSTAINED = 0.9  # the confirming run must complete requests at 90% of the offered rate
@@ -129,7 +129,7 @@ def _engine(ctx, plan: dict, prompt: int, output: int):
     else:
         ctx.artifacts["model"].save_pretrained(folder)
     ctx.artifacts["tokenizer"].save_pretrained(folder)
-    from dwc.calibration import MANY_PROMPTS
+    from dwc.perf.calibration import MANY_PROMPTS
 
     seqs = plan["max_num_seqs"] + MANY_PROMPTS  # + the prompts timed joining
     per_seq = -(-_longest(plan, prompt, output) // plan["block_size"])
@@ -140,7 +140,7 @@ def _engine(ctx, plan: dict, prompt: int, output: int):
 
 def _longest(plan: dict, prompt: int, output: int) -> int:
     """The longest sequence calibration or confirmation runs."""
-    from dwc.calibration import calibration_tokens
+    from dwc.perf.calibration import calibration_tokens
 
     return prompt + max(output, calibration_tokens(len(_powers(plan["max_num_seqs"]))))
 
@@ -148,7 +148,7 @@ def _longest(plan: dict, prompt: int, output: int) -> int:
 def _calibrate(engine, plan: dict, prompt: int, output: int) -> tuple:
     """(Calibration, None), or (None, why) when the measurement failed: the build goes on
     with the roofline and says so in reports/tuning.json."""
-    from dwc.calibration import calibrate
+    from dwc.perf.calibration import calibrate
 
     try:
         return calibrate(engine, prompt, output, _powers(plan["max_num_seqs"])), None
@@ -159,7 +159,7 @@ def _calibrate(engine, plan: dict, prompt: int, output: int) -> tuple:
 def _confirm(engine, tuning: dict, best: dict, slo, prompt: int, output: int, options) -> None:
     """`dwc bench`'s online measurement of the choice at the chosen rate: the measured
     p99 figures decide whether the SLO is met."""
-    from dwc.bench import BenchConfig, online
+    from dwc.perf.bench import BenchConfig, online
 
     rate = best["max_rps"]
     if rate <= 0:
@@ -212,9 +212,9 @@ def _figures(ctx, plan: dict, draft: bool) -> ModelFigures:
 
 def _candidate(machine, figures, seqs: int, draft: bool, slo, prompt: int, output: int) -> dict:
     """The highest request rate this configuration sustains within the SLO's p99 limits:
-    searched with the closed forms, then checked by simulation (dwc/loadsim.py), whose
+    searched with the closed forms, then checked by simulation (dwc/perf/loadsim.py), whose
     latencies are reported (they measured closer: benchmarks/costmodel_gpu.py)."""
-    from dwc.loadsim import check_rate
+    from dwc.perf.loadsim import check_rate
 
     limits = {"tpot_ms": slo.target_latency_ms if slo else None,
               "ttft_ms": slo.target_ttft_ms if slo else None}

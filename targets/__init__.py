@@ -1,1 +1,1 @@
-"""Target definitions: one YAML file per target, read by `dwc.target` (installed as dwc.targets)."""
+"""Target definitions: one YAML file per target, read by `dwc.compiler.target` (installed as dwc.targets)."""

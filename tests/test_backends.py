@@ -12,7 +12,7 @@ from dwc import backends
 from dwc.backends.base import Backend
 from dwc.errors import TargetError
 from dwc.passes import REGISTRY
-from dwc.target import all_targets
+from dwc.compiler.target import all_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND_DIR = ROOT / "dwc" / "backends"

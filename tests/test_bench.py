@@ -26,7 +26,7 @@ def test_bench_reports_throughput_latency_and_slo(bundle, tmp_path):
 
 
 def test_slo_comparison():
-    from dwc.bench import against_slo
+    from dwc.perf.bench import against_slo
 
     measured = {"online": {"tpot_ms": {"p99": 30.0}, "ttft_ms": {"p99": 900.0}}}
     checks = against_slo({"target_latency_ms": 25, "target_ttft_ms": 1000}, measured)

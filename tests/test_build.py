@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from dwc.formats import manifest as mf
-from dwc.hashing import sha256_file
+from dwc.bundle.hashing import sha256_file
 from tests.conftest import dwc, manifest_of, write_buildfile
 
 
@@ -43,7 +43,7 @@ def test_quality_is_measured_not_assumed(bundle, example):
     """Recompute the perplexities from the bundle's model and the source checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dwc.data import token_windows
+    from dwc.quality.data import token_windows
 
     q = manifest_of(bundle)["quality"]
     tok = AutoTokenizer.from_pretrained(bundle / "model")

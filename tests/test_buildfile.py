@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dwc.buildfile import load_buildfile
+from dwc.compiler.buildfile import load_buildfile
 from dwc.errors import BadInput, BuildFileError
 from dwc.passes import REGISTRY
 from tests.conftest import write_buildfile

@@ -9,10 +9,10 @@ import struct
 import pytest
 import torch
 
-from dwc.checkpoint import model_info, safetensors_header, weight_files
+from dwc.model.checkpoint import model_info, safetensors_header, weight_files
 from dwc.errors import CheckpointError
-from dwc.loading import load_model, load_tokenizer
-from dwc.target import load_target
+from dwc.model.loading import load_model, load_tokenizer
+from dwc.compiler.target import load_target
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -25,6 +25,6 @@ def test_the_workflow_uses_real_commands_options_and_target():
                 (command, option)
     targets = {t["name"] for t in __import__("json").loads(dwc("targets", "--json").stdout)}
     assert workflow["env"]["TARGET"] in targets
-    from dwc.diff import parse_rules
+    from dwc.cli.diff import parse_rules
 
     assert len(parse_rules(workflow["env"]["FAIL_ON"])) == 3

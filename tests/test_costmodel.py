@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from dwc.costmodel import (Calibration, Machine, ModelFigures, interpolate, max_rps,
+from dwc.perf.costmodel import (Calibration, Machine, ModelFigures, interpolate, max_rps,
                            poisson_quantile, predict, prefill_seconds, replicas, step_seconds,
                            usd_per_million_tokens)
 from tests.conftest import assert_clean_error, dwc, write_buildfile
@@ -140,7 +140,7 @@ def test_tune_records_the_decision_and_exits_4_when_enforced(build_for, example,
 
 
 def test_prompt_costs_fit_the_logged_steps():
-    from dwc.calibration import fit_prompt_costs
+    from dwc.perf.calibration import fit_prompt_costs
 
     decode = [(1, 0.004), (65, 0.008)]                    # 4 ms + 1/16 ms per sequence
     # steps (seconds, sequences, prompts) around a decode step of the other rows: one
@@ -155,7 +155,7 @@ def test_prompt_costs_fit_the_logged_steps():
 
 
 def test_simulation_agrees_with_the_closed_form_means_and_has_longer_tails():
-    from dwc.loadsim import check_rate, simulate
+    from dwc.perf.loadsim import check_rate, simulate
 
     cal = Calibration(512, 512, decode=[(1, 0.005), (256, 0.015)], prefill=[(1, 0.03)],
                       prefill_each=0.002, prefill_spread=[0.8, 1.0, 1.2])
@@ -179,7 +179,7 @@ def test_simulation_agrees_with_the_closed_form_means_and_has_longer_tails():
 def test_calibration_times_the_engine(bundle):
     """The figures exist, are positive, and feed the model (on the H200 they are checked
     against measurement by benchmarks/costmodel_gpu.py)."""
-    from dwc.calibration import calibrate
+    from dwc.perf.calibration import calibrate
     from dwc.runtime.engine import Engine, EngineConfig
 
     engine = Engine.from_bundle(bundle, EngineConfig(max_num_seqs=8, num_blocks=256))

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dwc.bench import cost
-from dwc.diff import parse_rules
+from dwc.perf.bench import cost
+from dwc.cli.diff import parse_rules
 from tests.conftest import assert_clean_error, dwc
 
 

@@ -58,10 +58,10 @@ def test_distillation_raises_acceptance(example):
     from types import SimpleNamespace
 
     from dwc.passes.distill_draft import DistillOptions, make_draft, measure, train
-    from dwc.buildfile import load_buildfile
-    from dwc.loading import load_model, load_tokenizer
-    from dwc.checkpoint import model_info
-    from dwc.ui import Reporter
+    from dwc.compiler.buildfile import load_buildfile
+    from dwc.model.loading import load_model, load_tokenizer
+    from dwc.model.checkpoint import model_info
+    from dwc.compiler.ui import Reporter
 
     info = model_info(example / "checkpoint")
     target = load_model(info, "float32")
@@ -71,7 +71,7 @@ def test_distillation_raises_acceptance(example):
     opts = DistillOptions(steps=40, positions=32, max_k=4)
     before = measure(make_draft(target, 0), target, ctx, opts)["per_k"]["tau"][3]
     draft = make_draft(target, 0)
-    from dwc.data import token_windows
+    from dwc.quality.data import token_windows
     windows = token_windows(build.calibration.data, ctx.artifacts["tokenizer"], 16, 256)
     train(draft, target, windows, opts, ctx)
     after = measure(draft, target, ctx, opts)["per_k"]["tau"][3]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dwc.runtime.engine import Engine, EngineConfig
-from dwc.soak import serving
+from dwc.perf.soak import serving
 from tests.conftest import manifest_of
 
 

@@ -16,6 +16,7 @@ import torch
 from tests.conftest import assert_clean_error, dwc, manifest_of, write_buildfile
 from dwc.backends.gguf import llama as backend
 from dwc.backends.gguf import file as gguf_file
+from dwc.backends.gguf import pretokenizer
 
 
 def llama_scores(path: Path, ids: list[int]) -> np.ndarray:
@@ -55,12 +56,12 @@ def test_llama_cpp_tokenizes_the_evaluation_text_like_transformers(example, tmp_
     src = example / "checkpoint"
     text = (example / "eval.txt").read_text()
     model = AutoModelForCausalLM.from_pretrained(src)
-    pre = gguf_file.choose_pre_tokenizer(model.config.to_dict(), src, text[:20000], tmp_path)
+    pre = pretokenizer.choose_pre_tokenizer(model.config.to_dict(), src, text[:20000], tmp_path)
     assert pre == "gpt-2"
     gguf_file.write_f16_gguf(model, src, tmp_path / "m.gguf", "t", pre)
     want = AutoTokenizer.from_pretrained(src)(text, add_special_tokens=False).input_ids
     assert len(want) > 20000
-    assert gguf_file.llama_tokenize(tmp_path / "m.gguf", text) == want
+    assert pretokenizer.llama_tokenize(tmp_path / "m.gguf", text) == want
 
 
 def test_f16_logits_match_transformers_llama(example, tmp_path, eval_ids):
@@ -137,7 +138,7 @@ def test_quantized_bundles_meet_their_budget_measured_in_llama_cpp(build_for, ta
 def _perplexity(path: Path, manifest: dict) -> float:
     from transformers import AutoTokenizer
 
-    from dwc.data import token_windows
+    from dwc.quality.data import token_windows
 
     ev = manifest["quality"]
     tok = AutoTokenizer.from_pretrained(manifest["source"]["model"]["path"])
@@ -155,7 +156,7 @@ def _perplexity(path: Path, manifest: dict) -> float:
 def test_imatrix_q4_k_m_is_no_worse_than_plain(build_for):
     """The imatrix reaches llama.cpp's quantizer (the files differ: an unmatched tensor
     name would leave them equal) and does not hurt: KL to the original no higher."""
-    from dwc.hashing import sha256_file
+    from dwc.bundle.hashing import sha256_file
 
     a, b = build_for("cpu-gguf-q4_k_m"), build_for("cpu-gguf-q4_k_m", "gguf-export.imatrix=false")
     with_imatrix, plain = manifest_of(a), manifest_of(b)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("heads, kv_heads, d, page", [(32, 8, 128, 16), (4, 2, 64, 8), (8, 8, 64, 16)])
 def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, d, page):
     from dwc.runtime.layers.attention import paged_attention
-    from dwc.runtime.layers.paged_attention_triton import paged_decode
+    from dwc.runtime.kernels.paged_attention_triton import paged_decode
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     num_blocks, lens = 64, [1, 7, 16, 33, 200]
@@ -89,7 +89,7 @@ def test_quantized_kernels_match_the_fake_quant_reference(build_for, target):
 
 def test_paged_decode_kernel_reads_an_fp8_cache_with_scales():
     from dwc.runtime.layers.attention import paged_attention, write_kv
-    from dwc.runtime.layers.paged_attention_triton import paged_decode
+    from dwc.runtime.kernels.paged_attention_triton import paged_decode
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     heads, kv_heads, d, page, n = 32, 8, 128, 16, 77
@@ -127,9 +127,8 @@ def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, d, p
     other rows: whole prompts, later pieces of a prompt (start > 0), lengths around the
     tile sizes; an FP8 cache with scales (bf16 queries)."""
     from dwc.runtime.layers.attention import paged_attention
-    from dwc.runtime.layers.paged_prefill_triton import paged_prefill
-    from dwc.runtime.layers.prefill_tiles import block_q_for, tile_table
-    from dwc.runtime.model import PrefillGroup
+    from dwc.runtime.kernels.paged_prefill_triton import paged_prefill
+    from dwc.runtime.kernels.prefill_tiles import PrefillGroup, block_q_for, tile_table
 
     gen = torch.Generator(device="cuda").manual_seed(2)
     spans = [(0, 17), (0, 128), (40, 97), (130, 300), (0, 1), (256, 129)]  # (start, length)
@@ -162,7 +161,7 @@ def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, d, p
 
 
 def test_paged_decode_kernel_reads_and_writes_given_rows():
-    from dwc.runtime.layers.paged_attention_triton import paged_decode
+    from dwc.runtime.kernels.paged_attention_triton import paged_decode
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     lens = [5, 40, 100]
@@ -269,7 +268,7 @@ def test_piecewise_graph_steps_match_eager_steps(bundle, build_for):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_norm_and_silu_kernels_match_torch(residual):
-    from dwc.runtime.layers import fused_triton, norm
+    from dwc.runtime.kernels import fused_triton, norm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -323,7 +322,7 @@ def test_skinny_gemm_matches_the_reference(m, n, k, fp8):
     """Every split (n picks it: 1000 and 4096 rows split 4 or 2, 28672 split 2 or 1),
     masked tails (n = 1000, k = 256 < one slice of 128 x 4), repeated calls (the tile
     counters must come back to zero)."""
-    from dwc.runtime.layers.skinny_gemm_triton import skinny_linear
+    from dwc.runtime.kernels.skinny_gemm_triton import skinny_linear
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -342,7 +341,7 @@ def test_skinny_gemm_matches_the_reference(m, n, k, fp8):
 
 
 def test_quantize_fp8_kernel_matches_the_torch_expression():
-    from dwc.runtime.layers.fused_triton import quantize_fp8
+    from dwc.runtime.kernels.fused_triton import quantize_fp8
 
     gen = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) * 40
@@ -355,7 +354,7 @@ def test_quantize_fp8_kernel_matches_the_torch_expression():
 
 def test_skinny_gemm_is_deterministic():
     """The last program of a tile sums the K slices in a fixed order: same bits each run."""
-    from dwc.runtime.layers.skinny_gemm_triton import skinny_linear
+    from dwc.runtime.kernels.skinny_gemm_triton import skinny_linear
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(3, 14336, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -369,7 +368,7 @@ def test_skinny_gemm_is_deterministic():
 def test_fused_rope_kv_matches_rotary_and_cache_write(fp8):
     """The fused kernel on views of a stacked QKV output, against apply_rotary +
     write_kv: q within bf16 rounding, the cache rows it writes likewise, others untouched."""
-    from dwc.runtime.layers import fused_triton
+    from dwc.runtime.kernels import fused_triton
     from dwc.runtime.layers.attention import write_kv
     from dwc.runtime.layers.rotary import apply_rotary
 

@@ -12,7 +12,7 @@ import pytest
 
 from dwc.runtime.engine import Engine, EngineConfig
 from dwc.runtime.sequence import SamplingParams
-from dwc.soak import serving
+from dwc.perf.soak import serving
 from tests.test_runtime import PROMPTS
 
 
@@ -122,7 +122,7 @@ def test_bounded_load_with_streams_malformed_and_disconnects(server):
 def test_full_queue_answers_429(bundle):
     from starlette.testclient import TestClient
 
-    from dwc.http_server import make_app
+    from dwc.serving.http_server import make_app
 
     app = make_app(Engine.from_bundle(bundle, EngineConfig(num_blocks=16)), "x", max_waiting=0)
     with TestClient(app) as client:
@@ -173,7 +173,7 @@ def test_sigterm_drains_in_flight_requests(bundle):
 def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(bundle, monkeypatch):
     from starlette.testclient import TestClient
 
-    from dwc.http_server import make_app
+    from dwc.serving.http_server import make_app
 
     engine = Engine.from_bundle(bundle, EngineConfig(num_blocks=64))
     real_run = engine.runner.run
@@ -201,7 +201,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(bundle, monkeyp
 
 
 def test_streaming_holds_back_split_characters_and_stop_prefixes(bundle):
-    from dwc.http_server import releasable
+    from dwc.serving.http_server import releasable
 
     tok = Engine.from_bundle(bundle, EngineConfig(num_blocks=16)).tokenizer
     text = "h\u00e9llo \U0001F600 \u4e16\u754c"

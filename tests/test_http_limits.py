@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from starlette.testclient import TestClient
 
-from dwc.http_server import make_app
+from dwc.serving.http_server import make_app
 from dwc.runtime.async_engine import FAILING_STEPS, kv_full
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.engine import Engine, EngineConfig
@@ -21,7 +21,7 @@ from tests.conftest import assert_clean_error, copy_checkpoint, dwc, write_build
 
 
 def test_a_body_over_the_limit_is_413_before_parsing(bundle, monkeypatch):
-    import dwc.http_server as http_server
+    import dwc.serving.http_server as http_server
 
     parsed = []  # what the server parses (its own json name, not the module everyone shares)
     monkeypatch.setattr(http_server, "json", SimpleNamespace(

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dwc.checkpoint import ModelInfo
+from dwc.model.checkpoint import ModelInfo
 from dwc.errors import TargetError
 from dwc.passes.kv_layout import KvLayoutOptions, plan_kv
-from dwc.target import load_target
+from dwc.compiler.target import load_target
 from tests.conftest import manifest_of
 
 LLAMA3_8B = ModelInfo(path=None, model_type="llama", architecture="LlamaForCausalLM",
@@ -105,8 +105,8 @@ def test_fp8_kv_plan_has_calibrated_scales_and_is_measured(build_for, example):
     # Recompute the gate's KL with the FP8 cache and with a bf16 cache.
     from transformers import AutoModelForCausalLM
 
-    from dwc.data import token_windows
-    from dwc.metrics import compare, hf_logits
+    from dwc.quality.data import token_windows
+    from dwc.quality.metrics import compare, hf_logits
     from dwc.runtime.model_runner import load_hf_model
     from dwc.runtime.scoring import runtime_logits
 

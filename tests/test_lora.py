@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dwc.checkpoint import model_info
+from dwc.model.checkpoint import model_info
 from dwc.errors import CheckpointError
-from dwc.loading import load_model, merge_adapter
+from dwc.model.loading import load_model, merge_adapter
 from tests.conftest import dwc, manifest_of, write_buildfile
 from tests.test_checkpoint import tiny_checkpoint
 

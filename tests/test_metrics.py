@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from dwc.metrics import QualityTotals, compare
+from dwc.quality.metrics import QualityTotals, compare
 
 
 def reference_metrics(ref, opt, ids):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dwc.runtime.engine import Engine, EngineConfig
-from dwc.soak import server_errors, serving
+from dwc.perf.soak import server_errors, serving
 from tests.conftest import manifest_of
 
 BATCH = 128  # max_num_batched_tokens: a long prompt's logprobs come from several chunks

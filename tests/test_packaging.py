@@ -15,7 +15,8 @@ def test_wheel_holds_only_the_dwc_package(tmp_path):
     # Build from a copy: setuptools writes build/ next to the sources it builds.
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "*.egg-info", "checkpoint", "*.txt", ".whl", "__pycache__"))
+        ".venv", ".venv-vllm", ".peers", ".git", "build", "*.egg-info", "checkpoint", "*.txt",
+        ".whl", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path), str(src)], check=True)
     wheel = next(Path(tmp_path).glob("dwc-*.whl"))
@@ -23,8 +24,11 @@ def test_wheel_holds_only_the_dwc_package(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"dwc", "dwc-0.1.0.dist-info"}, tops
     for needed in ("dwc/passes/load.py", "dwc/targets/cpu-bf16.yaml",
-                   "dwc/templates/bundle_README.md.j2", "dwc/cli.py"):
+                   "dwc/templates/bundle_README.md.j2", "dwc/cli/__init__.py"):
         assert needed in names
+    # every subpackage of the source tree is in pyproject.toml's list, so in the wheel
+    for init in (ROOT / "dwc").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, init
 
 
 def test_console_script_and_help():

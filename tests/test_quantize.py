@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dwc.data import token_windows
-from dwc.metrics import compare, hf_logits
+from dwc.quality.data import token_windows
+from dwc.quality.metrics import compare, hf_logits
 from tests.conftest import assert_clean_error, dwc, manifest_of, write_buildfile
 
 
@@ -106,9 +106,9 @@ def test_budget_that_cannot_be_met_exits_3_without_a_bundle(example, tmp_path):
 
 
 def test_a_quantized_target_needs_a_gpu_runtime_and_aligned_sizes(example):
-    from dwc.checkpoint import model_info
+    from dwc.model.checkpoint import model_info
     from dwc.errors import TargetError
-    from dwc.target import load_target
+    from dwc.compiler.target import load_target
 
     target = load_target("h100-fp8")
     target.device = "cpu"

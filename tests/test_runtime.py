@@ -246,9 +246,9 @@ def test_prefix_keys_are_exact_not_hashed():
 
 
 def test_prefill_tiles_cover_every_query_once_heaviest_first():
-    """The paged prefill kernel's programs (layers/prefill_tiles.py): each query row of
+    """The paged prefill kernel's programs (kernels/prefill_tiles.py): each query row of
     each chunk in exactly one tile, tiles that see more keys launched first."""
-    from dwc.runtime.layers.prefill_tiles import block_q_for, tile_table
+    from dwc.runtime.kernels.prefill_tiles import block_q_for, tile_table
 
     chunks = [(0, 300, 0), (300, 17, 40), (317, 129, 256), (446, 128, 0)]
     block_q = block_q_for(torch.bfloat16, 128, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dwc.sensitivity import layer_errors
+from dwc.quality.sensitivity import layer_errors
 
 
 class RoundedLinear(torch.nn.Linear):

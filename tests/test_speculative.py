@@ -216,7 +216,7 @@ def test_bundle_draft_is_used_and_can_be_switched_off(bundle, weak_draft, tmp_pa
     """from_bundle loads draft/ with the manifest's K; speculative=False leaves it out."""
     import shutil
 
-    from dwc.hashing import sha256_file
+    from dwc.bundle.hashing import sha256_file
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -239,7 +239,7 @@ def test_serving_with_a_draft_per_request_switch_and_metrics(bundle):
     switch validated, and acceptance on /metrics."""
     import httpx
 
-    from dwc.soak import serving
+    from dwc.perf.soak import serving
 
     spec = spec_engine(bundle, bundle / "model", num_blocks=256)
     with serving(spec) as (url, _), httpx.Client(base_url=url, timeout=60) as c:

@@ -1,4 +1,4 @@
-"""Tensor parallelism (dwc/runtime/tensor_parallel.py): 2 gloo processes on CPU give one
+"""Tensor parallelism (dwc/runtime/parallel/): 2 gloo processes on CPU give one
 process's greedy tokens; the cuts' shapes and sums; KV heads replicated when there are
 fewer than ranks (simulated in threads); refusals; the two-GPU target and its KV plan."""
 
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dwc.checkpoint import model_info
+from dwc.model.checkpoint import model_info
 from dwc.errors import BadInput, TargetError
-from dwc.runtime import tensor_parallel as tp
+from dwc.runtime.parallel import layout, shard, workers as tp_workers
 from dwc.runtime.engine import Engine, EngineConfig
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sequence import SamplingParams
@@ -118,7 +118,7 @@ def test_replicated_kv_heads_give_the_same_tokens(bundle, one_process):
         head = rank // 2
         assert torch.equal(r.decoder.proj[0]["k_proj"].weight,
                            full_k.weight[head * 64:(head + 1) * 64])
-    workers = [threading.Thread(target=tp.follow_steps, args=(r.tp, r), daemon=True)
+    workers = [threading.Thread(target=tp_workers.follow_steps, args=(r.tp, r), daemon=True)
                for r in runners[1:]]
     for w in workers:
         w.start()
@@ -136,7 +136,7 @@ def test_replicated_kv_heads_give_the_same_tokens(bundle, one_process):
 
 def test_layout_of_the_8b_shape_and_of_one_kv_head():
     dims = dict(num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
-    r1 = tp.Layout(1, 2, **dims)
+    r1 = layout.Layout(1, 2, **dims)
     assert (r1.heads, r1.kv_heads) == (range(16, 32), range(4, 8))
     assert len(r1.rows("qkv")) == (16 + 2 * 4) * 128 and r1.rows("qkv")[0] == 16 * 128
     assert r1.rows("gate_up").tolist()[:1] + r1.rows("gate_up").tolist()[-1:] == \
@@ -144,14 +144,14 @@ def test_layout_of_the_8b_shape_and_of_one_kv_head():
     assert r1.cols("down_proj")[0] == 7168 and len(r1.cols("o_proj")) == 16 * 128
     assert r1.vocab_rows == range(64128, 128256)
     # 16 ranks over 8 KV heads: rank r's 2 query heads read KV head r // 2.
-    assert [tp.Layout(r, 16, **dims).kv_heads for r in range(16)] == \
+    assert [layout.Layout(r, 16, **dims).kv_heads for r in range(16)] == \
         [range(r // 2, r // 2 + 1) for r in range(16)]
     # Multi-query (one KV head): every rank keeps it; an uneven vocabulary pads the last.
-    mqa = [tp.Layout(r, 4, num_heads=8, num_kv_heads=1, head_dim=16, intermediate=64,
+    mqa = [layout.Layout(r, 4, num_heads=8, num_kv_heads=1, head_dim=16, intermediate=64,
                      vocab=10) for r in range(4)]
     assert [m.kv_heads for m in mqa] == [range(0, 1)] * 4
     assert [m.vocab_rows for m in mqa] == [range(0, 3), range(3, 6), range(6, 9), range(9, 10)]
-    assert tp.kv_heads_per_rank(1, 4) == 1 and tp.kv_heads_per_rank(8, 2) == 4
+    assert layout.kv_heads_per_rank(1, 4) == 1 and layout.kv_heads_per_rank(8, 2) == 4
 
 
 def test_cut_projections_sum_to_the_whole(bundle):
@@ -160,19 +160,19 @@ def test_cut_projections_sum_to_the_whole(bundle):
     model = load_hf_model(bundle / "model", "cpu", torch.float64)
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     x = torch.randn(5, 256, dtype=torch.float64)
-    layouts = [tp.Layout(r, 2, 4, 2, 64, 768, 4096) for r in range(2)]
+    layouts = [layout.Layout(r, 2, 4, 2, 64, 768, 4096) for r in range(2)]
     for name, m in (("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("up_proj", mlp.up_proj)):
-        cut = torch.cat([tp.cut_linear(m, rows=lay.rows(name))(x) for lay in layouts], dim=-1)
+        cut = torch.cat([shard.cut_linear(m, rows=lay.rows(name))(x) for lay in layouts], dim=-1)
         torch.testing.assert_close(cut, m(x), rtol=1e-12, atol=1e-12)  # float64: BLAS order
     h = torch.randn(5, 768, dtype=torch.float64)
-    parts = [tp.cut_linear(mlp.down_proj, cols=lay.cols("down_proj"))(h[:, lay.cols("down_proj")])
+    parts = [shard.cut_linear(mlp.down_proj, cols=lay.cols("down_proj"))(h[:, lay.cols("down_proj")])
              for lay in layouts]
     torch.testing.assert_close(parts[0] + parts[1], mlp.down_proj(h), rtol=1e-12, atol=1e-12)
     local = SimpleNamespace(all_reduce=lambda t: t, gather_last_dim=lambda t: t)
     ids = torch.tensor([0, 5, 2047, 2048, 4095])
-    emb = [tp.VocabParallelEmbedding(model.model.embed_tokens, lay, local)(ids) for lay in layouts]
+    emb = [shard.VocabParallelEmbedding(model.model.embed_tokens, lay, local)(ids) for lay in layouts]
     assert torch.equal(emb[0] + emb[1], model.model.embed_tokens(ids))
-    heads = [tp.VocabParallelHead(model.lm_head, lay, local)(x) for lay in layouts]
+    heads = [shard.VocabParallelHead(model.lm_head, lay, local)(x) for lay in layouts]
     torch.testing.assert_close(torch.cat(heads, dim=-1), model.lm_head(x), rtol=1e-12, atol=1e-12)
 
 
@@ -192,13 +192,13 @@ def test_fp8_and_int8_kernel_cuts_keep_their_scales():
                    Int8Linear(w.round().clamp(-128, 127).to(torch.int8), scale, x_scale, bias)):
         weight = kernel.weight_t.t()                                     # [out, in]
         scales = (kernel.scale_b if type(kernel) is Fp8Linear else kernel.scale_w).view(-1)
-        col = tp.cut_linear(kernel, rows=rows)
+        col = shard.cut_linear(kernel, rows=rows)
         assert type(col) is type(kernel) and col.weight_t.t().is_contiguous()
         assert torch.equal(col.weight_t.t().float(), weight[rows].float())
         assert torch.equal((col.scale_b if type(col) is Fp8Linear else col.scale_w).view(-1),
                            scales[rows])
         assert torch.equal(col.bias, bias[rows]) and torch.equal(col.input_scale, kernel.input_scale)
-        row = tp.cut_linear(kernel, cols=cols, keep_bias=False)
+        row = shard.cut_linear(kernel, cols=cols, keep_bias=False)
         assert torch.equal(row.weight_t.t().float(), weight[:, cols].float())
         assert torch.equal((row.scale_b if type(row) is Fp8Linear else row.scale_w).view(-1),
                            scales)
@@ -207,19 +207,19 @@ def test_fp8_and_int8_kernel_cuts_keep_their_scales():
 
 def test_indivisible_heads_are_refused_in_one_line(bundle):
     with pytest.raises(BadInput, match="num_attention_heads 4 is not divisible by 3"):
-        tp.check_layout(4, 2, 768, 3)
+        layout.check_layout(4, 2, 768, 3)
     with pytest.raises(BadInput, match="num_key_value_heads 3 neither divides by 2"):
-        tp.check_layout(6, 3, 768, 2)
+        layout.check_layout(6, 3, 768, 2)
     with pytest.raises(BadInput, match="intermediate_size 769"):
-        tp.check_layout(4, 2, 769, 2)
+        layout.check_layout(4, 2, 769, 2)
     int4 = {"quantization_config": {"config_groups": {"g": {"weights": {"num_bits": 4}}}}}
     with pytest.raises(BadInput, match="INT4 \\(W4A16\\) weights are not split yet"):
-        tp.check_weights(int4, 2)
-    tp.check_weights(int4, 1)
+        layout.check_weights(int4, 2)
+    layout.check_weights(int4, 1)
     with pytest.raises(BadInput, match="on the CPU only unquantized models are split"):
-        tp.check_weights({"quantization_config": {"quant_method": "compressed-tensors"}}, 2,
+        layout.check_weights({"quantization_config": {"quant_method": "compressed-tensors"}}, 2,
                          "cpu")
-    tp.check_weights({"quantization_config": {"config_groups": {"g": {"weights": {
+    layout.check_weights({"quantization_config": {"config_groups": {"g": {"weights": {
         "num_bits": 8}}}}}, 2)
     with pytest.raises(BadInput, match="tensor_parallel 0: must be at least 1"):
         Engine.from_bundle(bundle, cpu_config(tensor_parallel=0))
@@ -232,12 +232,12 @@ def test_indivisible_heads_are_refused_in_one_line(bundle):
 def test_more_ranks_than_gpus_are_refused():
     n = torch.cuda.device_count() + 1
     with pytest.raises(BadInput, match=f"tensor_parallel {n} needs {n} GPUs; {n - 1} visible"):
-        tp.launch("unused", torch.bfloat16, {"device": "cuda"}, n)
+        tp_workers.launch("unused", torch.bfloat16, {"device": "cuda"}, n)
 
 
 def test_two_gpu_target_loads_and_plans_one_ranks_cache(example):
     from dwc.passes.kv_layout import KvLayoutOptions, plan_kv
-    from dwc.target import load_target
+    from dwc.compiler.target import load_target
 
     two, one = load_target("h200x2-fp8"), load_target("h200-fp8")
     assert two.tensor_parallel == 2 and one.tensor_parallel == 1
@@ -273,14 +273,14 @@ def test_fp8_kernel_cuts_match_the_whole_projection(build_for):
                                                                 cuda_graphs=False))
     d = eng.runner.decoder
     proj = d.proj[1]
-    layouts = [tp.Layout(r, 2, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size,
+    layouts = [layout.Layout(r, 2, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size,
                          d.embed.weight.shape[0]) for r in range(2)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for tokens in (3, 37):
         x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16, generator=gen)
         for name in ("qkv", "gate_up"):
             assert type(proj[name]) is Fp8Linear
-            parts = [tp.cut_linear(proj[name], rows=lay.rows(name)) for lay in layouts]
+            parts = [shard.cut_linear(proj[name], rows=lay.rows(name)) for lay in layouts]
             assert all(type(p) is Fp8Linear for p in parts)
             got = torch.cat([p(x) for p in parts], dim=-1).float()
             order = torch.cat([lay.rows(name) for lay in layouts]).cuda()
@@ -289,7 +289,7 @@ def test_fp8_kernel_cuts_match_the_whole_projection(build_for):
         h = torch.randn(tokens, d.intermediate_size, device="cuda", dtype=torch.bfloat16,
                         generator=gen)
         cols = [lay.cols("down_proj").cuda() for lay in layouts]
-        got = sum(tp.cut_linear(proj["down_proj"], cols=c)(h[:, c]).float() for c in cols)
+        got = sum(shard.cut_linear(proj["down_proj"], cols=c)(h[:, c]).float() for c in cols)
         want = proj["down_proj"](h).float()
         torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0.02)
 

@@ -113,7 +113,7 @@ def _perplexity(model, manifest: dict) -> float:
 
     from transformers import AutoTokenizer
 
-    from dwc.data import token_windows
+    from dwc.quality.data import token_windows
 
     ev = manifest["quality"]
     tok = AutoTokenizer.from_pretrained(manifest["source"]["model"]["path"])

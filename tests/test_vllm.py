@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 def prompts(example, bundle) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from dwc.data import token_windows
+    from dwc.quality.data import token_windows
 
     tok = AutoTokenizer.from_pretrained(bundle / "model")
     return [w.tolist() for w in token_windows(example / "eval.txt", tok, PROMPTS, PROMPT_LEN)]

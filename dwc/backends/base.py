@@ -56,12 +56,12 @@ class Backend:
     def eval_logits(self, ctx, model, kv_plan: dict | None):
         """The optimized model's logits for the quality gate: a callable taking a batch of
         token windows ([B, T] ids) and returning [B, T, vocab] logits, as
-        dwc.metrics.compare reads them; `close()` is called on it afterwards when it has
+        dwc.quality.metrics.compare reads them; `close()` is called on it afterwards when it has
         one. `model` is the build's optimized model in memory."""
         raise NotImplementedError
 
     def bench(self, bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
-        """Measure a bundle on this machine (`dwc bench`); cfg: dwc.bench.BenchConfig."""
+        """Measure a bundle on this machine (`dwc bench`); cfg: dwc.perf.bench.BenchConfig."""
         raise BadInput(f"{bundle}: `dwc bench` does not measure {self.name} bundles")
 
     def alternative_serving(self, manifest: dict) -> str | None:

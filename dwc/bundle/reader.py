@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from dwc.errors import BundleError
 from dwc.formats import hf
 from dwc.formats import manifest as mf
-from dwc.hashing import sha256_file
+from dwc.bundle.hashing import sha256_file
 
 
 def is_bundle(path: Path) -> bool:

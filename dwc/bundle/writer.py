@@ -17,7 +17,7 @@ from pathlib import Path
 from dwc.bundle.reader import is_bundle
 from dwc.errors import BundleError
 from dwc.formats import manifest as mf
-from dwc.hashing import sha256_file
+from dwc.bundle.hashing import sha256_file
 
 
 class BundleWriter:

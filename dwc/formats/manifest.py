@@ -1,4 +1,5 @@
-"""The bundle's manifest.json: its file name, schema string, folders and keys (DESIGN.md §5)."""
+"""The bundle's manifest.json: its file name, schema string, folders and keys (README.md,
+"The bundle")."""
 
 MANIFEST = "manifest.json"
 SCHEMA = "dwc.bundle/1"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 
 @dataclass
@@ -33,3 +34,29 @@ class EngineConfig:
                       "kv_dtype": "fp8_e4m3" if fp8 else None,
                       "kv_scales": plan.get("kv_scales"),
                       "tensor_parallel": plan.get("tensor_parallel", 1), **overrides})
+
+
+def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
+                tensor_parallel: int | None) -> tuple:
+    """Engine's arguments for a bundle: (model_dir, config, draft_dir, draft_k, fusion).
+    Refuses a bundle whose files do not match its manifest, and one of another backend.
+    The config comes from the bundle's KV plan unless one is given; the draft is used
+    when the bundle has one and `speculative` is True."""
+    from dwc.bundle.reader import open_bundle
+    from dwc.errors import BadInput
+    from dwc.formats import manifest as mf
+
+    manifest = open_bundle(bundle)
+    if manifest["target"]["backend"] != mf.RUNTIME_BACKEND:
+        raise BadInput(f"{bundle}: a {manifest['target']['backend']} bundle; dwc's runtime "
+                       f"runs {mf.RUNTIME_BACKEND} bundles")
+    plan = manifest["kv_cache"]
+    if config is None and plan.get("num_blocks"):
+        config = EngineConfig.from_plan(plan)
+    if tensor_parallel:
+        config = replace(config or EngineConfig(), tensor_parallel=tensor_parallel)
+    draft = manifest.get("draft") if speculative else None
+    draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
+    fusion = (manifest.get("fusion") or {}).get("plan")
+    return (Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,
+            fusion)

@@ -6,33 +6,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from dwc.bundle.reader import open_bundle
 from dwc.constants import MAX_GRAPH_TOKENS
 from dwc.errors import BadInput
-from dwc.formats import manifest as mf
 from dwc.runtime import logprobs
 from dwc.runtime.block_manager import BlockManager
-from dwc.runtime.config import EngineConfig  # noqa: F401  (re-exported: the engine's settings)
+from dwc.runtime.config import EngineConfig, from_bundle
 from dwc.runtime.inflight import InFlight
 from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import sample
 from dwc.runtime.scheduler import Scheduler
 from dwc.runtime.speculative import Drafter
-from dwc.runtime.sequence import SamplingParams, Sequence, Status
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    output_ids: list[int]
-    text: str
-    finish_reason: str
+from dwc.runtime.sequence import Completion, SamplingParams, Sequence, Status, cut_at_stop, \
+    eos_ids, finish_reason, raw_text
 
 
 class Engine:
@@ -54,22 +44,13 @@ class Engine:
         k = (c.num_speculative_tokens or draft_k) if draft_dir and c.speculative else 0
         draft_dir = draft_dir if k else None
         num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype)
-        # Graphs cover steps of up to max_num_seqs sequences of 1 + K tokens (capped).
-        # gloo's collectives (tensor parallelism sharing a GPU) cannot be captured; NCCL's can.
-        gloo = c.tensor_parallel > 1 and c.tensor_parallel_backend == "gloo"
-        graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) \
-            if c.cuda_graphs and not gloo else 0
-        args = dict(num_blocks=num_blocks, block_size=c.block_size, device=device,
-                    weights_dir=model_dir, kv_dtype=c.kv_dtype, kv_scales=c.kv_scales,
-                    graph_tokens=graph, fusion=fusion,
-                    piecewise_tokens=c.max_num_batched_tokens
-                    if c.cuda_graphs and c.piecewise_graphs else 0)
-        self.tp = None  # rank 0 of a tensor-parallel group (tensor_parallel.py)
+        graph, args = _runner_args(c, model_dir, num_blocks, k, device, fusion)
+        self.tp = None  # rank 0 of a tensor-parallel group (parallel/workers.py)
         if c.tensor_parallel > 1:
-            from dwc.runtime import tensor_parallel
+            from dwc.runtime.parallel import workers
 
-            self.tp = tensor_parallel.launch(model_dir, dtype, args, c.tensor_parallel,
-                                             c.tensor_parallel_backend)
+            self.tp = workers.launch(model_dir, dtype, args, c.tensor_parallel,
+                                     c.tensor_parallel_backend)
         try:
             # Tensor parallel: loaded on the CPU and cut there (shard_decoder moves each
             # rank's share), so no GPU holds the whole model.
@@ -85,7 +66,7 @@ class Engine:
                                            fusion=fusion), k) if draft_dir else None
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(self.runner.hf_model, self.tokenizer)
         self.inflight: InFlight | None = None  # the launched step not yet collected
 
     def close(self, force: bool = False) -> None:
@@ -122,25 +103,7 @@ class Engine:
         bundle's KV plan unless `config` says otherwise. Speculates with the bundle's draft
         (when it has one) unless `speculative` or config.speculative is False. Splits the
         model over `tensor_parallel` processes (None: the plan's, else config's)."""
-        manifest = open_bundle(bundle)
-        if manifest["target"]["backend"] != mf.RUNTIME_BACKEND:
-            raise BadInput(f"{bundle}: a {manifest['target']['backend']} bundle; dwc's runtime "
-                           f"runs {mf.RUNTIME_BACKEND} bundles")
-        plan = manifest["kv_cache"]
-        if config is None and plan.get("num_blocks"):
-            config = EngineConfig.from_plan(plan)
-        if tensor_parallel:
-            config = replace(config or EngineConfig(), tensor_parallel=tensor_parallel)
-        draft = manifest.get("draft") if speculative else None
-        draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
-        fusion = (manifest.get("fusion") or {}).get("plan")
-        return cls(Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,
-                   fusion)
-
-    def _eos_ids(self) -> set[int]:
-        ids = self.runner.hf_model.generation_config.eos_token_id
-        ids = ids if isinstance(ids, list) else [ids]
-        return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
+        return cls(*from_bundle(bundle, config, speculative, tensor_parallel))
 
     # -- requests ---------------------------------------------------------------------
 
@@ -295,24 +258,11 @@ class Engine:
         return dict(self.drafter.stats.as_dict(), k=self.drafter.k) if self.drafter else None
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if token in self.eos_ids and not p.ignore_eos:
-            return "stop"
-        if p.stop and any(s in self._raw_text(seq) for s in p.stop):
-            return "stop"
-        if len(seq.output_ids) >= p.max_tokens or seq.num_known >= self.runner.max_context:
-            return "length"
-        return None
-
-    def _raw_text(self, seq: Sequence) -> str:
-        ids = [t for t in seq.output_ids if t not in self.eos_ids or seq.params.ignore_eos]
-        return self.tokenizer.decode(ids)
+        return finish_reason(seq, token, self.eos_ids, self.tokenizer, self.runner.max_context)
 
     def text(self, seq: Sequence) -> str:
         """The generated text, cut before the first stop string, without the EOS token."""
-        text = self._raw_text(seq)
-        cuts = [text.find(s) for s in seq.params.stop if s in text]
-        return text[:min(cuts)] if cuts else text
+        return cut_at_stop(raw_text(self.tokenizer, seq, self.eos_ids), seq.params.stop)
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
@@ -329,3 +279,16 @@ class Engine:
         while self.has_work():
             self.step()
         return [Completion(s.prompt_ids, s.output_ids, self.text(s), s.finish_reason) for s in seqs]
+
+
+def _runner_args(c: EngineConfig, model_dir: Path, num_blocks: int, k: int, device: str,
+                 fusion: dict | None) -> tuple[int, dict]:
+    """(tokens the decode graphs cover, the ModelRunner's keyword arguments). Graphs
+    cover steps of up to max_num_seqs sequences of 1 + K tokens (capped); gloo's
+    collectives (tensor parallelism sharing a GPU) cannot be captured, NCCL's can."""
+    gloo = c.tensor_parallel > 1 and c.tensor_parallel_backend == "gloo"
+    graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs and not gloo else 0
+    pieces = c.max_num_batched_tokens if c.cuda_graphs and c.piecewise_graphs else 0
+    return graph, dict(num_blocks=num_blocks, block_size=c.block_size, device=device,
+                       weights_dir=model_dir, kv_dtype=c.kv_dtype, kv_scales=c.kv_scales,
+                       graph_tokens=graph, fusion=fusion, piecewise_tokens=pieces)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from dwc.constants import MAX_GRAPH_TOKENS
+
 DEFAULT_PLAN = {"qkv": True, "gate_up": True, "norm_residual": True, "silu_mul": True,
                 "rope_kv": True}
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -88,7 +90,7 @@ def merge_raw(parts: list[dict]) -> dict | None:
 
 def skinny_config(out_features: int, fp8: bool) -> dict:
     """The decode-size kernel's tiles for a projection (what skinny_linear launches)."""
-    from dwc.runtime.layers.skinny_tiles import BLOCK_K, BLOCK_N, split_for
+    from dwc.runtime.kernels.skinny_tiles import BLOCK_K, BLOCK_N, split_for
 
     tiles = -(-out_features // BLOCK_N)
     return {"tokens": "<= 16", "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
@@ -98,62 +100,88 @@ def skinny_config(out_features: int, fp8: bool) -> dict:
 def kernel_table(info, scheme: str, device: str, plan: dict) -> list[dict]:
     """Which kernel serves each op of a decoder layer under `plan`, with its shape and
     tile configuration where dwc chooses one (cuBLAS picks its own tiles per shape)."""
-    h, kv = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
-    i = info.intermediate_size
+    gpu = device == "cuda"
+    return _linear_rows(info, scheme, gpu, plan) + _elementwise_rows(info, gpu, plan) + \
+        _attention_rows(gpu)
+
+
+def _gemm_kernel(scheme: str, gpu: bool) -> str:
+    if not gpu:
+        return "compressed-tensors reference Linear (CPU)" if scheme in (
+            "fp8-w8a8", "int8-w8a8", "int4-w4a16") else "torch.nn.functional.linear (CPU)"
     gemm = {"fp8-w8a8": "torch._scaled_mm (cuBLASLt FP8, row-wise scales)",
             "int8-w8a8": "torch._int_mm (cuBLASLt INT8) + scales",
             "int4-w4a16": "aten._weight_int4pack_mm (tinygemm, inner k tiles 8)"}.get(
                 scheme, "torch.nn.functional.linear (cuBLAS)")
-    if scheme in ("fp8-w8a8", "none") and device == "cuda":
+    if scheme in ("fp8-w8a8", "none"):
         gemm += "; at <= 16 tokens triton _skinny_gemm_kernel (weight-only, split-K" + \
             (", fp16 multiply)" if scheme == "fp8-w8a8" else ")")
-    if device != "cuda":
-        gemm = "compressed-tensors reference Linear (CPU)" if scheme in (
-            "fp8-w8a8", "int8-w8a8", "int4-w4a16") else "torch.nn.functional.linear (CPU)"
-    gpu = device == "cuda"
+    return gemm
+
+
+def _linear_rows(info, scheme: str, gpu: bool, plan: dict) -> list[dict]:
+    h, kv = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
+    i, hidden = info.intermediate_size, info.hidden_size
+    gemm = _gemm_kernel(scheme, gpu)
     # On the CPU a quantized bundle keeps compressed-tensors' own modules: nothing stacks.
     stacks = gpu or scheme == "none"
-    table = []
+    rows = []
 
     def linear(op, fused_from, out_features, in_features):
         row = {"op": op, "kernel": gemm, "fuses": list(fused_from),
                "shape": [in_features, out_features]}
         if gpu and scheme in ("fp8-w8a8", "none"):
             row["config"] = skinny_config(out_features, scheme == "fp8-w8a8")
-        table.append(row)
+        rows.append(row)
 
     if plan.get("qkv") and stacks:
-        linear("qkv_proj", GROUPS["qkv"], h + 2 * kv, info.hidden_size)
+        linear("qkv_proj", GROUPS["qkv"], h + 2 * kv, hidden)
     else:
         for name, out in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
-            linear(name, [], out, info.hidden_size)
-    linear("o_proj", [], info.hidden_size, h)
+            linear(name, [], out, hidden)
+    linear("o_proj", [], hidden, h)
     if plan.get("gate_up") and stacks:
-        linear("gate_up_proj", GROUPS["gate_up"], 2 * i, info.hidden_size)
+        linear("gate_up_proj", GROUPS["gate_up"], 2 * i, hidden)
     else:
         for name in ("gate_proj", "up_proj"):
-            linear(name, [], i, info.hidden_size)
-    linear("down_proj", [], info.hidden_size, i)
+            linear(name, [], i, hidden)
+    linear("down_proj", [], hidden, i)
+    return rows
+
+
+def _elementwise_rows(info, gpu: bool, plan: dict) -> list[dict]:
     block = 1 << (info.hidden_size - 1).bit_length()
     fused_norm = gpu and plan.get("norm_residual")
-    table.append({"op": "residual_add_rms_norm",
-                  "kernel": "triton _add_rms_norm_kernel" if fused_norm else "torch (4 kernels)",
-                  "config": {"BLOCK": block, "num_warps": min(16, max(4, block // 512)),
-                             "grid": "(tokens,)"} if fused_norm else {}})
     fused_act = gpu and plan.get("silu_mul") and plan.get("gate_up")
-    table.append({"op": "silu_mul", "kernel": "triton _silu_mul_kernel" if fused_act else
-                  "torch silu + mul", "config": {"BLOCK": 1024, "grid": "(tokens, n / 1024)"}
-                  if fused_act else {}})
     fused_rope = gpu and plan.get("rope_kv")
-    table.append({"op": "rotary + kv_cache_write", "kernel": "triton _rope_kv_kernel" if
-                  fused_rope else "torch (rotary elementwise + two scatters)",
-                  "config": {"grid": "(tokens, heads + kv_heads)", "HALF": info.head_dim // 2}
-                  if fused_rope else {}})
-    table.append({"op": "attention (decode and verification rows)",
-                  "kernel": "triton _paged_decode_kernel" if gpu else "torch SDPA per sequence",
-                  "config": {"BLOCK_N": 64, "BLOCK_G": 16, "grid": "(rows, kv_heads)"} if gpu else {}})
-    table.append({"op": "attention (prefill chunks)", "kernel": "torch SDPA per sequence "
-                  "(flash for whole prompts, memory-efficient with a mask otherwise)", "config": {}})
-    table.append({"op": "decode steps", "kernel": "CUDA graphs (padded to 1..256 tokens)"
-                  if gpu else "eager", "config": {}})
-    return table
+    return [
+        {"op": "residual_add_rms_norm",
+         "kernel": "triton _add_rms_norm_kernel" if fused_norm else "torch (4 kernels)",
+         "config": {"BLOCK": block, "num_warps": min(16, max(4, block // 512)),
+                    "grid": "(tokens,)"} if fused_norm else {}},
+        {"op": "silu_mul", "kernel": "triton _silu_mul_kernel" if fused_act else
+         "torch silu + mul", "config": {"BLOCK": 1024, "grid": "(tokens, n / 1024)"}
+         if fused_act else {}},
+        {"op": "rotary + kv_cache_write", "kernel": "triton _rope_kv_kernel" if fused_rope
+         else "torch (rotary elementwise + two scatters)",
+         "config": {"grid": "(tokens, heads + kv_heads)", "HALF": info.head_dim // 2}
+         if fused_rope else {}}]
+
+
+def _attention_rows(gpu: bool) -> list[dict]:
+    """The attention kernels and the graphs (docs/RUNTIME.md); tiles as the kernels choose
+    them on the H200 (kernels/paged_attention_triton.py, kernels/paged_prefill_triton.py)."""
+    if not gpu:
+        return [{"op": "attention", "kernel": "torch SDPA (whole prompts padded together; "
+                 "per sequence with a mask otherwise)", "config": {}},
+                {"op": "steps", "kernel": "eager", "config": {}}]
+    return [
+        {"op": "attention (decode and verification rows)", "kernel": "triton "
+         "_paged_decode_kernel", "config": {"BLOCK_N": "128 (64 for FP8 caches at >= 1024 "
+                                            "programs)", "grid": "(rows, kv_heads)"}},
+        {"op": "attention (prompt chunks)", "kernel": "triton _paged_prefill_kernel "
+         "(variable-length, paged, one launch per layer)",
+         "config": {"rows per program": "128 (queries x the GQA group)",
+                    "grid": "(query tiles, kv_heads)"}},
+        {"op": "steps", "kernel": f"CUDA graphs: decode steps padded to 1..{MAX_GRAPH_TOKENS} "
+         "tokens, other steps piecewise (captured between attention calls)", "config": {}}]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dwc.checkpoint import model_info
-from dwc.kvcache import kv_bytes_per_token
+from dwc.model.checkpoint import model_info
+from dwc.model.kvcache import kv_bytes_per_token
 
 CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
 
@@ -21,7 +21,7 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     the whole draft (which runs there unsplit)."""
     import warnings
 
-    from dwc.runtime.tensor_parallel import kv_heads_per_rank
+    from dwc.runtime.parallel.layout import kv_heads_per_rank
 
     itemsize = 1 if c.kv_dtype == "fp8_e4m3" else dtype.itemsize
     info, n = model_info(model_dir), c.tensor_parallel

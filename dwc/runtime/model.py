@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dwc.runtime.kernels.prefill_tiles import PrefillGroup
 from dwc.runtime.layers.attention import paged_attention, prompt_attention, write_kv
 from dwc.runtime.layers.norm import add_rms_norm, rms_norm, silu_mul
 from dwc.runtime.layers.rotary import Rotary, apply_rotary
@@ -55,18 +56,6 @@ class DecodeGroup:
     page: int                      # block size
 
 
-@dataclass
-class PrefillGroup:
-    """The GPU's prompt chunks (longer than KERNEL_MAX_CHUNK, from any position) as the
-    paged prefill kernel reads them (layers/paged_prefill_triton.py)."""
-
-    tiles: torch.Tensor            # [tiles, 2] int32: chunk index, first query in it
-    chunks: torch.Tensor           # [chunks, 3] int32: token row, length, start position
-    block_tables: torch.Tensor     # [chunks, max_blocks] int32
-    page: int                      # block size
-    block_q: int                   # queries per tile the table was cut for
-
-
 def _whole(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -93,7 +82,7 @@ class Decoder:
         self.silu_mul = silu_mul
         self.rope_kv = None  # fused rotary + KV write (GPU), set by fuse()
         # Sums the row-parallel projections' partial outputs across tensor-parallel ranks
-        # (set by tensor_parallel.shard_decoder); one process has the whole sum already.
+        # (set by parallel/shard.py's shard_decoder); one process has the whole sum already.
         self.reduce = _whole
         # The projections each layer calls: the checkpoint's modules, or kernel-backed
         # replacements (use_kernels) on the GPU.
@@ -164,7 +153,7 @@ class Decoder:
                 fuse_linears(proj, ("gate_proj", "up_proj"), "gate_up")
         if self.device != "cuda":
             return
-        from dwc.runtime.layers import fused_triton
+        from dwc.runtime.kernels import fused_triton
 
         if plan.get("norm_residual"):
             self.add_rms_norm = fused_triton.add_rms_norm
@@ -253,13 +242,13 @@ class Decoder:
         scales = self.kv_scales[i]
         out = torch.empty_like(q) if out is None else out
         if batch.decode is not None:
-            from dwc.runtime.layers.paged_attention_triton import paged_decode
+            from dwc.runtime.kernels.paged_attention_triton import paged_decode
 
             dg = batch.decode
             paged_decode(q, layer_cache, dg.block_tables, dg.context_lens, dg.page,
                          self.scale, scales, out=out, rows=dg.rows)
         if batch.prefill is not None:
-            from dwc.runtime.layers.paged_prefill_triton import paged_prefill
+            from dwc.runtime.kernels.paged_prefill_triton import paged_prefill
 
             paged_prefill(q, layer_cache, batch.prefill, self.scale, scales, out)
         for pg in batch.prompts or ():

@@ -10,8 +10,8 @@ from dwc.constants import KERNEL_MAX_CHUNK, piecewise_sizes
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.inflight import Feed, to_device
 from dwc.runtime.logprobs import prompt_rows
-from dwc.runtime.layers.prefill_tiles import block_q_for, tile_table
-from dwc.runtime.model import Batch, DecodeGroup, Decoder, PrefillGroup, PromptGroup
+from dwc.runtime.kernels.prefill_tiles import PrefillGroup, block_q_for, tile_table
+from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
 from dwc.runtime.piecewise_graphs import PiecewiseGraphs
 from dwc.runtime.scheduler import PENDING, Chunk
 
@@ -68,7 +68,7 @@ class ModelRunner:
         if fusion:
             d.fuse(fusion)
         if tp is not None:
-            from dwc.runtime.tensor_parallel import shard_decoder
+            from dwc.runtime.parallel.shard import shard_decoder
 
             shard_decoder(d, tp)
         if device == "cuda":

@@ -77,3 +77,43 @@ class Sequence:
         self.num_cached = 0
         self.draft_computed = 0
         self.status = Status.WAITING
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+def raw_text(tokenizer, seq: Sequence, eos_ids: set[int]) -> str:
+    """The output decoded, without EOS tokens (unless the request ignores EOS)."""
+    return tokenizer.decode([t for t in seq.output_ids
+                             if t not in eos_ids or seq.params.ignore_eos])
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """`text` cut before the first of the stop strings it contains."""
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def eos_ids(hf_model, tokenizer) -> set[int]:
+    """The ids that end a sequence: the generation config's and the tokenizer's EOS."""
+    ids = hf_model.generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids]
+    return {i for i in ids + [tokenizer.eos_token_id] if i is not None}
+
+
+def finish_reason(seq: Sequence, token: int, eos: set[int], tokenizer, max_context: int
+                  ) -> str | None:
+    """Why `token`, just appended, ends `seq` ("stop", "length"), or None."""
+    p = seq.params
+    if token in eos and not p.ignore_eos:
+        return "stop"
+    if p.stop and any(s in raw_text(tokenizer, seq, eos) for s in p.stop):
+        return "stop"
+    if len(seq.output_ids) >= p.max_tokens or seq.num_known >= max_context:
+        return "length"
+    return None

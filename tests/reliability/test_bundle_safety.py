@@ -19,7 +19,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dwc.hashing import sha256_file
+from dwc.bundle.hashing import sha256_file
 from tests.conftest import assert_clean_error, dwc
 from tests.reliability.test_generated_bad_input import bounded
 

@@ -72,7 +72,7 @@ def test_two_builds_at_once_share_one_cache(example, tmp_path):
     """Concurrent builds with one DWC_CACHE_DIR (CI runners sharing a cache volume): both
     succeed with byte-identical bundle files, and every cache entry they left is intact
     (entries are written aside and renamed into place)."""
-    from dwc.cache import _intact
+    from dwc.compiler.cache import _intact
 
     bf = write_buildfile(tmp_path / "bf", example)
     cache = tmp_path / "cache"

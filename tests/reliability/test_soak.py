@@ -15,7 +15,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from dwc import loadtest, soak
+from dwc.perf import loadtest, soak
 from dwc.runtime.engine import Engine, EngineConfig
 
 CONFIG = dict(num_blocks=64, max_num_seqs=32, max_num_batched_tokens=512)
@@ -100,7 +100,7 @@ def test_a_5xx_or_a_broken_answer_is_a_failure():
 
 def test_an_error_only_the_server_log_shows_is_caught(engine, monkeypatch):
     """server_errors() sees an exception in the app even where no client reads the 500."""
-    from dwc import http_server
+    from dwc.serving import http_server
 
     def broken(self, body, chat):
         raise RuntimeError("injected")
@@ -115,7 +115,7 @@ def test_openai_fields_at_their_defaults_pass_and_others_are_refused():
     """What SDKs send by default is taken; a field that would change the answer, or one
     nobody defines, is a 400 naming it (the soak's unknown_field / zero_n cases)."""
     from dwc.errors import BadInput
-    from dwc.openai_request import check_fields
+    from dwc.serving.openai_request import check_fields
 
     check_fields({"prompt": "x", "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0,
                   "logprobs": None, "echo": False, "logit_bias": {}, "user": "u",

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # dwc.bench imports torch: the llama.cpp child imports this module
-    from dwc.bench import BenchConfig
+if TYPE_CHECKING:  # dwc.perf.bench imports torch: the llama.cpp child imports this module
+    from dwc.perf.bench import BenchConfig
 
 
 def bench_gguf(bundle: Path, manifest: dict, cfg: BenchConfig, threads: int | None = None) -> dict:
@@ -127,7 +127,7 @@ def _transformers(source: Path, batch: list[list[int]], n_out: int, threads: int
 def bench_run(bundle: Path, manifest: dict, cfg: BenchConfig):
     """`dwc bench` on a GGUF bundle: the measurement, its cost, the lines it prints."""
     from dwc.backends.base import BenchRun
-    from dwc.bench import cost
+    from dwc.perf.bench import cost
 
     result = {"bundle": str(bundle), "device": "cpu", **bench_gguf(bundle, manifest, cfg)}
     # batch 1: a request takes its prompt and its generation time

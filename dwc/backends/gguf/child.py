@@ -16,6 +16,7 @@ evaluation opens the model once and sends one window after another).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
@@ -149,3 +150,15 @@ def _serve() -> None:
         pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
         replies.flush()
 
+
+_quiet = []
+
+
+def quiet() -> None:
+    """Silence llama.cpp's own logging (it writes to stderr; dwc's output stays dwc's)."""
+    import llama_cpp
+
+    if not _quiet:
+        callback = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        _quiet.append(callback)  # keep the callback alive

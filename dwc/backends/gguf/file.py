@@ -12,7 +12,7 @@ own converter (convert_hf_to_gguf.py) writes it, with gguf-py:
 - the tokenizer embedded: byte-level BPE (tokenizer.json) with its merges, special and
   added tokens typed, BOS / EOS / padding ids, whether a BOS is added, and the chat
   template. llama.cpp picks its pre-tokenizer (the regex splitting text before BPE) by a
-  name; `choose_pre_tokenizer` tries the names llama.cpp knows and keeps the first whose
+  name; `pretokenizer.choose_pre_tokenizer` tries the names llama.cpp knows and keeps the first whose
   tokenization of real text matches the Hugging Face tokenizer's exactly.
 
 What llama.cpp cannot represent (other architectures, SentencePiece or WordPiece
@@ -34,16 +34,6 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                  "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = (None, "default", "linear", "llama3")
 F16_MAX = 65504.0
-# Appended to the probe text: what tells pre-tokenizers apart (runs of digits, spaces,
-# tabs and newlines, contractions, punctuation runs, non-Latin scripts, emoji), so that
-# a text without them cannot pick a near-miss. Written for dwc.
-PROBE_EXTRA = ("\n \n\n \t\t \t\n   \n    x  \n 1 12 123 1234 12345 123456 1234567 3.14 "
-               "1..2 1...2 don't I'm we'Re YOU'LL they've she'd 'quoted' \"\"\"!!!??? ---=== "
-               "Здравствуй мир 你好，世界2024年 こんにちは 안녕하세요 مرحبا 🙂🚀 ✅ 🦙🦙 ")
-# Pre-tokenizer names llama.cpp accepts (llama-vocab.cpp), most common byte-level BPE first.
-PRE_TOKENIZERS = ("gpt-2", "llama-bpe", "qwen2", "default", "starcoder", "falcon",
-                  "deepseek-llm", "deepseek-coder", "mpt", "refact", "command-r", "olmo",
-                  "dbrx", "smaug-bpe", "jais", "tekken", "smollm", "codeshell", "bloom")
 
 
 def rope_parameters(config: dict) -> dict:
@@ -118,8 +108,8 @@ def write_f16_gguf(model, source_dir: Path, out: Path, name: str, pre: str = "gp
     cfg = model.config.to_dict()
     arch = ARCHITECTURES[cfg["architectures"][0]]
     w = gguf.GGUFWriter(str(out), arch)
-    _hyperparameters(w, cfg, name)
-    _tokenizer(w, Path(source_dir), cfg, pre)
+    write_hyperparameters(w, cfg, name)
+    write_tokenizer(w, Path(source_dir), cfg, pre)
     for tname, array in _tensors(model, cfg, arch):
         w.add_tensor(tname, array)
     w.write_header_to_file()
@@ -128,7 +118,7 @@ def write_f16_gguf(model, source_dir: Path, out: Path, name: str, pre: str = "gp
     w.close()
 
 
-def _hyperparameters(w, cfg: dict, name: str) -> None:
+def write_hyperparameters(w, cfg: dict, name: str) -> None:
     import gguf
 
     heads = cfg["num_attention_heads"]
@@ -153,7 +143,7 @@ def _hyperparameters(w, cfg: dict, name: str) -> None:
         w.add_rope_scaling_factor(float(rope["factor"]))
 
 
-def _tokenizer(w, source_dir: Path, cfg: dict, pre: str) -> None:
+def write_tokenizer(w, source_dir: Path, cfg: dict, pre: str) -> None:
     import gguf
 
     tok = json.loads((source_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -259,52 +249,3 @@ def _tensors(model, cfg: dict, arch: str):
                 if arch == "llama" and hf_name in ("self_attn.q_proj", "self_attn.k_proj"):
                     a = permute_rows(a, heads if hf_name == "self_attn.q_proj" else kv_heads)
                 yield tensor_name(kind, i, suffix), weight(a)
-
-
-def choose_pre_tokenizer(config: dict, source_dir: Path, text: str, work: Path) -> str | None:
-    """The first pre-tokenizer name under which llama.cpp tokenizes `text` exactly as the
-    Hugging Face tokenizer does (tried on vocabulary-only GGUF files); None if none does."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    from dwc.backends.gguf.child import LlamaProcess
-
-    text = text + PROBE_EXTRA
-    want = AutoTokenizer.from_pretrained(source_dir, local_files_only=True)(
-        text, add_special_tokens=False).input_ids
-    arch = ARCHITECTURES[config["architectures"][0]]
-    probe = Path(work) / "vocab-probe.gguf"
-    # llama.cpp in one child process for all the names (backends/gguf/child.py)
-    with LlamaProcess("probing the pre-tokenizer of", probe) as child:
-        try:
-            for pre in PRE_TOKENIZERS:
-                w = gguf.GGUFWriter(str(probe), arch)
-                _hyperparameters(w, config, "probe")
-                _tokenizer(w, Path(source_dir), config, pre)
-                w.write_header_to_file()
-                w.write_kv_data_to_file()
-                w.write_tensors_to_file()
-                w.close()
-                try:
-                    got = child.call(llama_tokenize, probe, text)
-                except (ValueError, RuntimeError):  # a name this llama.cpp build does not know
-                    continue
-                if got == want:
-                    return pre
-        finally:
-            probe.unlink(missing_ok=True)
-    return None
-
-
-def llama_tokenize(path: Path, text: str) -> list[int]:
-    """llama.cpp's tokenization of `text` (no BOS), from the file's vocabulary alone."""
-    from llama_cpp import Llama
-
-    from dwc.backends.gguf.llama import quiet
-
-    quiet()
-    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    try:
-        return vocab.tokenize(text.encode(), add_bos=False, special=False)
-    finally:
-        vocab.close()

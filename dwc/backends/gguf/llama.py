@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dwc.backends.gguf import child as gguf_child
+from dwc.backends.gguf.child import quiet
 from dwc.bundle.writer import BundleWriter
 from dwc.errors import DwcError
 from dwc.formats import manifest as mf
@@ -39,19 +40,6 @@ LINEAR_KINDS = {"self_attn.q_proj": "ATTN_Q", "self_attn.k_proj": "ATTN_K",
                 "self_attn.v_proj": "ATTN_V", "self_attn.o_proj": "ATTN_OUT",
                 "mlp.gate_proj": "FFN_GATE", "mlp.up_proj": "FFN_UP",
                 "mlp.down_proj": "FFN_DOWN"}
-
-_quiet = []
-
-
-def quiet() -> None:
-    """Silence llama.cpp's own logging (it writes to stderr; dwc's output stays dwc's)."""
-    import llama_cpp
-
-    if not _quiet:
-        callback = llama_cpp.llama_log_callback(lambda level, text, user: None)
-        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-        _quiet.append(callback)  # keep the callback alive
-
 
 def imatrix_entries(mean_sq: dict) -> dict[str, np.ndarray]:
     """Calibration mean squares keyed by Linear name -> llama.cpp tensor name. Q/K row

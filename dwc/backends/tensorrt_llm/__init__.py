@@ -21,7 +21,7 @@ class TensorRtLlm(Backend):
     def eval_logits(self, ctx, model, kv_plan):
         """The exported checkpoint through dwc's reader of it (dequantized weights, FP8
         input and KV rounding as hooks), in transformers."""
-        from dwc.metrics import hf_logits
+        from dwc.quality.metrics import hf_logits
 
         return hf_logits(model)
 

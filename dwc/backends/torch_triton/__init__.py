@@ -52,7 +52,7 @@ class TorchTriton(Backend):
 def _check_split(target, info) -> None:
     """The model splits over target.tensor_parallel ranks, and each rank's quantized
     slices keep the kernels' alignment."""
-    from dwc.runtime.tensor_parallel import check_layout
+    from dwc.runtime.parallel.layout import check_layout
 
     try:
         check_layout(info.num_heads, info.num_kv_heads, info.intermediate_size,

@@ -1,5 +1,5 @@
 """`dwc bench` on a torch-triton bundle: offline throughput and online latency through
-dwc's runtime (dwc/bench.py), against the bundle's SLO, with its cost."""
+dwc's runtime (dwc/perf/bench.py), against the bundle's SLO, with its cost."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dwc.backends.base import BenchRun
 
 
 def bench_run(bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
-    from dwc.bench import against_slo, cost, offline, online
+    from dwc.perf.bench import against_slo, cost, offline, online
     from dwc.runtime.engine import Engine
 
     engine = Engine.from_bundle(bundle, speculative=draft)
@@ -28,7 +28,7 @@ def bench_run(bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
 
 
 def _latency_chart(result: dict) -> bytes:
-    from dwc.reports import line_chart
+    from dwc.compiler.reports import line_chart
 
     levels = result["online_levels"]
     return line_chart(

@@ -15,8 +15,8 @@ from dwc.bundle.writer import BundleWriter
 from dwc.constants import MAX_SHARD_SIZE
 from dwc.formats import hf
 from dwc.formats import manifest as mf
-from dwc.manifest import serving_facts
-from dwc.templating import render
+from dwc.compiler.manifest import serving_facts
+from dwc.compiler.templating import render
 
 VLLM_SCRIPT = f"{mf.SERVE_DIR}/vllm.sh"
 # dwc's KV cache dtypes as vLLM's --kv-cache-dtype spells them ("fp8" is E4M3 there);

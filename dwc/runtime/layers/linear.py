@@ -34,8 +34,8 @@ class Fp8Linear(torch.nn.Module):
         self._row_scales: dict[int, torch.Tensor] = {}  # tokens -> [t, 1] input scale
 
     def forward(self, x):                                            # x: [t, in] bf16
-        from dwc.runtime.layers.fused_triton import quantize_fp8
-        from dwc.runtime.layers.skinny_gemm_triton import MAX_TOKENS, skinny_linear
+        from dwc.runtime.kernels.fused_triton import quantize_fp8
+        from dwc.runtime.kernels.skinny_gemm_triton import MAX_TOKENS, skinny_linear
 
         if x.shape[0] <= MAX_TOKENS and x.dtype == torch.bfloat16:
             y = skinny_linear(x, self.weight_t.t(), self.scale_b.view(-1))
@@ -107,7 +107,7 @@ class SkinnyLinear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x):
-        from dwc.runtime.layers.skinny_gemm_triton import MAX_TOKENS, skinny_linear
+        from dwc.runtime.kernels.skinny_gemm_triton import MAX_TOKENS, skinny_linear
 
         if x.shape[0] <= MAX_TOKENS and x.dtype == torch.bfloat16 == self.weight.dtype:
             y = skinny_linear(x, self.weight)

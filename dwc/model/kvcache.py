@@ -1,0 +1,34 @@
+"""FP8 KV cache scales, shared by the kv-layout plan and the quantize back-off's
+measurement (so both measure the cache the bundle will use)."""
+
+from __future__ import annotations
+
+FP8_MAX = 448.0
+
+
+def kv_bytes_per_token(info, itemsize: int) -> int:
+    """Bytes of K and V one token takes in the cache (`info`: dwc.model.checkpoint.ModelInfo)."""
+    return info.num_layers * 2 * info.num_kv_heads * info.head_dim * itemsize
+
+
+def kv_scales(ctx) -> list[list[float]]:
+    """Per layer [k_scale, v_scale] for an FP8 cache: the largest |K| and |V| seen in
+    calibration over FP8's largest value (448). K is stored after the rotary embedding,
+    which turns each pair (a, b) into a rotation of it, so |K| can reach sqrt(2) times the
+    largest projection output; the K scale allows for that."""
+    stats = ctx.artifacts.get("calibration")
+    if stats is None or not stats.out_absmax:
+        return [[1.0, 1.0]] * ctx.info.num_layers  # vLLM's default without calibration
+    scales = []
+    for i in range(ctx.info.num_layers):
+        k = float(stats.out_absmax[f"model.layers.{i}.self_attn.k_proj"]) * 2 ** 0.5
+        v = float(stats.out_absmax[f"model.layers.{i}.self_attn.v_proj"])
+        scales.append([max(k, 1e-6) / FP8_MAX, max(v, 1e-6) / FP8_MAX])
+    return scales
+
+
+def kv_plan_for_measuring(ctx) -> dict | None:
+    """The KV cache the target will use, as `dwc.quality.gate.measure` takes it (None: bf16)."""
+    if ctx.target.kv_cache_dtype != "fp8_e4m3":
+        return None
+    return {"dtype": "fp8_e4m3", "kv_scales": kv_scales(ctx)}

@@ -1,0 +1,2 @@
+"""Serving: `InferenceServer`, the OpenAI-compatible HTTP API and its request and
+logprobs shapes, over the runtime."""
