@@ -1,9 +1,10 @@
 """What every pass is: a name, what it reads and writes, typed options and `run(ctx)`.
 
-Passes talk through named artifacts in the build context (`ctx.artifacts`). The pipeline
-checks before running anything that each artifact a pass reads was written by an earlier
-pass (torch.fx's requires / ensures), and caches the outputs of `cacheable` passes by a
-content hash of their inputs and options.
+Passes talk through named artifacts in the build context (`ctx.artifacts`, the typed
+fields of dwc/compiler/artifacts.py). The pipeline checks before running anything that
+each artifact a pass reads was written by an earlier pass (torch.fx's requires /
+ensures), and caches the outputs of `cacheable` passes by a content hash of their inputs
+and options.
 
 Artifacts are never changed in place: a pass that changes the model writes a new object,
 so earlier artifacts (the reference model above all) stay what they were.

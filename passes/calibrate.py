@@ -6,25 +6,15 @@ largest absolute activation per input channel (static FP8 / INT8 ranges).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from dwc.compiler.artifacts import ActivationStats
 from dwc.quality.data import batches, token_windows
 from dwc.bundle.hashing import sha256_file
 from dwc.passes.base import BatchOptions, Pass, PassResult
 from dwc.compiler.reports import bar_chart, json_bytes
 
 STATS_FILE = "calibration.safetensors"
-
-
-@dataclass
-class ActivationStats:
-    """Per-Linear input statistics over `tokens` calibration tokens."""
-
-    mean_sq: dict  # layer name -> [in_features] float32, mean of x^2 per channel
-    absmax: dict   # layer name -> [in_features] float32, max |x| per channel
-    tokens: int
-    out_absmax: dict = None  # k_proj / v_proj name -> [] max |output|, for FP8 KV scales
 
 
 class Calibrate(Pass):
@@ -43,8 +33,8 @@ class Calibrate(Pass):
 
     def run(self, ctx, options) -> PassResult:
         c = ctx.build.calibration
-        windows = token_windows(c.data, ctx.artifacts["tokenizer"], c.samples, c.seq_len)
-        stats = collect(ctx.artifacts["reference"], windows, options.batch_size, ctx)
+        windows = token_windows(c.data, ctx.artifacts.tokenizer, c.samples, c.seq_len)
+        stats = collect(ctx.artifacts.reference, windows, options.batch_size, ctx)
         report = summarize(stats)
         names = list(report["layers"])
         png = bar_chart(names, [report["layers"][n]["absmax"] for n in names],

@@ -73,11 +73,11 @@ class DistillDraft(Pass):
                 "evaluation": [sha256_file(e.data), e.seq_len], "existing": existing}
 
     def run(self, ctx, options) -> PassResult:
-        target = ctx.artifacts["model"]
+        target = ctx.artifacts.model
         if isinstance(ctx.build.draft, Path):
             draft = load_existing(ctx.build.draft, ctx)
         else:
-            draft = make_draft(ctx.artifacts["reference"], options.layers)
+            draft = make_draft(ctx.artifacts.reference, options.layers)
             train(draft, target, training_windows(ctx, target, options), options, ctx)
         info = measure(draft, target, ctx, options)
         png = line_chart({"tau (tokens per target step)": info["per_k"]["tau"],
@@ -132,7 +132,7 @@ def load_existing(path: Path, ctx):
 def training_windows(ctx, target, options) -> list:
     """Calibration windows, plus the target's own continuations of their beginnings."""
     c = ctx.build.calibration
-    windows = token_windows(c.data, ctx.artifacts["tokenizer"], max(options.windows, c.samples),
+    windows = token_windows(c.data, ctx.artifacts.tokenizer, max(options.windows, c.samples),
                             c.seq_len)
     prompts = [w[:32] for w in windows[:options.on_policy] if len(w) >= 32]
     torch.manual_seed(0)  # the on-policy samples, hence the draft, are reproducible
@@ -175,7 +175,7 @@ def train(draft, target, windows, options, ctx) -> None:
 def measure(draft, target, ctx, options) -> dict:
     """Greedy drafting against the target's greedy choices at evaluation positions."""
     e = ctx.build.evaluation
-    windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
+    windows = token_windows(e.data, ctx.artifacts.tokenizer, e.samples, e.seq_len)
     starts = [(w, pos) for w in windows for pos in range(16, len(w), 16)][:options.positions]
     accepted = []
     with torch.inference_mode(), ctx.reporter.progress("measuring acceptance", len(starts)) as adv:
@@ -210,7 +210,7 @@ def cost_ratio(draft, target, ctx) -> float:
     hardware that will serve them), else weight bytes read per token."""
     if torch.cuda.is_available() and str(target.device).startswith("cuda"):
         return _timed_ratio(draft, target, ctx)
-    quantized = ctx.artifacts.get("quantized")
+    quantized = ctx.artifacts.quantized
     target_bytes = quantized.summary["weight_bytes"] if quantized is not None else \
         sum(p.numel() * p.element_size() for p in target.parameters())
     # Decode reads every weight but the embedding (one row); the draft runs in bf16.
@@ -225,7 +225,7 @@ def _timed_ratio(draft, target, ctx) -> float:
     from dwc.perf.calibration import decode_step_seconds
     from dwc.runtime.model_runner import ModelRunner
 
-    quantized = ctx.artifacts.get("quantized")
+    quantized = ctx.artifacts.quantized
     kv = ctx.target.kv_cache_dtype if ctx.target.kv_cache_dtype == "fp8_e4m3" else None
     target_runner = ModelRunner(target, 64, 16, "cuda",
                                 quantized.folder if quantized is not None else None, kv)

@@ -32,8 +32,8 @@ class Emit(Pass):
         backend = backends.get(ctx.target.backend)
         with BundleWriter(ctx.output, force=ctx.force) as writer:
             backend.emit(writer, ctx)
-            if ctx.artifacts.get("draft_model") is not None:
-                write_draft(writer, ctx.artifacts["draft_model"], ctx.info.path)
+            if ctx.artifacts.draft_model is not None:
+                write_draft(writer, ctx.artifacts.draft_model, ctx.info.path)
             for name, data in sorted(ctx.reports.items()):
                 writer.write_bytes(f"{mf.REPORTS_DIR}/{name}", data)
             record = {"name": self.name, "options": options_dict(options),

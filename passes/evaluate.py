@@ -36,8 +36,8 @@ class Evaluate(Pass):
         return {"data": sha256_file(e.data), "samples": e.samples, "seq_len": e.seq_len}
 
     def run(self, ctx, options) -> PassResult:
-        totals = measure(ctx, ctx.artifacts["model"], options.batch_size,
-                         kv_plan=ctx.artifacts.get("kv_plan"))
+        totals = measure(ctx, ctx.artifacts.model, options.batch_size,
+                         kv_plan=ctx.artifacts.kv_plan)
         quality = totals.result()
         quality.update(windows=len(totals.window_ppl_ref), data=str(ctx.build.evaluation.data))
         png = line_chart({"original": totals.window_ppl_ref, "optimized": totals.window_ppl_opt},
@@ -59,7 +59,7 @@ class Evaluate(Pass):
         ctx.reports[QUALITY_FILE] = json_bytes(report)
         if reason:
             culprits = ", ".join(ctx.lineage.get("model", [])) or "none recorded"
-            scheme = ctx.artifacts.get("quantized")
+            scheme = ctx.artifacts.quantized
             what = f"{scheme.describe()}: " if scheme is not None else ""
             raise QualityBudgetExceeded(f"quality budget exceeded: {what}{reason}; "
                                         f"passes that changed the model: {culprits}")

@@ -67,11 +67,11 @@ def lossless_check(ctx, plan: dict, windows: int) -> dict:
     from dwc.runtime.scoring import runtime_logits
 
     e = ctx.build.evaluation
-    ids = token_windows(e.data, ctx.artifacts["tokenizer"], windows, min(e.seq_len, 128))
+    ids = token_windows(e.data, ctx.artifacts.tokenizer, windows, min(e.seq_len, 128))
     ids = torch.stack([w for w in ids if len(w) == len(ids[0])])
-    quantized = ctx.artifacts.get("quantized")
+    quantized = ctx.artifacts.quantized
     weights = quantized.folder if quantized is not None else None
-    model, device = ctx.artifacts["model"], ctx.compute_device
+    model, device = ctx.artifacts.model, ctx.compute_device
     plain = runtime_logits(model, device, weights)(ids.to(device)).float()
     fused = runtime_logits(model, device, weights, fusion=plan)(ids.to(device)).float()
     scale = plain.abs().max().item()

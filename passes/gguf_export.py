@@ -71,7 +71,7 @@ class GgufExport(Pass):
         from dwc.backends.gguf import file as gguf_file
         from dwc.backends.gguf import pretokenizer
 
-        model = ctx.artifacts["model"]
+        model = ctx.artifacts.model
         ggml_type = ctx.target.weights.scheme.removeprefix("gguf-")
         folder = ctx.workdir / GGUF_FOLDER
         shutil.rmtree(folder, ignore_errors=True)
@@ -85,7 +85,7 @@ class GgufExport(Pass):
                               "pre-tokenizer it knows; this tokenizer cannot be a GGUF bundle")
         f16 = folder / ("model.gguf" if ggml_type == "f16" else "model-f16.gguf")
         gguf_file.write_f16_gguf(model, ctx.info.path, f16, ctx.build.name, pre)
-        stats = ctx.artifacts.get("calibration")
+        stats = ctx.artifacts.calibration
         # Only the K-quants weigh rounding errors by the imatrix (Q8_0 ignores it).
         imatrix = backend.imatrix_entries(stats.mean_sq) \
             if options.imatrix and stats is not None and ggml_type in backend.USES_IMATRIX \

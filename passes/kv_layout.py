@@ -69,7 +69,7 @@ class KvLayout(Pass):
         t, slo = ctx.target, ctx.build.slo
         return {"target": t.name, "kv": t.kv_cache_dtype, "hardware": vars(t.hardware),
                 "weights": vars(t.weights), "device": t.device, "tp": t.tensor_parallel,
-                "draft": ctx.artifacts.get("draft"),
+                "draft": ctx.artifacts.draft,
                 "slo": vars(slo) if slo else None}
 
     def run(self, ctx, options) -> PassResult:
@@ -95,7 +95,7 @@ def plan_kv(ctx, options) -> dict:
     per_token = kv_bytes_per_token(info, KV_BYTES[t.kv_cache_dtype]) * \
         kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
     weights = weight_bytes(ctx) // n
-    draft = ctx.artifacts.get("draft_model")
+    draft = ctx.artifacts.draft_model
     draft_per_token = 0
     if draft is not None:  # its own cache, same slots, in the compute dtype; bf16 weights
         act_kv = KV_BYTES[t.kv_cache_dtype] if t.kv_cache_dtype in COMPUTE_BYTES else \
@@ -158,7 +158,7 @@ def step_tokens(ctx, weights: int, gpu: bool, block_size: int) -> int:
     if not (slo and slo.target_latency_ms):
         return 8192 if gpu else 2048
     # Per rank: its share of the parameters (the draft's weights are in `weights` whole).
-    params = sum(p.numel() for p in ctx.artifacts["model"].parameters()) / \
+    params = sum(p.numel() for p in ctx.artifacts.model.parameters()) / \
         ctx.target.tensor_parallel
     read_s = weights / (hw.memory_bandwidth_gbs * GB)
     peak = max(hw.peak_tflops.values()) * 1e12

@@ -58,11 +58,11 @@ class ModelOptQuantize(Pass):
         from dwc.backends.tensorrt_llm.checkpoint import load_model, quantize_and_export
 
         c, t = ctx.build.calibration, ctx.target
-        windows = token_windows(c.data, ctx.artifacts["tokenizer"], c.samples, c.seq_len)
+        windows = token_windows(c.data, ctx.artifacts.tokenizer, c.samples, c.seq_len)
         folder = ctx.workdir / "modelopt"
         shutil.rmtree(folder, ignore_errors=True)
         with ctx.reporter.progress("calibrating with ModelOpt", 1) as advance:
-            quantize_and_export(copy.deepcopy(ctx.artifacts["model"]), t.weights.scheme,
+            quantize_and_export(copy.deepcopy(ctx.artifacts.model), t.weights.scheme,
                                 t.kv_cache_dtype == "fp8_e4m3", t.weights.group_size,
                                 windows, folder)
             advance(1)

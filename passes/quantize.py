@@ -89,7 +89,7 @@ class Quantize(Pass):
     def run(self, ctx, options) -> PassResult:
         s = _settings(ctx, options)
         c = ctx.build.calibration
-        windows = token_windows(c.data, ctx.artifacts["tokenizer"], c.samples, c.seq_len)
+        windows = token_windows(c.data, ctx.artifacts.tokenizer, c.samples, c.seq_len)
         keep = list(options.keep_bf16)
         fallback: list[str] = []
         while True:
@@ -121,7 +121,7 @@ class Quantize(Pass):
 
     def _attempt(self, ctx, s: dict, ignore: list[str], windows, options):
         """Quantize a fresh copy, measure per-layer error, save compressed, load it back."""
-        work = copy.deepcopy(ctx.artifacts["model"])
+        work = copy.deepcopy(ctx.artifacts.model)
         modifiers = recipe(s["scheme"], s["method"], ignore, s["group_size"] or 128,
                            s["smoothing_strength"], s["int8_activations"])
         with ctx.reporter.status(f"quantizing ({s['scheme']}, {s['method']})"):

@@ -64,10 +64,10 @@ class Tune(Pass):
 
     def run(self, ctx, options) -> PassResult:
         slo, hw = ctx.build.slo, ctx.target.hardware
-        plan = dict(ctx.artifacts["kv_plan"])
+        plan = dict(ctx.artifacts.kv_plan)
         prompt, output = (slo.prompt_tokens, slo.output_tokens) if slo else (512, 128)
         calibrating = options.calibrate and on_target_gpu(hw) and \
-            _longest(plan, prompt, output) <= ctx.artifacts["model"].config.max_position_embeddings
+            _longest(plan, prompt, output) <= ctx.artifacts.model.config.max_position_embeddings
         engine = _engine(ctx, plan, prompt, output) if calibrating else None
         try:
             calibration, note = _calibrate(engine, plan, prompt, output) if engine else (None, None)
@@ -76,7 +76,7 @@ class Tune(Pass):
             rows = [_candidate(machine, _figures(ctx, plan, draft), seqs, draft, slo, prompt,
                                output)
                     for seqs in _powers(plan["max_num_seqs"])
-                    for draft in ([False, True] if ctx.artifacts.get("draft") else [False])]
+                    for draft in ([False, True] if ctx.artifacts.draft else [False])]
             best = max(rows, key=lambda r: (r["max_rps"], -r["max_num_seqs"]))
             tuning = _decision(best, rows, slo, ctx.target.name, prompt, output, hw.usd_per_hour)
             if calibration:
@@ -121,21 +121,21 @@ def _engine(ctx, plan: dict, prompt: int, output: int):
 
     folder = ctx.workdir / "tune-model"
     shutil.rmtree(folder, ignore_errors=True)
-    quantized = ctx.artifacts.get("quantized")
+    quantized = ctx.artifacts.quantized
     if quantized is not None:
         folder.mkdir(parents=True)
         for f in quantized.folder.iterdir():
             os.link(f, folder / f.name)  # same file system: no copy of the weights
     else:
-        ctx.artifacts["model"].save_pretrained(folder)
-    ctx.artifacts["tokenizer"].save_pretrained(folder)
+        ctx.artifacts.model.save_pretrained(folder)
+    ctx.artifacts.tokenizer.save_pretrained(folder)
     from dwc.perf.calibration import MANY_PROMPTS
 
     seqs = plan["max_num_seqs"] + MANY_PROMPTS  # + the prompts timed joining
     per_seq = -(-_longest(plan, prompt, output) // plan["block_size"])
     blocks = min(seqs * per_seq + 4, plan["num_blocks"])  # never more than the plan's memory
     config = EngineConfig.from_plan(plan, num_blocks=blocks, speculative=False)
-    return Engine(folder, config, fusion=(ctx.artifacts.get("fusion") or {}).get("plan"))
+    return Engine(folder, config, fusion=(ctx.artifacts.fusion or {}).get("plan"))
 
 
 def _longest(plan: dict, prompt: int, output: int) -> int:
@@ -201,10 +201,10 @@ def _powers(limit: int) -> list[int]:
 
 
 def _figures(ctx, plan: dict, draft: bool) -> ModelFigures:
-    d = ctx.artifacts.get("draft") if draft else None
+    d = ctx.artifacts.draft if draft else None
     return ModelFigures(
         weight_bytes=weight_bytes(ctx),  # the figure the KV plan used
-        params=sum(p.numel() for p in ctx.artifacts["model"].parameters()),
+        params=sum(p.numel() for p in ctx.artifacts.model.parameters()),
         kv_bytes_per_token=plan["bytes_per_token"],
         tau=d["mean_accepted_tokens"] if d else 1.0,
         step_cost=1 + d["k"] * d["cost_ratio"] if d else 1.0)

@@ -133,7 +133,7 @@ class Perturb(Pass):
 
         import torch
 
-        model = copy.deepcopy(ctx.artifacts["model"])
+        model = copy.deepcopy(ctx.artifacts.model)
         gen = torch.Generator().manual_seed(0)
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

@@ -61,18 +61,19 @@ def test_distillation_raises_acceptance(example):
     from dwc.compiler.buildfile import load_buildfile
     from dwc.model.loading import load_model, load_tokenizer
     from dwc.model.checkpoint import model_info
+    from dwc.compiler.artifacts import Artifacts
     from dwc.compiler.ui import Reporter
 
     info = model_info(example / "checkpoint")
     target = load_model(info, "float32")
     build = load_buildfile(example / "model.yaml")
-    ctx = SimpleNamespace(build=build, reporter=Reporter(quiet=True), artifacts={
-        "tokenizer": load_tokenizer(example / "checkpoint")}, compute_device="cpu")
+    ctx = SimpleNamespace(build=build, reporter=Reporter(quiet=True), artifacts=Artifacts(
+        tokenizer=load_tokenizer(example / "checkpoint")), compute_device="cpu")
     opts = DistillOptions(steps=40, positions=32, max_k=4)
     before = measure(make_draft(target, 0), target, ctx, opts)["per_k"]["tau"][3]
     draft = make_draft(target, 0)
     from dwc.quality.data import token_windows
-    windows = token_windows(build.calibration.data, ctx.artifacts["tokenizer"], 16, 256)
+    windows = token_windows(build.calibration.data, ctx.artifacts.tokenizer, 16, 256)
     train(draft, target, windows, opts, ctx)
     after = measure(draft, target, ctx, opts)["per_k"]["tau"][3]
     assert after > before, (before, after)

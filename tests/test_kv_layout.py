@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dwc.compiler.artifacts import Artifacts
 from dwc.model.checkpoint import ModelInfo
 from dwc.errors import TargetError
 from dwc.passes.kv_layout import KvLayoutOptions, plan_kv
@@ -33,7 +34,7 @@ def ctx_for(target: str, slo=None, weight_bytes=8_030_000_000):
     quantized = SimpleNamespace(summary={"weight_bytes": weight_bytes})
     return SimpleNamespace(target=load_target(target), info=LLAMA3_8B,
                            build=SimpleNamespace(slo=slo),
-                           artifacts={"quantized": quantized, "model": FakeModel(8_030_000_000)})
+                           artifacts=Artifacts(quantized=quantized, model=FakeModel(8_030_000_000)))
 
 
 def test_llama3_8b_on_h200_fp8():

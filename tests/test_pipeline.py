@@ -80,3 +80,17 @@ def test_sigterm_mid_build_leaves_nothing_behind(example, tmp_path):
     assert proc.returncode == 130, (proc.returncode, err)
     assert "error: interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf"]
+
+
+def test_every_artifact_a_pass_names_is_a_typed_field():
+    """Reads, optional reads and writes name fields of dwc/compiler/artifacts.py: a typo
+    is caught here, not as an artifact nobody reads."""
+    from dwc.compiler.artifacts import ARTIFACTS, Artifacts
+    from dwc.passes import REGISTRY
+
+    named = set()
+    for p in REGISTRY.values():
+        named.update(p.reads + p.optional_reads + p.writes)
+    assert named <= set(ARTIFACTS), named - set(ARTIFACTS)
+    assert set(ARTIFACTS) - named == set()  # and every field is some pass's artifact
+    assert Artifacts().model is None

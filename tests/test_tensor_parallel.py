@@ -236,6 +236,7 @@ def test_more_ranks_than_gpus_are_refused():
 
 
 def test_two_gpu_target_loads_and_plans_one_ranks_cache(example):
+    from dwc.compiler.artifacts import Artifacts
     from dwc.passes.kv_layout import KvLayoutOptions, plan_kv
     from dwc.compiler.target import load_target
 
@@ -248,7 +249,7 @@ def test_two_gpu_target_loads_and_plans_one_ranks_cache(example):
         two.check_model(dataclasses.replace(info, num_heads=6, num_kv_heads=3))
     model = load_hf_model(example / "checkpoint", "cpu", torch.float32)
     plans = [plan_kv(SimpleNamespace(target=t, info=info, build=SimpleNamespace(slo=None),
-                                     artifacts={"model": model}), KvLayoutOptions())
+                                     artifacts=Artifacts(model=model)), KvLayoutOptions())
              for t in (one, two)]
     assert plans[1]["tensor_parallel"] == 2 and plans[0]["tensor_parallel"] == 1
     assert plans[1]["bytes_per_token"] * 2 == plans[0]["bytes_per_token"]  # 1 of 2 KV heads

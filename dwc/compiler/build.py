@@ -41,7 +41,7 @@ def build(build_file: Path, target_name: str, output: Path, overrides=(), use_ca
                            info=info, output=output, workdir=Path(work), force=force,
                            reporter=reporter or Reporter())
         run(steps, ctx, PassCache(cache_dir(), enabled=use_cache))
-    return read_manifest(ctx.artifacts["bundle"])
+    return read_manifest(ctx.artifacts.bundle)
 
 
 OWNER = ".owner-pid"

@@ -17,15 +17,15 @@ from dwc.bundle.hashing import sha256_file
 def serving_facts(ctx) -> dict:
     """The manifest keys a serving command is made from (name, draft, kv_cache), for a
     backend's emit, which runs before the manifest exists."""
-    return {"name": ctx.build.name, "draft": ctx.artifacts.get("draft"),
-            "kv_cache": ctx.artifacts.get("kv_plan") or
+    return {"name": ctx.build.name, "draft": ctx.artifacts.draft,
+            "kv_cache": ctx.artifacts.kv_plan or
             {"dtype": ctx.target.kv_cache_dtype, "plan": None}}
 
 
 def build_manifest(ctx, emit_record: dict) -> dict:
     """Every manifest key but `files` (the bundle writer adds those when it hashes)."""
     b, t = ctx.build, ctx.target
-    source = dict(ctx.artifacts["source"])
+    source = dict(ctx.artifacts.source)
     source["build_file"] = {"path": str(ctx.build_path), "sha256": sha256_file(ctx.build_path)}
     source["calibration_data"] = _data(b.calibration.data)
     source["evaluation_data"] = _data(b.evaluation.data)
@@ -40,9 +40,9 @@ def build_manifest(ctx, emit_record: dict) -> dict:
         "passes": [r.as_dict() for r in ctx.records] + [emit_record],
         "quantization": _quantization(ctx),
         "draft": facts["draft"],
-        "fusion": ctx.artifacts.get("fusion"),
+        "fusion": ctx.artifacts.fusion,
         "kv_cache": facts["kv_cache"],
-        "quality": ctx.artifacts["quality"],
+        "quality": ctx.artifacts.quality,
         "slo": _slo(ctx),
         "build": _build_info(ctx),
     }
@@ -50,7 +50,7 @@ def build_manifest(ctx, emit_record: dict) -> dict:
 
 def _slo(ctx) -> dict | None:
     """The build file's SLO and, after `tune`, the predicted figures and the decision."""
-    tuning = ctx.artifacts.get("tuning")
+    tuning = ctx.artifacts.tuning
     if not ctx.build.slo and not tuning:
         return None
     slo = vars(ctx.build.slo) | {} if ctx.build.slo else {}
@@ -67,7 +67,7 @@ def _quantization(ctx) -> dict:
     t = ctx.target
     base = {"scheme": t.weights.scheme, "weight_dtype": t.weights.dtype,
             "activation_dtype": t.weights.dtype, "excluded": []}
-    quantized = ctx.artifacts.get("quantized")
+    quantized = ctx.artifacts.quantized
     return base | quantized.summary if quantized is not None else base
 
 

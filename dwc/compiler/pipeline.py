@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dwc.compiler.artifacts import ARTIFACTS, Artifacts
 from dwc.constants import VERSION as __version__
 from dwc.compiler.buildfile import BuildFile
 from dwc.compiler.cache import METRICS, PassCache
@@ -52,7 +53,7 @@ class BuildContext:
     workdir: Path  # scratch space for this build, removed when it ends
     force: bool = False
     reporter: Reporter = field(default_factory=Reporter)
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    artifacts: Artifacts = field(default_factory=Artifacts)
     fingerprints: dict[str, str] = field(default_factory=dict)
     lineage: dict[str, list[str]] = field(default_factory=dict)  # artifact -> lossy writers
     records: list[PassRecord] = field(default_factory=list)
@@ -172,7 +173,9 @@ def _publish(p, result, ctx: BuildContext, key: str) -> None:
     if missing:
         raise RuntimeError(f"pass {p.name} did not write {sorted(missing)}")
     for name, value in result.outputs.items():
-        ctx.artifacts[name] = value
+        if name not in ARTIFACTS:  # a field of Artifacts, not a new attribute
+            raise RuntimeError(f"pass {p.name} wrote {name!r}, which is not an artifact")
+        setattr(ctx.artifacts, name, value)
         ctx.fingerprints[name] = sha256_json([key, name])
         upstream = sorted({w for a in p.reads + p.optional_reads for w in ctx.lineage.get(a, [])})
         ctx.lineage[name] = upstream + ([p.name] if p.lossy else [])

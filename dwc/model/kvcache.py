@@ -16,7 +16,7 @@ def kv_scales(ctx) -> list[list[float]]:
     calibration over FP8's largest value (448). K is stored after the rotary embedding,
     which turns each pair (a, b) into a rotation of it, so |K| can reach sqrt(2) times the
     largest projection output; the K scale allows for that."""
-    stats = ctx.artifacts.get("calibration")
+    stats = ctx.artifacts.calibration
     if stats is None or not stats.out_absmax:
         return [[1.0, 1.0]] * ctx.info.num_layers  # vLLM's default without calibration
     scales = []

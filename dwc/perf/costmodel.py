@@ -240,8 +240,8 @@ def weight_bytes(ctx) -> int:
     """Bytes of the optimized model's weights, as a step reads them: the quantized
     summary's figure, else the parameters at the target's compute dtype (the figure the
     KV plan and the cost model both use)."""
-    quantized = ctx.artifacts.get("quantized")
+    quantized = ctx.artifacts.quantized
     if quantized is not None:
         return int(quantized.summary["weight_bytes"])
     size = COMPUTE_BYTES[ctx.target.weights.dtype]
-    return sum(p.numel() for p in ctx.artifacts["model"].parameters()) * size
+    return sum(p.numel() for p in ctx.artifacts.model.parameters()) * size

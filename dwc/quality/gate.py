@@ -18,11 +18,11 @@ def measure(ctx, model, batch_size: int, description: str = "evaluating",
     the bundle's own file for GGUF, the exported checkpoint read back for TensorRT-LLM),
     on the build file's evaluation windows."""
     e = ctx.build.evaluation
-    windows = token_windows(e.data, ctx.artifacts["tokenizer"], e.samples, e.seq_len)
+    windows = token_windows(e.data, ctx.artifacts.tokenizer, e.samples, e.seq_len)
     optimized = backends.get(ctx.target.backend).eval_logits(ctx, model, kv_plan)
     try:
         with ctx.reporter.progress(description, len(windows)) as advance:
-            return compare(hf_logits(ctx.artifacts["reference"]), optimized, windows,
+            return compare(hf_logits(ctx.artifacts.reference), optimized, windows,
                            batch_size, advance)
     finally:
         getattr(optimized, "close", lambda: None)()

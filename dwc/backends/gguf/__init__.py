@@ -30,7 +30,7 @@ class Gguf(Backend):
         """The bundle's own file, run by llama.cpp."""
         from dwc.backends.gguf.llama import llama_logits
 
-        return llama_logits(ctx.artifacts["quantized"].path, ctx.build.evaluation.seq_len)
+        return llama_logits(ctx.artifacts.quantized.path, ctx.build.evaluation.seq_len)
 
     def bench(self, bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
         from dwc.backends.gguf.bench import bench_run

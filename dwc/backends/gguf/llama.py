@@ -162,8 +162,8 @@ def _window_logits(path: str, seq_len: int, rows: list[list[int]]) -> np.ndarray
 
 def emit(writer: BundleWriter, ctx) -> None:
     """model/model.gguf and serve/: the llama-server command and an Ollama Modelfile."""
-    model, source_dir, quantized = ctx.artifacts["model"], ctx.info.path, \
-        ctx.artifacts["quantized"]
+    model, source_dir, quantized = ctx.artifacts.model, ctx.info.path, \
+        ctx.artifacts.quantized
     writer.copy_file(f"{mf.MODEL_DIR}/{GGUF_FILE}", quantized.path)
     ctx = min(int(model.config.max_position_embeddings), 8192)
     writer.write_bytes(f"{SERVE_DIR}/llama-server.sh", llama_server_script(ctx).encode())

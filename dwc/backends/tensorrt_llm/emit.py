@@ -19,15 +19,15 @@ GB = 1e9
 
 
 def emit(writer: BundleWriter, ctx) -> None:
-    source_dir, quantized = ctx.info.path, ctx.artifacts["quantized"]
+    source_dir, quantized = ctx.info.path, ctx.artifacts.quantized
     for f in sorted(quantized.folder.iterdir()):
         if f.is_file() and f.name not in hf.TOKENIZER_FILES:
             writer.copy_file(f"{mf.MODEL_DIR}/{f.name}", f)
     for name in hf.TOKENIZER_FILES:  # byte for byte from the checkpoint, as every backend
         if (Path(source_dir) / name).is_file():
             writer.copy_file(f"{mf.MODEL_DIR}/{name}", Path(source_dir) / name)
-    options = llm_api_options(ctx.artifacts["kv_plan"], quantized.summary["weight_bytes"],
-                              ctx.target.hardware.memory_gb, ctx.artifacts.get("draft"))
+    options = llm_api_options(ctx.artifacts.kv_plan, quantized.summary["weight_bytes"],
+                              ctx.target.hardware.memory_gb, ctx.artifacts.draft)
     writer.write_bytes(f"{SERVE_DIR}/{OPTIONS_FILE}",
                        yaml.safe_dump(options, sort_keys=False).encode())
     writer.write_bytes(f"{SERVE_DIR}/trtllm-serve.sh", serve_script().encode())

@@ -30,13 +30,13 @@ class TorchTriton(Backend):
         fusion plan when there is one and, with a KV plan, its KV cache dtype."""
         from dwc.runtime.scoring import runtime_logits
 
-        quantized = ctx.artifacts.get("quantized")
+        quantized = ctx.artifacts.quantized
         fp8_kv = kv_plan is not None and kv_plan["dtype"] == "fp8_e4m3"
         return runtime_logits(model, ctx.compute_device,
                               weights_dir=quantized.folder if quantized is not None else None,
                               kv_dtype="fp8_e4m3" if fp8_kv else None,
                               kv_scales=kv_plan.get("kv_scales") if fp8_kv else None,
-                              fusion=(ctx.artifacts.get("fusion") or {}).get("plan"))
+                              fusion=(ctx.artifacts.fusion or {}).get("plan"))
 
     def bench(self, bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
         from dwc.backends.torch_triton.bench import bench_run

@@ -26,8 +26,8 @@ VLLM_KV_DTYPES = {"fp8_e4m3": "fp8", "bfloat16": "auto", "float16": "auto", "flo
 
 def emit(writer: BundleWriter, ctx) -> None:
     """model/: the quantize pass's compressed-tensors files as they are, or the bf16 model."""
-    model, source_dir = ctx.artifacts["model"], ctx.info.path
-    quantized = ctx.artifacts.get("quantized")
+    model, source_dir = ctx.artifacts.model, ctx.info.path
+    quantized = ctx.artifacts.quantized
     if quantized is not None:
         for f in sorted(quantized.folder.iterdir()):
             if f.is_file() and f.name not in hf.TOKENIZER_FILES:
