@@ -140,7 +140,7 @@ def host_per_step(engine: Engine, batch: int, steps: int = 60) -> dict:
     overlap, and the host's share of an overlapped step (wall less waiting)."""
     out = {}
     for overlap in (True, False):
-        engine.config.async_scheduling = overlap
+        engine.set_overlap(overlap)
         seqs = [engine.add(p, SamplingParams(max_tokens=steps + 40, ignore_eos=True))
                 for p in prompts(batch, 128, seed=77 + overlap)]
         while any(s.num_computed < 130 for s in seqs):
@@ -161,7 +161,7 @@ def host_per_step(engine: Engine, batch: int, steps: int = 60) -> dict:
             engine.abort(s)
         while engine.has_work():
             engine.step()
-    engine.config.async_scheduling = True
+    engine.set_overlap(True)
     return out
 
 
@@ -188,7 +188,7 @@ def mixed_step(engine: Engine, rate: float, bandwidth: float, weight_bytes: int)
 def _mixed_times(engine: Engine, seed: int) -> dict:
     """Median seconds of the mixed step (5 tries, the first dropped) and of a decode step.
     Each mode its own prompts: a prompt seen before would hit the prefix cache."""
-    engine.config.async_scheduling = False
+    engine.set_overlap(False)
     seqs = [engine.add(p, SamplingParams(max_tokens=64, ignore_eos=True))
             for p in prompts(255, 128, seed=55)]
     while any(s.num_computed < 130 for s in seqs):
@@ -212,7 +212,7 @@ def _mixed_times(engine: Engine, seed: int) -> dict:
         engine.abort(s)
     while engine.has_work():
         engine.step()
-    engine.config.async_scheduling = True
+    engine.set_overlap(True)
     return {"step": statistics.median(times[1:]), "decode": statistics.median(decode_alone)}
 
 
@@ -221,7 +221,7 @@ def profile_prefill(engine: Engine, n: int = 4, length: int = 2048) -> list[dict
     point's steps), sync, after the same shapes ran once."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.config.async_scheduling = False
+    engine.set_overlap(False)
     params = SamplingParams(max_tokens=1)
     engine.generate(prompts(n, length, seed=41), params)
     for p in prompts(n, length, seed=42):
@@ -232,7 +232,7 @@ def profile_prefill(engine: Engine, n: int = 4, length: int = 2048) -> list[dict
         torch.cuda.synchronize()
     while engine.has_work():
         engine.step()
-    engine.config.async_scheduling = True
+    engine.set_overlap(True)
     return [{"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1)}
             for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]]
 
@@ -242,7 +242,7 @@ def profile_mixed(engine: Engine) -> dict:
     beside 255 decoding sequences) as the engine runs it, and its kernels by device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.config.async_scheduling = False
+    engine.set_overlap(False)
     seqs = [engine.add(p, SamplingParams(max_tokens=64, ignore_eos=True))
             for p in prompts(255, 128, seed=55)]
     while any(s.num_computed < 130 for s in seqs):
@@ -256,7 +256,7 @@ def profile_mixed(engine: Engine) -> dict:
         engine.abort(s)
     while engine.has_work():
         engine.step()
-    engine.config.async_scheduling = True
+    engine.set_overlap(True)
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                          "cudaLaunchKernelExC"))
@@ -328,9 +328,9 @@ def main() -> int:
         res[f"128/128 {seqs} seqs"] = offline(engine, *POINTS["128/128"])
         save()
     engine.set_limits(max_num_seqs=256)
-    engine.config.async_scheduling = False
+    engine.set_overlap(False)
     res["128/128 256 seqs sync"] = offline(engine, *POINTS["128/128"])
-    engine.config.async_scheduling = True
+    engine.set_overlap(True)
     best = max((256, args.max_num_seqs), key=lambda n: res[f"128/128 {n} seqs"]["output_tok_s"])
     res["128/128"] = res[f"128/128 {best} seqs"]
     engine.set_limits(max_num_seqs=best)

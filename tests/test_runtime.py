@@ -273,3 +273,14 @@ def test_engine_limits_and_release(bundle):
     eng.release()
     assert eng.runner is None and eng.scheduler is None and eng.blocks is None
     eng.release()  # twice is harmless
+
+
+def test_schedule_hooks_and_the_overlap_switch(bundle):
+    """What measurement code watches and turns (dwc/perf/calibration.py): every step's
+    scheduled chunks reach the hooks; the overlap switch returns the previous setting."""
+    eng = Engine(bundle / "model", EngineConfig(num_blocks=64))
+    seen = []
+    eng.schedule_hooks.append(lambda chunks: seen.append(len(chunks)))
+    assert eng.set_overlap(False) is True and eng.set_overlap(False) is False
+    eng.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert seen and seen[0] == 2 and len(seen) >= 4

@@ -53,11 +53,11 @@ def calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: lis
     the step before it (docs/RUNTIME.md), so a step log would charge each prompt to the
     step after its own. Synchronous costs are an upper bound of the overlapped ones (by
     the host's time per step)."""
-    overlap, engine.config.async_scheduling = engine.config.async_scheduling, False
+    overlap = engine.set_overlap(False)
     try:
         return _calibrate(engine, prompt_tokens, output_tokens, sizes, seed)
     finally:
-        engine.config.async_scheduling = overlap
+        engine.set_overlap(overlap)
 
 
 def _calibrate(engine: Engine, prompt_tokens: int, output_tokens: int, sizes: list[int],
@@ -103,19 +103,16 @@ class StepLog:
         self.rows: list[tuple[float, int, int]] = []
         self._engine = engine
         self._last = (0, 0)
-        schedule = engine.scheduler.schedule
+        engine.schedule_hooks.append(self._seen)
 
-        def logged():
-            chunks = schedule()
-            self._last = (len(chunks), sum(1 for c in chunks if c.length > 1))
-            return chunks
-        engine.scheduler.schedule = logged
+    def _seen(self, chunks) -> None:
+        self._last = (len(chunks), sum(1 for c in chunks if c.length > 1))
 
     def __call__(self, seconds: float) -> None:
         self.rows.append((seconds, *self._last))
 
     def detach(self) -> None:
-        del self._engine.scheduler.schedule  # the class's own again
+        self._engine.schedule_hooks.remove(self._seen)
 
 
 def _decode_steps(engine: Engine, prompt_tokens: int, sizes: list[int], seed: int):

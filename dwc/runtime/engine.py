@@ -18,7 +18,7 @@ from dwc.runtime.config import EngineConfig, from_bundle
 from dwc.runtime.inflight import InFlight
 from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
-from dwc.runtime.sampler import sample
+from dwc.runtime.sampler import chunk_tokens
 from dwc.runtime.scheduler import Scheduler
 from dwc.runtime.speculative import Drafter
 from dwc.runtime.sequence import Completion, SamplingParams, Sequence, Status, cut_at_stop, \
@@ -68,6 +68,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
         self.eos_ids = eos_ids(self.runner.hf_model, self.tokenizer)
         self.inflight: InFlight | None = None  # the launched step not yet collected
+        self.schedule_hooks: list = []  # each is called with every step's scheduled chunks
 
     def close(self, force: bool = False) -> None:
         """Stop the tensor-parallel workers (if any) and leave their group."""
@@ -94,6 +95,12 @@ class Engine:
         old = sched.max_num_seqs, sched.max_num_batched_tokens
         sched.max_num_seqs = max_num_seqs or old[0]
         sched.max_num_batched_tokens = max_num_batched_tokens or old[1]
+        return old
+
+    def set_overlap(self, enabled: bool) -> bool:
+        """Turn asynchronous scheduling on or off (inflight.py); returns the previous
+        setting. Timing one step at a time needs it off."""
+        old, self.config.async_scheduling = self.config.async_scheduling, enabled
         return old
 
     @classmethod
@@ -142,6 +149,8 @@ class Engine:
         previous one collected, so the host's work overlaps the GPU's. Otherwise the
         previous step is collected first and this one runs synchronously."""
         chunks = self.scheduler.schedule()
+        for hook in self.schedule_hooks:  # measurement code watching the steps
+            hook(chunks)
         if chunks and not self._overlappable(chunks):
             finished = self._collect()
             live = [c for c in chunks if c.seq.status is Status.RUNNING]
@@ -201,33 +210,10 @@ class Engine:
         if self.drafter:
             self.drafter.propose(chunks, self.blocks)
         logits = self.runner.run(chunks, self.blocks)
-        new_tokens = self._new_tokens(chunks, logits)
+        new_tokens = chunk_tokens(chunks, logits, self.drafter)
         if logprobs.wanted(chunks):  # before _advance: it reads the tokens' positions
             logprobs.record(chunks, logits, new_tokens)
         return [c.seq for c, tokens in zip(chunks, new_tokens) if self._advance(c, tokens)]
-
-    def _new_tokens(self, chunks, logits: torch.Tensor) -> list[list[int]]:
-        """Per chunk, the tokens it yields: none (a piece of a prefill), one sampled
-        token, or a verification step's accepted draft tokens and one more."""
-        out: list[list[int]] = [[] for _ in chunks]
-        plain, row = [], 0  # (chunk index, its logits row) of chunks that sample one token
-        verifying = []      # (chunk index, its logits rows) of verification chunks
-        for i, c in enumerate(chunks):
-            if c.lookahead and c.logits:
-                verifying.append((i, logits[row:row + c.logits]))
-            elif c.logits:
-                plain.append((i, row))
-            row += c.logits
-        if verifying:
-            tokens = self.drafter.verify([chunks[i] for i, _ in verifying],
-                                         [rows for _, rows in verifying])
-            for (i, _), t in zip(verifying, tokens):
-                out[i] = t
-        if plain:
-            picked = sample(logits[[r for _, r in plain]], [chunks[i].seq for i, _ in plain])
-            for (i, _), token in zip(plain, picked):
-                out[i] = [token]
-        return out
 
     def _advance(self, c, tokens: list[int]) -> bool:
         """Append a chunk's new tokens (up to a finishing one), roll back what the cache

@@ -52,3 +52,28 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return logits
+
+
+def chunk_tokens(chunks, logits: torch.Tensor, drafter) -> list[list[int]]:
+    """Per chunk of a step, the tokens it yields from the step's logits: none (a piece of
+    a prefill), one sampled token, or a verification step's accepted draft tokens and
+    one more (`drafter`: the engine's speculative.Drafter)."""
+    out: list[list[int]] = [[] for _ in chunks]
+    plain, row = [], 0  # (chunk index, its logits row) of chunks that sample one token
+    verifying = []      # (chunk index, its logits rows) of verification chunks
+    for i, c in enumerate(chunks):
+        if c.lookahead and c.logits:
+            verifying.append((i, logits[row:row + c.logits]))
+        elif c.logits:
+            plain.append((i, row))
+        row += c.logits
+    if verifying:
+        tokens = drafter.verify([chunks[i] for i, _ in verifying],
+                                [rows for _, rows in verifying])
+        for (i, _), t in zip(verifying, tokens):
+            out[i] = t
+    if plain:
+        picked = sample(logits[[r for _, r in plain]], [chunks[i].seq for i, _ in plain])
+        for (i, _), token in zip(plain, picked):
+            out[i] = [token]
+    return out
