@@ -48,3 +48,10 @@ PIECEWISE_SIZES = (64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 1792, 204
 def piecewise_sizes(max_tokens: int) -> list[int]:
     """The piecewise sizes for steps of up to `max_tokens` tokens."""
     return [s for s in PIECEWISE_SIZES if s < max_tokens] + [max_tokens]
+
+
+# Runtime: n-gram (prompt lookup) speculation (runtime/ngram.py): suffixes of this many
+# tokens are looked up, longest first; up to NGRAM_K tokens that followed are proposed.
+NGRAM_MIN_N = 2
+NGRAM_MAX_N = 4
+NGRAM_K = 4

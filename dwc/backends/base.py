@@ -60,7 +60,7 @@ class Backend:
         one. `model` is the build's optimized model in memory."""
         raise NotImplementedError
 
-    def bench(self, bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
+    def bench(self, bundle: Path, manifest: dict, cfg, speculation: str) -> BenchRun:
         """Measure a bundle on this machine (`dwc bench`); cfg: dwc.perf.bench.BenchConfig."""
         raise BadInput(f"{bundle}: `dwc bench` does not measure {self.name} bundles")
 

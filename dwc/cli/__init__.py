@@ -103,16 +103,21 @@ def inspect(bundle, verify, as_json):
 @click.option("--no-draft", is_flag=True,
               help="Do not speculate with the bundle's draft model (requests can also "
                    "turn it off one by one with \"speculative\": false).")
+@click.option("--ngram", is_flag=True,
+              help="Speculate by n-gram lookup in each request's prompt and output (no "
+                   "draft model; lossless) instead of with the bundle's draft.")
 @click.option("--tensor-parallel", type=click.IntRange(1), default=None,
               help="Split the model across this many GPUs (NCCL; CPU: processes over gloo). "
                    "[default: the bundle's target, else 1]")
 @command
-def serve(bundle, host, port, max_waiting, max_body_bytes, no_draft, tensor_parallel, as_json):
+def serve(bundle, host, port, max_waiting, max_body_bytes, no_draft, ngram, tensor_parallel,
+          as_json):
     """Serve a torch-triton bundle over the OpenAI HTTP API (refuses a tampered bundle)."""
     from dwc.bundle.reader import read_manifest
     from dwc.runtime.engine import Engine
 
-    engine = Engine.from_bundle(bundle, speculative=not no_draft, tensor_parallel=tensor_parallel)
+    engine = Engine.from_bundle(bundle, speculative=not no_draft, tensor_parallel=tensor_parallel,
+                                ngram=ngram)
     import uvicorn  # the server stack after the engine: a refused bundle needs none of it
 
     from dwc.serving.http_server import make_app
@@ -141,11 +146,12 @@ def serve(bundle, host, port, max_waiting, max_body_bytes, no_draft, tensor_para
               help="Online: requests per rate.")
 @click.option("--no-baseline", is_flag=True, help="Skip the transformers baseline.")
 @click.option("--no-draft", is_flag=True, help="Measure without the bundle's draft model.")
+@click.option("--ngram", is_flag=True, help="Measure with n-gram speculation instead.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for bench.json and latency.png (the bundle itself is never changed).")
 @command
 def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_baseline,
-          no_draft, out, as_json):
+          no_draft, ngram, out, as_json):
     """Measure a bundle. torch-triton: offline throughput and online latency, against its
     SLO. GGUF: llama.cpp's prompt and generation tok/s against transformers on this CPU."""
     from dwc import backends
@@ -156,8 +162,8 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
     manifest = open_bundle(bundle)
     cfg = BenchConfig(num_prompts, input_len, output_len, baseline=not no_baseline,
                       online_requests=requests, rps_levels=tuple(rps_levels) or (2.0,))
-    run = backends.get(manifest["target"]["backend"]).bench(bundle, manifest, cfg,
-                                                            draft=not no_draft)
+    speculation = "ngram" if ngram else "none" if no_draft else "bundle"
+    run = backends.get(manifest["target"]["backend"]).bench(bundle, manifest, cfg, speculation)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_bytes(json_bytes(run.result))

@@ -20,6 +20,7 @@ class EngineConfig:
     piecewise_graphs: bool = True          # GPU: and the other steps, captured piecewise
     speculative: bool = True               # use the bundle's draft when it has one
     num_speculative_tokens: int | None = None  # K; None: the bundle's measured choice
+    speculative_method: str | None = None  # "ngram": prompt lookup, no draft model
     async_scheduling: bool = True          # overlap the host's next step with the GPU's
     tensor_parallel: int = 1               # processes (GPUs) the model is split across
     tensor_parallel_backend: str | None = None  # None: nccl on cuda, gloo on cpu
@@ -37,11 +38,11 @@ class EngineConfig:
 
 
 def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
-                tensor_parallel: int | None) -> tuple:
+                tensor_parallel: int | None, ngram: bool = False) -> tuple:
     """Engine's arguments for a bundle: (model_dir, config, draft_dir, draft_k, fusion).
     Refuses a bundle whose files do not match its manifest, and one of another backend.
     The config comes from the bundle's KV plan unless one is given; the draft is used
-    when the bundle has one and `speculative` is True."""
+    when the bundle has one and `speculative` is True; `ngram`: n-gram lookup instead."""
     from dwc.bundle.reader import open_bundle
     from dwc.errors import BadInput
     from dwc.formats import manifest as mf
@@ -55,7 +56,9 @@ def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
         config = EngineConfig.from_plan(plan)
     if tensor_parallel:
         config = replace(config or EngineConfig(), tensor_parallel=tensor_parallel)
-    draft = manifest.get("draft") if speculative else None
+    if ngram:
+        config = replace(config or EngineConfig(), speculative_method="ngram", speculative=True)
+    draft = manifest.get("draft") if speculative and not ngram else None
     draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
     fusion = (manifest.get("fusion") or {}).get("plan")
     return (Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dwc.constants import MAX_GRAPH_TOKENS
+from dwc.constants import MAX_GRAPH_TOKENS, NGRAM_K
 from dwc.errors import BadInput
 from dwc.runtime import logprobs
 from dwc.runtime.block_manager import BlockManager
@@ -20,6 +20,7 @@ from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import chunk_tokens
 from dwc.runtime.scheduler import Scheduler
+from dwc.runtime.ngram import NgramProposer
 from dwc.runtime.speculative import Drafter
 from dwc.runtime.sequence import Completion, SamplingParams, Sequence, Status, cut_at_stop, \
     eos_ids, finish_reason, raw_text
@@ -41,8 +42,9 @@ class Engine:
         # float32 keeps greedy decoding identical to the reference.
         dtype = getattr(torch, c.dtype or ("bfloat16" if device == "cuda" else "float32"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        k = (c.num_speculative_tokens or draft_k) if draft_dir and c.speculative else 0
-        draft_dir = draft_dir if k else None
+        ngram = c.speculative and c.speculative_method == "ngram"  # no draft model then
+        k = _speculative_tokens(c, draft_dir, draft_k, ngram)
+        draft_dir = draft_dir if k and not ngram else None
         num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype)
         graph, args = _runner_args(c, model_dir, num_blocks, k, device, fusion)
         self.tp = None  # rank 0 of a tensor-parallel group (parallel/workers.py)
@@ -61,11 +63,12 @@ class Engine:
         except BaseException:
             self.close(force=True)
             raise
-        self.drafter = Drafter(ModelRunner(load_hf_model(draft_dir, device, dtype), num_blocks,
-                                           c.block_size, device, graph_tokens=graph,
-                                           fusion=fusion), k) if draft_dir else None
+        self.drafter = NgramProposer(k) if ngram and k else Drafter(ModelRunner(
+            load_hf_model(draft_dir, device, dtype), num_blocks, c.block_size, device,
+            graph_tokens=graph, fusion=fusion), k) if draft_dir else None
         self.blocks = BlockManager(num_blocks, c.block_size)
-        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k)
+        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k,
+                                   self.drafter)
         self.eos_ids = eos_ids(self.runner.hf_model, self.tokenizer)
         self.inflight: InFlight | None = None  # the launched step not yet collected
         self.schedule_hooks: list = []  # each is called with every step's scheduled chunks
@@ -105,12 +108,14 @@ class Engine:
 
     @classmethod
     def from_bundle(cls, bundle: Path, config: EngineConfig | None = None,
-                    speculative: bool = True, tensor_parallel: int | None = None) -> "Engine":
+                    speculative: bool = True, tensor_parallel: int | None = None,
+                    ngram: bool = False) -> "Engine":
         """Refuses a bundle whose files do not match its manifest. Sizes itself from the
         bundle's KV plan unless `config` says otherwise. Speculates with the bundle's draft
-        (when it has one) unless `speculative` or config.speculative is False. Splits the
-        model over `tensor_parallel` processes (None: the plan's, else config's)."""
-        return cls(*from_bundle(bundle, config, speculative, tensor_parallel))
+        (when it has one) unless `speculative` or config.speculative is False, or with
+        n-gram lookup (`ngram`, ngram.py). Splits the model over `tensor_parallel`
+        processes (None: the plan's, else config's)."""
+        return cls(*from_bundle(bundle, config, speculative, tensor_parallel, ngram))
 
     # -- requests ---------------------------------------------------------------------
 
@@ -230,7 +235,7 @@ class Engine:
         if c.lookahead:
             self.blocks.trim(seq, seq.num_tokens)
         computed = seq.num_computed
-        if self.drafter:
+        if self.drafter and self.drafter.has_cache:
             seq.draft_computed = min(seq.draft_computed, computed)
             computed = seq.draft_computed  # a block is shared only when both caches hold it
         self.blocks.seal_full_blocks(seq, computed)
@@ -241,7 +246,8 @@ class Engine:
     def speculation(self) -> dict | None:
         """Speculative decoding so far: steps, drafted, accepted, acceptance rate, mean
         tokens per verification step (None without a draft)."""
-        return dict(self.drafter.stats.as_dict(), k=self.drafter.k) if self.drafter else None
+        d = self.drafter
+        return dict(d.stats.as_dict(), k=d.k, method=d.method) if d else None
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         return finish_reason(seq, token, self.eos_ids, self.tokenizer, self.runner.max_context)
@@ -265,6 +271,13 @@ class Engine:
         while self.has_work():
             self.step()
         return [Completion(s.prompt_ids, s.output_ids, self.text(s), s.finish_reason) for s in seqs]
+
+
+def _speculative_tokens(c: EngineConfig, draft_dir, draft_k: int, ngram: bool) -> int:
+    """K: the config's, else the bundle's measured choice (a draft) or NGRAM_K."""
+    if not c.speculative or not (draft_dir or ngram):
+        return 0
+    return c.num_speculative_tokens or (NGRAM_K if ngram else draft_k)
 
 
 def _runner_args(c: EngineConfig, model_dir: Path, num_blocks: int, k: int, device: str,

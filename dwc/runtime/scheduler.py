@@ -63,9 +63,12 @@ def chunk_for(seq: Sequence, n: int, lookahead: int = 0) -> Chunk:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_speculative: int = 0):
+                 num_speculative: int = 0, proposer=None):
+        """`proposer` (speculative.Proposer): asked how many of a sequence's lookahead
+        slots it can fill (an n-gram proposer has none without a match)."""
         self.blocks = blocks
         self.num_speculative = num_speculative
+        self.proposer = proposer
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -127,7 +130,8 @@ class Scheduler:
         if not (self.num_speculative and seq.params.speculative):
             return 0
         left = seq.params.max_tokens - len(seq.output_ids) - 1
-        return max(0, min(self.num_speculative, left, budget - 1))
+        k = max(0, min(self.num_speculative, left, budget - 1))
+        return self.proposer.lookahead(seq, k) if k and self.proposer else k
 
     def _make_room(self, seq: Sequence, total: int) -> bool:
         """Grow `seq` to `total` tokens, preempting the newest others if needed."""

@@ -40,6 +40,7 @@ class Sequence:
     num_computed: int = 0             # tokens whose K/V are in the cache
     num_cached: int = 0               # of those, how many came from the prefix cache
     draft_computed: int = 0           # tokens whose K/V are in the draft model's cache
+    proposer: object = None           # the n-gram proposer's index of it (ngram.py)
     num_sealed: int = 0               # leading blocks of block_table with a prefix key
     # Tokens sampled on the GPU by a step still in flight (asynchronous scheduling): they
     # count as the sequence's (positions, cache slots) before their ids reach the host.

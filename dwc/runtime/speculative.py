@@ -92,13 +92,69 @@ class SpecStats:
                 if self.steps else None}
 
 
-class Drafter:
-    """Runs the draft model over the target's chunks and verifies its proposals."""
+class Proposer:
+    """What proposes draft tokens and verifies them: the draft model (Drafter) or
+    n-gram lookup in the sequence itself (ngram.py). `has_cache`: it keeps a KV cache
+    that mirrors the target's (blocks are shared only when both hold them)."""
 
-    def __init__(self, runner: ModelRunner, k: int):
-        self.runner = runner
+    has_cache = False
+    method = ""
+
+    def __init__(self, k: int):
         self.k = k
         self.stats = SpecStats()
+
+    def lookahead(self, seq, k: int) -> int:
+        """How many of a decoding sequence's `k` lookahead slots to use this step."""
+        return k
+
+    def propose(self, chunks: list[Chunk], blocks: BlockManager) -> None:
+        """Fill each verification chunk's `lookahead` draft tokens (chunk.draft, and for
+        a sampled request chunk.draft_probs, the distributions they were drawn from)."""
+        raise NotImplementedError
+
+    def verify(self, chunks: list[Chunk], logits: list[torch.Tensor]) -> list[list[int]]:
+        """The tokens each verification chunk yields, from the target's logits
+        ([K + 1, V] per chunk): greedy chunks in closed form off one argmax of them all."""
+        greedy = [i for i, c in enumerate(chunks) if c.seq.params.temperature <= 0]
+        argmax = torch.cat([logits[i] for i in greedy]).argmax(-1).tolist() if greedy else []
+        out, at = [], 0  # at: where the next greedy chunk's rows start in `argmax`
+        for c, rows in zip(chunks, logits):
+            if c.seq.params.temperature <= 0:
+                tokens, accepted = accept_greedy(argmax[at:at + len(rows)], c.draft)
+                at += len(rows)
+            else:
+                p = distribution(rows, c.seq.params)
+                tokens, accepted = accept(p, _draft_distributions(c, p), c.draft,
+                                          generator(c.seq, p.device))
+            self.stats.steps += 1
+            self.stats.drafted += len(c.draft)
+            self.stats.accepted += accepted
+            out.append(tokens)
+        return out
+
+
+def _draft_distributions(c: Chunk, p: torch.Tensor) -> torch.Tensor:
+    """[K, V] q of a sampled chunk's draft: the draft model's distributions, or one-hot
+    at each token for a proposer that picks tokens without sampling (n-gram lookup:
+    then `accept` keeps d with probability p(d) and resamples from p without d)."""
+    if c.draft_probs:
+        return torch.stack(c.draft_probs)
+    q = torch.zeros(len(c.draft), p.shape[-1], device=p.device, dtype=p.dtype)
+    q[torch.arange(len(c.draft)), torch.tensor(c.draft)] = 1.0
+    return q
+
+
+class Drafter(Proposer):
+    """Runs the draft model over the target's chunks; its proposals are verified by
+    Proposer.verify."""
+
+    has_cache = True
+    method = "draft_model"
+
+    def __init__(self, runner: ModelRunner, k: int):
+        super().__init__(k)
+        self.runner = runner
 
     def propose(self, chunks: list[Chunk], blocks: BlockManager) -> None:
         """Bring the draft's cache up to each chunk's own tokens, then draft each
@@ -126,23 +182,3 @@ class Drafter:
                 logits = self.runner.run(step, blocks)
                 for c in drafting:
                     c.seq.draft_computed += 1
-
-    def verify(self, chunks: list[Chunk], logits: list[torch.Tensor]) -> list[list[int]]:
-        """The tokens each verification chunk yields, from the target's logits
-        ([K + 1, V] per chunk): greedy chunks in closed form off one argmax of them all."""
-        greedy = [i for i, c in enumerate(chunks) if c.seq.params.temperature <= 0]
-        argmax = torch.cat([logits[i] for i in greedy]).argmax(-1).tolist() if greedy else []
-        out, at = [], 0  # at: where the next greedy chunk's rows start in `argmax`
-        for c, rows in zip(chunks, logits):
-            if c.seq.params.temperature <= 0:
-                tokens, accepted = accept_greedy(argmax[at:at + len(rows)], c.draft)
-                at += len(rows)
-            else:
-                p = distribution(rows, c.seq.params)
-                tokens, accepted = accept(p, torch.stack(c.draft_probs), c.draft,
-                                          generator(c.seq, p.device))
-            self.stats.steps += 1
-            self.stats.drafted += len(c.draft)
-            self.stats.accepted += accepted
-            out.append(tokens)
-        return out

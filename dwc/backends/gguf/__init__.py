@@ -32,7 +32,7 @@ class Gguf(Backend):
 
         return llama_logits(ctx.artifacts.quantized.path, ctx.build.evaluation.seq_len)
 
-    def bench(self, bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
+    def bench(self, bundle: Path, manifest: dict, cfg, speculation: str) -> BenchRun:
         from dwc.backends.gguf.bench import bench_run
 
         return bench_run(bundle, manifest, cfg)

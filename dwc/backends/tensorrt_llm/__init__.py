@@ -25,7 +25,7 @@ class TensorRtLlm(Backend):
 
         return hf_logits(model)
 
-    def bench(self, bundle, manifest, cfg, draft):
+    def bench(self, bundle, manifest, cfg, speculation):
         raise BadInput(f"{bundle}: a tensorrt-llm bundle runs in TensorRT-LLM, not here; "
                        "measure it with `trtllm-bench` where TensorRT-LLM runs")
 

@@ -38,10 +38,10 @@ class TorchTriton(Backend):
                               kv_scales=kv_plan.get("kv_scales") if fp8_kv else None,
                               fusion=(ctx.artifacts.fusion or {}).get("plan"))
 
-    def bench(self, bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
+    def bench(self, bundle: Path, manifest: dict, cfg, speculation: str) -> BenchRun:
         from dwc.backends.torch_triton.bench import bench_run
 
-        return bench_run(bundle, manifest, cfg, draft)
+        return bench_run(bundle, manifest, cfg, speculation)
 
     def alternative_serving(self, manifest: dict) -> str | None:
         from dwc.backends.torch_triton.emit import vllm_command

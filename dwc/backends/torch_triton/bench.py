@@ -8,11 +8,12 @@ from pathlib import Path
 from dwc.backends.base import BenchRun
 
 
-def bench_run(bundle: Path, manifest: dict, cfg, draft: bool) -> BenchRun:
+def bench_run(bundle: Path, manifest: dict, cfg, speculation: str) -> BenchRun:
     from dwc.perf.bench import against_slo, cost, offline, online
     from dwc.runtime.engine import Engine
 
-    engine = Engine.from_bundle(bundle, speculative=draft)
+    engine = Engine.from_bundle(bundle, speculative=speculation != "none",
+                                ngram=speculation == "ngram")
     result = {"bundle": str(bundle), "device": engine.runner.device,
               "offline": offline(engine, cfg), "online_levels": []}
     for rps in cfg.rps_levels:
@@ -49,7 +50,8 @@ def _lines(result: dict) -> list[str]:
                      f"{r['tpot_ms']['p50']}/{r['tpot_ms']['p99']} ms")
     spec = result["speculation"]
     if spec:
-        lines.append(f"draft    K={spec['k']}: acceptance {spec['acceptance_rate']}, "
+        lines.append(f"speculate {spec['method']} K={spec['k']}: acceptance "
+                     f"{spec['acceptance_rate']}, "
                      f"{spec['mean_accepted_tokens']} tokens per verification step")
     for name, check in (result["slo"] or {}).items():
         lines.append(f"slo      {name} {check['target']}: p99 {check['measured_p99']} ms "

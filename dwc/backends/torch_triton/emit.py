@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 
 from dwc.bundle.draft import copy_tokenizer
 from dwc.bundle.writer import BundleWriter
