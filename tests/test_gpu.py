@@ -268,7 +268,8 @@ def test_piecewise_graph_steps_match_eager_steps(bundle, build_for):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_norm_and_silu_kernels_match_torch(residual):
-    from dwc.runtime.kernels import fused_triton, norm
+    from dwc.runtime.kernels import fused_triton
+    from dwc.runtime.layers import norm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
