@@ -32,3 +32,13 @@ def test_slo_comparison():
     checks = against_slo({"target_latency_ms": 25, "target_ttft_ms": 1000}, measured)
     assert checks == {"target_latency_ms": {"target": 25, "measured_p99": 30.0, "met": False},
                       "target_ttft_ms": {"target": 1000, "measured_p99": 900.0, "met": True}}
+
+
+def test_bench_with_ngram_speculation(bundle):
+    """`--ngram` measures the bundle with n-gram lookup in place of its draft; random-token
+    prompts rarely repeat, so some steps verify drafts and most are plain ones."""
+    result = dwc("bench", bundle, "--num-prompts", 2, "--input-len", 16, "--output-len", 24,
+                 "--requests", 2, "--no-baseline", "--ngram", "--json")
+    assert result.exit_code == 0, result.stderr
+    spec = json.loads(result.stdout)["speculation"]
+    assert spec["method"] == "ngram" and spec["k"] == 4
