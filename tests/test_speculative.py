@@ -257,16 +257,22 @@ def test_serving_with_a_draft_per_request_switch_and_metrics(bundle):
 
 
 def test_ngram_index_proposes_what_followed_the_longest_recurring_suffix():
+    from types import SimpleNamespace
+
     from dwc.runtime.ngram import NgramIndex
 
     index = NgramIndex()
-    tokens = [5, 6, 7, 8, 9, 1, 2, 6, 7, 8]   # "6 7 8" recurs: 9 1 2 followed it
-    assert index.propose(tokens, 3) == [9, 1, 2]
-    tokens += [9, 4, 4]                        # suffix "9 4 4" / "4 4" never seen before
-    assert index.propose(tokens, 3) == []
-    tokens += [6, 7]                           # the latest "6 7" is followed by 8 9 4
-    assert index.propose(tokens, 3) == [8, 9, 4]
-    assert index.propose(tokens, 1) == [8]
+    seq = SimpleNamespace(prompt_ids=[5, 6, 7, 8, 9, 1, 2, 6, 7, 8], output_ids=[])
+    index.extend(seq)                          # "6 7 8" recurs: 9 1 2 followed it
+    assert index.propose(3) == [9, 1, 2]
+    seq.output_ids += [9, 4, 4]                # suffix "9 4 4" / "4 4" never seen before
+    index.extend(seq)
+    assert index.propose(3) == []
+    seq.output_ids += [6, 7]                   # the latest "6 7" is followed by 8 9 4
+    index.extend(seq)
+    assert index.tokens == seq.prompt_ids + seq.output_ids
+    assert index.propose(3) == [8, 9, 4]
+    assert index.propose(1) == [8]
 
 
 def test_ngram_speculation_is_lossless_and_pays_on_repetitive_text(bundle):

@@ -27,13 +27,21 @@ class NgramIndex:
     it would match itself)."""
 
     def __init__(self):
+        self.tokens: list[int] = []  # the sequence's prompt and output, as last seen
         self.ends: dict[tuple, int] = {}
         self.indexed = 0  # tokens[:indexed] have their n-grams in `ends`
-        self.cached: tuple = (None, None, [])  # (tokens, k, proposal) of the last lookup
+        self.proposal: list[int] | None = None  # the last lookup's, for len(tokens)
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def extend(self, seq: Sequence) -> None:
+        """Take the tokens the sequence gained since the last call (its prompt first)."""
+        if not self.tokens:
+            self.tokens = list(seq.prompt_ids)
+        self.tokens += seq.output_ids[len(self.tokens) - len(seq.prompt_ids):]
+
+    def propose(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest
-        matching suffix of `tokens`; [] when no suffix of NGRAM_MIN_N or more recurs."""
+        matching suffix of the tokens; [] when no suffix of NGRAM_MIN_N or more recurs."""
+        tokens = self.tokens
         for end in range(self.indexed + 1, len(tokens)):
             for n in range(NGRAM_MIN_N, NGRAM_MAX_N + 1):
                 if end >= n:
@@ -50,19 +58,18 @@ class NgramProposer(Proposer):
     method = "ngram"
 
     def lookahead(self, seq: Sequence, k: int) -> int:
-        return len(self._proposal(seq, k))
+        return min(k, len(self._proposal(seq)))
 
     def propose(self, chunks: list[Chunk], blocks: BlockManager) -> None:
         for c in chunks:
             if c.lookahead:
-                c.draft = self._proposal(c.seq, c.lookahead)[:c.lookahead]
+                c.draft = self._proposal(c.seq)[:c.lookahead]
 
-    @staticmethod
-    def _proposal(seq: Sequence, k: int) -> list[int]:
-        """The proposal for the sequence as it is now (scheduling asks for its length,
-        then the step for the tokens: one lookup a step)."""
+    def _proposal(self, seq: Sequence) -> list[int]:
+        """Up to K tokens for the sequence as it is now, looked up once a step (the
+        scheduler asks how many, then the step takes them)."""
         index = seq.proposer = seq.proposer or NgramIndex()
-        if index.cached[:2] != (seq.num_tokens, k):
-            index.cached = (seq.num_tokens, k,
-                            index.propose(seq.prompt_ids + seq.output_ids, k))
-        return index.cached[2]
+        if len(index.tokens) != seq.num_tokens or index.proposal is None:
+            index.extend(seq)
+            index.proposal = index.propose(self.k)
+        return index.proposal
