@@ -55,3 +55,10 @@ def piecewise_sizes(max_tokens: int) -> list[int]:
 NGRAM_MIN_N = 2
 NGRAM_MAX_N = 4
 NGRAM_K = 4
+
+# Evaluation tasks (docs/QUALITY.md): the paired bootstrap of the accuracy difference,
+# its resamples and seed, and the confidence of its interval (90%: the interval form of
+# two one-sided tests at 5% each).
+TASK_BOOTSTRAP = 2000
+TASK_BOOTSTRAP_SEED = 0
+TASK_CONFIDENCE = 0.90

@@ -20,6 +20,7 @@ import yaml
 from dwc.config import from_dict, option, positive
 from dwc.constants import NAME_PATTERN
 from dwc.quality.data import has_chat_template, read_records
+from dwc.quality.task import read_task
 from dwc.errors import BadInput, BuildFileError
 
 
@@ -34,6 +35,21 @@ class Calibration:
 
 
 @dataclass
+class Task:
+    path: Path = option(help="evaluation task (.jsonl: prompts with an answer or choices)")
+    margin: float = option(0.05, help="equivalent when the accuracy difference's interval "
+                                      "lies inside +-margin")
+    required: bool = option(False, help="exit 3 when the task is not shown equivalent")
+    max_new_tokens: int = option(32, help="longest greedy continuation (exact-match items)")
+
+    def validate(self, path: str) -> None:
+        positive(self, path, "max_new_tokens")
+        if not 0 <= self.margin <= 1:
+            raise BuildFileError(f"{path}.margin: must be between 0 and 1 (an accuracy "
+                                 f"difference), got {self.margin}")
+
+
+@dataclass
 class Evaluation:
     data: Path = option(help="held-out text for the quality gate (.txt or .jsonl)")
     max_ppl_increase_pct: float = option(2.0, help="the build fails beyond this perplexity increase")
@@ -41,6 +57,8 @@ class Evaluation:
         None, help="optional second budget: mean KL(original || optimized) per token, nats")
     samples: int = option(64, help="number of token windows evaluated")
     seq_len: int = option(512, help="tokens per window")
+    task: Optional[Task] = option(None, help="optional task scored before and after, with a "
+                                             "paired test (docs/QUALITY.md)")
 
     def validate(self, path: str) -> None:
         positive(self, path, "samples", "seq_len", "max_kl_divergence")
@@ -146,3 +164,8 @@ def _check_inputs(build: BuildFile) -> None:
         if any(not isinstance(r, str) for r in records) and not has_chat_template(build.model):
             raise BuildFileError(f"{field}: {data} holds chat records (\"messages\") but the "
                                  "model's tokenizer has no chat template to render them")
+    if build.evaluation.task is not None:
+        try:
+            read_task(build.evaluation.task.path)
+        except BadInput as e:
+            raise BuildFileError(f"evaluation.task.path: {e.message}") from None
