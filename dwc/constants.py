@@ -16,6 +16,19 @@ MAX_SHARD_SIZE = "5GB"
 # Build files and bundle names: letters, digits and . _ - (they become folder names).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
+# Kubernetes manifests (serve/kubernetes*.yaml, `dwc deploy`; docs/DEPLOY.md): the image
+# each engine runs in (dwc's own is one you build: docs/DEPLOY.md), where the bundle's
+# volume is mounted, the port, and the autoscaler's room.
+DWC_IMAGE = f"dwc:{VERSION}"
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"  # the vLLM release tests/test_vllm.py runs (Makefile)
+TRTLLM_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"  # serve/ options need >= 1.2
+BUNDLE_MOUNT = "/bundle"
+SERVE_PORT = 8000
+MAX_WAITING = 256  # `dwc serve --max-waiting`'s default: requests queued before it answers 429
+HPA_MAX_FACTOR = 4  # the autoscaler's maxReplicas: this many times the replicas `tune` computed
+# Without a TTFT target: the queueing delay (seconds) a replica may add before it scales.
+QUEUE_WAIT_S = 1.0
+
 
 def cache_dir() -> Path:
     """Where pass results and file hashes are cached ($DWC_CACHE_DIR, else ~/.cache/dwc)."""

@@ -1,7 +1,8 @@
 """`emit`: write the bundle (model/, reports/, README.md, manifest.json) atomically.
 
 The backend's emitter writes model/ in its layout; report files gathered from earlier
-passes go to reports/; README.md is rendered from templates/. Everything is staged in a
+passes go to reports/; README.md is rendered from templates/, and so are a GPU bundle's
+Kubernetes manifests in serve/ (with its Grafana dashboard: dwc/compiler/deploy.py). Everything is staged in a
 temporary folder next to the output and renamed into place only when complete.
 """
 
@@ -14,6 +15,7 @@ from dwc.bundle.draft import write_draft
 from dwc.bundle.writer import BundleWriter
 from dwc.config import options_dict
 from dwc.formats import manifest as mf
+from dwc.compiler.deploy import serve_files
 from dwc.compiler.manifest import build_manifest
 from dwc.passes.base import Pass, PassResult
 from dwc.compiler.templating import render
@@ -40,6 +42,8 @@ class Emit(Pass):
                       "seconds": round(time.perf_counter() - t0, 3), "cached": False,
                       "metrics": {}}
             manifest = build_manifest(ctx, record)
+            for name, text in serve_files(manifest).items():  # GPU bundles: docs/DEPLOY.md
+                writer.write_bytes(f"{mf.SERVE_DIR}/{name}", text.encode())
             vllm = backend.alternative_serving(manifest)
             readme = render("bundle_README.md.j2", m=manifest, model_dir=mf.MODEL_DIR,
                             reports_dir=mf.REPORTS_DIR, vllm=vllm)

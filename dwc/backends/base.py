@@ -26,6 +26,22 @@ class BenchRun:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
+@dataclass
+class ServingContainer:
+    """How one engine serves a bundle in a container, for the Kubernetes manifests
+    (dwc/compiler/deploy.py, docs/DEPLOY.md). `command` runs in the bundle's folder."""
+
+    engine: str               # a short name: the manifests' file and resource suffix
+    image: str                # the default container image (`dwc deploy --image` sets another)
+    command: list[str]
+    port: int
+    health_path: str          # readiness, liveness and startup probes
+    metrics_path: str         # Prometheus scrape path (the ServiceMonitor)
+    queue_metric: str         # requests waiting, per pod, as the metrics adapter names it
+    dwc_metrics: bool = False  # exports dwc's /metrics (the Grafana dashboard's queries)
+    max_waiting: int | None = None  # requests it queues before refusing them, if bounded
+
+
 class Backend:
     name: str = ""
     description: str = ""
@@ -67,3 +83,8 @@ class Backend:
     def alternative_serving(self, manifest: dict) -> str | None:
         """A command line another engine serves the bundle with, for its README."""
         return None
+
+    def containers(self, manifest: dict, port: int) -> list[ServingContainer]:
+        """The engines that serve a GPU bundle in a container, its own first; none: the
+        bundle gets no Kubernetes manifests."""
+        return []

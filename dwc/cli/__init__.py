@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from dwc.cli.command import command
-from dwc.constants import VERSION as __version__
+from dwc.constants import MAX_WAITING, VERSION as __version__
 from dwc.errors import EXIT_BAD_INPUT
 
 
@@ -27,6 +27,7 @@ def main():
     dwc inspect bundles/demo [--verify]
     dwc serve bundles/demo [--port 8000]
     dwc bench bundles/demo [--rps 2 --rps 8]
+    dwc deploy bundles/gpu --out k8s/ [--replicas 4] [--image IMG]
     dwc targets | dwc passes
 
     Exit codes: 0 ok, 1 a pass failed, 2 bad usage or input, 3 quality budget
@@ -96,7 +97,7 @@ def inspect(bundle, verify, as_json):
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
-@click.option("--max-waiting", default=256, show_default=True, type=int,
+@click.option("--max-waiting", default=MAX_WAITING, show_default=True, type=int,
               help="Requests allowed to wait; beyond that the server answers 429.")
 @click.option("--max-body-bytes", default=4 << 20, show_default=True, type=click.IntRange(1),
               help="Largest request body; a larger one is answered 413 before it is parsed.")
@@ -174,6 +175,31 @@ def bench(bundle, num_prompts, input_len, output_len, rps_levels, requests, no_b
         return
     for line in run.lines:
         click.echo(line)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write kubernetes.yaml (and grafana-dashboard.json) to, whole.")
+@click.option("--replicas", type=click.IntRange(1), default=None,
+              help="Pods to start with. [default: the replicas `tune` computed, else 1]")
+@click.option("--image", default=None, help="Container image. [default: the engine's]")
+@click.option("--engine", default=None,
+              help="Another engine the bundle runs on (vllm). [default: the bundle's own]")
+@command
+def deploy(bundle, out, replicas, image, engine, as_json):
+    """Write Kubernetes manifests for a GPU bundle: Deployment, Service, autoscaler on the
+    request queue, ServiceMonitor (docs/DEPLOY.md). Refuses a tampered bundle."""
+    from dwc.bundle.reader import open_bundle
+    from dwc.compiler.deploy import deploy_files, write_folder
+
+    files = deploy_files(open_bundle(bundle), bundle, engine, replicas, image)
+    path = write_folder(out, files)
+    if as_json:
+        click.echo(json.dumps({"out": str(path), "files": sorted(files)}))
+    else:
+        for name in sorted(files):
+            click.echo(f"wrote {path / name}")
 
 
 @main.command()

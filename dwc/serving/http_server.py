@@ -19,7 +19,8 @@ import json
 import time
 
 from jinja2.exceptions import TemplateError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, \
+    generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -44,6 +45,11 @@ class Metrics:
         self.waiting = Gauge("dwc_queue_depth", "requests waiting", registry=r)
         self.running = Gauge("dwc_running_sequences", "sequences running", registry=r)
         self.blocks_used = Gauge("dwc_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.blocks_total = Gauge("dwc_kv_blocks_total", "KV cache blocks", registry=r)
+        # Exported as dwc_output_tokens_total: with the target's $/hour, $ per million
+        # tokens (the Grafana dashboard in a GPU bundle's serve/, docs/DEPLOY.md).
+        self.output_tokens = Counter("dwc_output_tokens", "tokens generated, finished choices",
+                                     registry=r)
         self.prefix_hit_rate = Gauge("dwc_prefix_cache_hit_rate",
                                      "prompt tokens served from the prefix cache", registry=r)
         self.ttft = Histogram("dwc_time_to_first_token_seconds", "time to first token",
@@ -63,6 +69,7 @@ class Metrics:
         self.waiting.set(len(engine.scheduler.waiting))
         self.running.set(len(engine.scheduler.running))
         self.blocks_used.set(len(b.blocks) - b.num_free)
+        self.blocks_total.set(len(b.blocks))
         self.prefix_hit_rate.set(b.hits / b.lookups if b.lookups else 0.0)
         spec = engine.speculation()
         if spec and spec["steps"]:
@@ -189,6 +196,8 @@ class Api:
         return text[:min(cuts)] if cuts else text
 
     def observe_tpot(self, request: Request, n: int) -> None:
+        """A finished choice of n tokens: its time per output token, and its tokens."""
+        self.metrics.output_tokens.inc(n)
         if n > 1 and request.first_token_at:
             self.metrics.tpot.observe((time.perf_counter() - request.first_token_at) / (n - 1))
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import yaml
@@ -60,12 +61,17 @@ def llm_api_options(plan: dict, weight_bytes: int, memory_gb: float,
                                  "speculative_model": mf.DRAFT_DIR}} if draft else {})
 
 
+def serve_args(host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """`trtllm-serve` arguments, run from the bundle's folder."""
+    return [mf.MODEL_DIR, "--backend", "pytorch", "--extra_llm_api_options",
+            f"{SERVE_DIR}/{OPTIONS_FILE}", "--host", host, "--port", str(port)]
+
+
 def serve_script() -> str:
     return f"""#!/bin/sh
 # Serve this bundle with TensorRT-LLM's OpenAI-compatible server (TensorRT-LLM 1.x reads
 # the quantization from model/hf_quant_config.json): sh serve/trtllm-serve.sh [more flags]
 # Runs from the bundle's folder: the options' paths (the draft) are relative to it.
 cd "$(dirname "$0")/.." || exit 1
-exec trtllm-serve {mf.MODEL_DIR} --backend pytorch \\
-  --extra_llm_api_options {SERVE_DIR}/{OPTIONS_FILE} --host 127.0.0.1 --port 8000 "$@"
+exec trtllm-serve {shlex.join(serve_args())} "$@"
 """

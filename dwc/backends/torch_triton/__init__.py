@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dwc.backends.base import Backend, BenchRun
+from dwc.backends.base import Backend, BenchRun, ServingContainer
+from dwc.constants import BUNDLE_MOUNT, DWC_IMAGE, MAX_WAITING, VLLM_IMAGE
 from dwc.errors import BadInput, TargetError
 from dwc.formats.manifest import RUNTIME_BACKEND
 
@@ -47,6 +48,21 @@ class TorchTriton(Backend):
         from dwc.backends.torch_triton.emit import vllm_command
 
         return vllm_command(manifest)
+
+    def containers(self, manifest: dict, port: int) -> list[ServingContainer]:
+        """`dwc serve` (its /health, its /metrics: dwc/serving/http_server.py) and vLLM on
+        the same model/ with serve/vllm.sh's arguments (vLLM's /health, /metrics and its
+        gauge of waiting requests, `vllm:num_requests_waiting`)."""
+        from dwc.backends.torch_triton.emit import vllm_serve_args
+
+        dwc = ServingContainer("dwc", DWC_IMAGE, ["dwc", "serve", BUNDLE_MOUNT, "--host",
+                                                  "0.0.0.0", "--port", str(port)],
+                               port, "/health", "/metrics", "dwc_queue_depth",
+                               dwc_metrics=True, max_waiting=MAX_WAITING)
+        vllm = ServingContainer("vllm", VLLM_IMAGE,
+                                ["vllm", "serve", *vllm_serve_args(manifest, "0.0.0.0", port)],
+                                port, "/health", "/metrics", "vllm_num_requests_waiting")
+        return [dwc, vllm]
 
 
 def _check_split(target, info) -> None:

@@ -39,7 +39,7 @@ def emit(writer: BundleWriter, ctx) -> None:
                                            model_dir=mf.MODEL_DIR).encode())
 
 
-def vllm_serve_args(m: dict) -> list[str]:
+def vllm_serve_args(m: dict, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
     """`vllm serve` arguments for a bundle described by `m` (its manifest, or the same
     keys: name, kv_cache, draft), run from the bundle's folder: the KV plan's cache dtype,
     page size, KV bytes (so vLLM neither profiles nor reserves a share of memory by
@@ -61,7 +61,7 @@ def vllm_serve_args(m: dict) -> list[str]:
         spec = {"model": mf.DRAFT_DIR, "num_speculative_tokens": m["draft"]["k"],
                 "method": "draft_model"}
         args += ["--speculative-config", json.dumps(spec)]
-    return args + ["--host", "127.0.0.1", "--port", "8000"]
+    return args + ["--host", host, "--port", str(port)]
 
 
 def vllm_command(m: dict) -> str:
