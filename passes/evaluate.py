@@ -27,7 +27,9 @@ class Evaluate(Pass):
     name = "evaluate"
     description = ("Perplexity of the optimized model, run by dwc's runtime with its KV "
                    "plan, vs the original on the evaluation data, KL divergence and top-1 "
-                   "agreement; fails the build (exit 3) beyond the build file's budget.")
+                   "agreement, and the build file's task (if any) before and after with a "
+                   "paired test; fails the build (exit 3) beyond the budget or when a "
+                   "required task is not shown equivalent.")
     reads = ("reference", "model", "tokenizer")
     optional_reads = ("quantized", "kv_plan", "fusion")
     writes = ("quality",)

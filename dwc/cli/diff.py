@@ -1,9 +1,10 @@
 """`dwc diff A B`: two bundles side by side, and thresholds that fail a CI step.
 
-Figures come from each bundle's manifest (quality, sizes, target price, passes and their
-options) and, when given, from a `dwc bench --out` result of each (`bench.json`):
-throughput, p99 time per output token and time to first token, and the cost per million
-output tokens at the measured throughput (the target's $/hour over tokens per hour).
+Figures come from each bundle's manifest (quality, the evaluation task's accuracy when
+both have one, sizes, target price, passes and their options) and, when given, from a
+`dwc bench --out` result of each (`bench.json`): throughput, p99 time per output token
+and time to first token, and the cost per million output tokens at the measured
+throughput (the target's $/hour over tokens per hour).
 
 Thresholds (`--fail-on "ppl>+0.5%,tpot_p99>+5%,cost>+3%"`): `metric>+X%` fails when B is
 more than X% above A, `metric<-X%` when more than X% below; without `%` the change is
@@ -25,6 +26,8 @@ METRICS = {
     "ppl_delta_pct": ("perplexity increase over the original, %", True),
     "kl": ("KL divergence from the original, nats/token", True),
     "top1": ("top-1 agreement with the original", False),
+    "task_acc": ("evaluation task accuracy of the optimized model", False),
+    "task_acc_delta": ("task accuracy after - before (the original's)", False),
     "size": ("bundle bytes", True),
     "weights": ("weight bytes", True),
     "tok_s": ("measured output tokens/s", False),
@@ -69,6 +72,9 @@ def figures(manifest: dict, bench: dict | None) -> dict:
            "top1": q["top1_agreement"],
            "size": sum(f["bytes"] for f in manifest["files"].values()),
            "weights": (manifest.get("quantization") or {}).get("weight_bytes")}
+    task = q.get("task")
+    if task:
+        out |= {"task_acc": task["accuracy_after"], "task_acc_delta": task["difference"]}
     if bench:
         tok_s = bench["offline"]["output_tok_s"] if "offline" in bench else \
             bench.get("generation_tok_s")

@@ -63,6 +63,8 @@ def show_manifest(m: dict, bundle: Path) -> None:
     _OUT.print(f"quality    perplexity {q['baseline']:.4f} -> {q['optimized']:.4f} "
                f"({q['delta_pct']:+.3f}%, budget {q['budget_pct']}%) {verdict}; "
                f"KL {q['kl_divergence']:.2e}; top-1 agreement {100 * q['top1_agreement']:.2f}%")
+    if q.get("task"):
+        _OUT.print(f"task       {_task(q['task'])}")
     if m.get("slo"):
         _show_slo(m["slo"])
     _OUT.print(f"files      {len(m['files'])} files, {_size(total)}")
@@ -75,6 +77,17 @@ def show_manifest(m: dict, bundle: Path) -> None:
         groups.setdefault(top, []).append(f["bytes"])
     table("contents", [{"path": k, "files": len(v), "size": _size(sum(v))}
                        for k, v in sorted(groups.items())], ["path", "files", "size"])
+
+
+def _task(t: dict) -> str:
+    """The evaluation task's accuracies, paired test and verdict (docs/QUALITY.md)."""
+    low, high = t["ci"]
+    colour = "green" if t["equivalent"] else "red" if t["required"] else "yellow"
+    return (f"{Path(t['path']).name}: accuracy {t['accuracy_before']:.4f} -> "
+            f"{t['accuracy_after']:.4f} (n {t['n']}; lost {t['lost']}, gained {t['gained']}; "
+            f"McNemar p {t['mcnemar_p']:.3g}); {t['confidence']:.0%} interval of the "
+            f"difference [{low:+.4f}, {high:+.4f}], margin +-{t['margin']}: "
+            f"[{colour}]{t['verdict']}[/]{' (required)' if t['required'] else ''}")
 
 
 def _show_slo(slo_section: dict) -> None:
