@@ -68,6 +68,13 @@ def piecewise_sizes(max_tokens: int) -> list[int]:
 NGRAM_MIN_N = 2
 NGRAM_MAX_N = 4
 NGRAM_K = 4
+# Measuring speculation candidates (dwc/compiler/speculation.py): evaluation prompts of
+# 64 tokens continued by the target for 128, every 16th position of those, and bootstrap
+# resamples of the positions for the intervals on tau.
+SPEC_PROMPT_TOKENS = 64
+SPEC_NEW_TOKENS = 128
+SPEC_POSITION_STRIDE = 16
+SPEC_BOOTSTRAP = 1000
 
 # Evaluation tasks (docs/QUALITY.md): the paired bootstrap of the accuracy difference,
 # its resamples and seed, and the confidence of its interval (90%: the interval form of

@@ -1,20 +1,21 @@
-"""`distill-draft`: build a small draft model for speculative decoding and measure it.
+"""`distill-draft`: measure the ways to speculate and choose one (docs/SPECULATION.md).
 
-Size rule: the draft keeps the target's width, tokenizer, embedding, final norm and LM
-head, and every (L / n)-th of its L decoder layers, n = max(1, L // 8) (Llama-3-8B: 4 of
-32 layers). It is initialised from those weights of the original model, then distilled
-from the optimized target's full next-token distribution (KL(target || draft)) on the
-calibration windows plus text the target itself generates from calibration prompts
-(on-policy data, as DistillSpec recommends).
+Candidates: a draft model and n-gram lookup in the text itself (no training), against
+not speculating. The draft model, with `draft: auto`, keeps the target's width,
+tokenizer, embedding, final norm and LM head, and every (L / n)-th of its L decoder
+layers, n = max(1, L // 8) (Llama-3-8B: 4 of 32 layers), initialised from those weights
+and distilled from the optimized target's full next-token distribution (KL(target ||
+draft)) on the calibration windows plus text the target itself generates from
+calibration prompts (on-policy data, as DistillSpec recommends); `draft: <path>`
+measures an existing draft (same vocabulary required) instead. The `candidates` option
+narrows what is measured (`[ngram]`: no draft model is trained).
 
-Measured on the evaluation text, for K = 1..max_k: how many of K greedily drafted tokens
-the target's greedy choice confirms, hence the per-position acceptance rate alpha and
-the mean tokens per verification step tau = 1 + E[accepted]; the cost ratio c of a draft
-step to a target step (timed on the GPU when there is one, else the ratio of weight bytes
-read per token); K is the one maximising tau / (1 + K c).
-
-`draft: none` leaves the pass out; `draft: <path>` measures an existing draft (same
-vocabulary required) instead of distilling one.
+Each candidate is measured at the same evaluation positions (dwc/compiler/speculation.py):
+acceptance for K = 1..max_k, tau, and the cost ratio c of a drafted token to a target
+step (the draft: timed on the GPU when there is one, else the ratio of weight bytes read
+per token; n-gram lookup: 0, a dictionary lookup on the host). The winner, its K and the
+whole table go to the manifest's `draft` and reports/draft.json; `draft: none` leaves
+the pass out.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from dwc.compiler import speculation
 from dwc.config import option, positive
 from dwc.quality.data import token_windows
-from dwc.errors import BadInput
+from dwc.errors import BadInput, BuildFileError
 from dwc.bundle.hashing import sha256_file
 from dwc.passes.base import Pass, PassResult
 from dwc.compiler.reports import json_bytes, line_chart
@@ -37,6 +39,7 @@ from dwc.compiler.reports import json_bytes, line_chart
 DRAFT_DIR = "draft-model"
 ON_POLICY_BATCH = 128  # prompts the target continues at once
 INFO = "draft.json"
+CANDIDATES = ("draft_model", "ngram")
 
 
 @dataclass
@@ -50,17 +53,26 @@ class DistillOptions:
     on_policy: int = option(16, help="calibration prompts the target continues for on-policy data")
     on_policy_tokens: int = option(64, help="tokens the target generates per on-policy prompt")
     max_k: int = option(8, help="largest number of drafted tokens measured")
-    positions: int = option(64, help="evaluation positions where drafting is measured")
+    positions: int = option(256, help="evaluation positions where each candidate is measured "
+                                      "(every 16th position of the evaluation windows)")
+
+    candidates: list[str] = option(["draft_model", "ngram"],
+                              help="methods measured (draft_model, ngram); the winner is chosen "
+                                   "among them and not speculating")
 
     def validate(self, path: str) -> None:
         positive(self, path, "steps", "lr", "batch_size", "max_k", "positions", "windows")
+        unknown = [c for c in self.candidates if c not in CANDIDATES]
+        if unknown or not self.candidates:
+            raise BuildFileError(f"{path}.candidates: {unknown or 'empty'}: choose from "
+                           f"{', '.join(CANDIDATES)}")
 
 
 class DistillDraft(Pass):
     name = "distill-draft"
-    description = ("Build a draft model (the target's embedding, head and every 8th layer), "
-                   "distill it from the target's logits on calibration and on-policy text, "
-                   "measure acceptance and cost for K = 1..8 and pick K.")
+    description = ("Measure speculation on evaluation text: a draft model (the target's "
+                   "embedding, head and every 8th layer, distilled from its logits) and n-gram "
+                   "lookup, for K = 1..8; choose the method and K by projected speedup.")
     reads = ("model", "reference", "tokenizer")
     writes = ("draft", "draft_model")
     Options = DistillOptions
@@ -68,36 +80,54 @@ class DistillDraft(Pass):
 
     def key_material(self, ctx, options):
         c, e, d = ctx.build.calibration, ctx.build.evaluation, ctx.build.draft
-        existing = str(d) if isinstance(d, Path) else None
         return {"calibration": [sha256_file(c.data), c.samples, c.seq_len],
-                "evaluation": [sha256_file(e.data), e.seq_len], "existing": existing}
+                "evaluation": [sha256_file(e.data), e.samples, e.seq_len], "draft": str(d)}
 
     def run(self, ctx, options) -> PassResult:
-        target = ctx.artifacts.model
-        if isinstance(ctx.build.draft, Path):
-            draft = load_existing(ctx.build.draft, ctx)
-        else:
-            draft = make_draft(ctx.artifacts.reference, options.layers)
-            train(draft, target, training_windows(ctx, target, options), options, ctx)
-        info = measure(draft, target, ctx, options)
-        png = line_chart({"tau (tokens per target step)": info["per_k"]["tau"],
-                          "projected speedup": info["per_k"]["speedup"]},
-                         title="Draft: tokens per verification step and projected speedup",
+        target, setting = ctx.artifacts.model, ctx.build.draft
+        e = ctx.build.evaluation
+        starts = speculation.positions(target, token_windows(
+            e.data, ctx.artifacts.tokenizer, e.samples, e.seq_len), options.positions, options.max_k)
+        measured, draft = [], None
+        if "draft_model" in options.candidates:
+            if isinstance(setting, Path):
+                draft = load_existing(setting, ctx)
+            else:
+                draft = make_draft(ctx.artifacts.reference, options.layers)
+                train(draft, target, training_windows(ctx, target, options), options, ctx)
+            measured.append(measure(draft, target, starts, ctx, options))
+        if "ngram" in options.candidates:
+            measured.append(measure_ngram(starts, ctx, options))
+        info = {**speculation.choose(measured), "note": NOTE}
+        series = {f"{c['method']}: {name}": c["per_k"][key] for c in measured
+                  for name, key in (("tau", "tau"), ("projected speedup", "speedup"))}
+        png = line_chart(series, title="Speculation: tokens per target step and projected speedup",
                          xlabel="K - 1 (drafted tokens minus one)", ylabel="")
-        metrics = {k: info[k] for k in ("k", "mean_accepted_tokens", "acceptance_rate",
-                                        "cost_ratio", "params")}
-        return PassResult(outputs={"draft": info, "draft_model": draft}, metrics=metrics,
-                          reports={"draft.json": json_bytes(info), "draft.png": png})
+        metrics = {k: info.get(k) for k in ("method", "k", "mean_accepted_tokens",
+                                             "projected_speedup", "positions")}
+        chosen = draft if info["method"] == "draft_model" else None
+        return PassResult(outputs={"draft": info, "draft_model": chosen}, metrics=metrics,
+                          reports={"draft.json": json_bytes({**info, "per_candidate": measured}),
+                                   "draft.png": png})
 
     def save(self, outputs, folder: Path) -> None:
-        outputs["draft_model"].save_pretrained(folder / DRAFT_DIR)
+        if outputs["draft_model"] is not None:
+            outputs["draft_model"].save_pretrained(folder / DRAFT_DIR)
         (folder / INFO).write_bytes(json_bytes(outputs["draft"]))
 
     def load(self, folder: Path, ctx) -> dict:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder / DRAFT_DIR).to(ctx.compute_device)
-        return {"draft": json.loads((folder / INFO).read_text()), "draft_model": model.eval()}
+        info, model = json.loads((folder / INFO).read_text()), None
+        if (folder / DRAFT_DIR).is_dir():
+            model = AutoModelForCausalLM.from_pretrained(folder / DRAFT_DIR).to(ctx.compute_device)
+            model = model.eval()
+        return {"draft": info, "draft_model": model}
+
+
+NOTE = ("greedy acceptance at evaluation positions; speedup projected as tau / (1 + K c), "
+        "not measured; the verification's K extra tokens are taken as free (batch 1, "
+        "memory-bound); `tune` weighs speculation at the serving concurrency")
 
 
 def make_draft(reference, layers: int):
@@ -172,37 +202,30 @@ def train(draft, target, windows, options, ctx) -> None:
     draft.requires_grad_(False)
 
 
-def measure(draft, target, ctx, options) -> dict:
-    """Greedy drafting against the target's greedy choices at evaluation positions."""
-    e = ctx.build.evaluation
-    windows = token_windows(e.data, ctx.artifacts.tokenizer, e.samples, e.seq_len)
-    starts = [(w, pos) for w in windows for pos in range(16, len(w), 16)][:options.positions]
-    accepted = []
-    with torch.inference_mode(), ctx.reporter.progress("measuring acceptance", len(starts)) as adv:
-        for w, pos in starts:
-            ids = w[:pos].to(draft.device)[None]
-            for _ in range(options.max_k):
-                nxt = draft(ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            drafted = ids[0, pos:]
-            verify = target(ids.to(target.device)).logits[0, pos - 1:-1].argmax(-1).cpu()
-            agree = (verify == drafted.cpu()).int().tolist() + [0]
-            accepted.append(agree.index(0))
-            adv(1)
-    c = cost_ratio(draft, target, ctx)
-    ks = list(range(1, options.max_k + 1))
-    tau = [1 + sum(min(a, k) for a in accepted) / len(accepted) for k in ks]
-    alpha = [sum(a >= k for a in accepted) / max(1, sum(a >= k - 1 for a in accepted)) for k in ks]
-    speedup = [t / (1 + k * c) for t, k in zip(tau, ks)]
-    best = max(range(len(ks)), key=speedup.__getitem__)
-    return {"k": ks[best], "mean_accepted_tokens": round(tau[best], 4),
-            "acceptance_rate": round(sum(alpha[:ks[best]]) / ks[best], 4),
-            "cost_ratio": round(c, 4), "projected_speedup": round(speedup[best], 4),
-            "params": sum(p.numel() for p in draft.parameters()),
-            "layers": draft.config.num_hidden_layers, "positions": len(accepted),
-            "per_k": {"k": ks, "alpha": [round(a, 4) for a in alpha],
-                      "tau": [round(t, 4) for t in tau], "speedup": [round(s, 4) for s in speedup]},
-            "note": "greedy acceptance; speedup projected as tau / (1 + K c), not measured"}
+def measure(draft, target, starts, ctx, options) -> dict:
+    """The draft model as a candidate: K tokens drafted greedily after each position."""
+    def propose(prefix, k):  # k greedy tokens
+        ids = prefix.to(draft.device)[None]
+        out = draft.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k,
+                             attention_mask=torch.ones_like(ids), pad_token_id=0)
+        return out[0, len(prefix):].tolist()
+
+    with ctx.reporter.progress("measuring the draft model", len(starts)) as advance:
+        accepted = speculation.accepted_counts(propose, starts, options.max_k, advance)
+    info = speculation.candidate("draft_model", accepted, options.max_k,
+                                 cost_ratio(draft, target, ctx))
+    return {**info, "params": sum(p.numel() for p in draft.parameters()),
+            "layers": draft.config.num_hidden_layers}
+
+
+def measure_ngram(starts, ctx, options) -> dict:
+    """n-gram lookup as a candidate: what the runtime's proposer drafts after each position."""
+    from dwc.runtime.ngram import lookup
+
+    with ctx.reporter.progress("measuring n-gram lookup", len(starts)) as advance:
+        accepted = speculation.accepted_counts(lambda prefix, k: lookup(prefix.tolist(), k),
+                                               starts, options.max_k, advance)
+    return speculation.candidate("ngram", accepted, options.max_k, 0.0)
 
 
 def cost_ratio(draft, target, ctx) -> float:

@@ -46,7 +46,8 @@ class Emit(Pass):
                 writer.write_bytes(f"{mf.SERVE_DIR}/{name}", text.encode())
             vllm = backend.alternative_serving(manifest)
             readme = render("bundle_README.md.j2", m=manifest, model_dir=mf.MODEL_DIR,
-                            reports_dir=mf.REPORTS_DIR, vllm=vllm)
+                            reports_dir=mf.REPORTS_DIR, vllm=vllm,
+                            spec=mf.speculation(manifest["draft"]))
             writer.write_bytes(mf.README, readme.encode())
             manifest = writer.finalize(manifest)
             path = writer.commit()

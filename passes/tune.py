@@ -29,6 +29,7 @@ from dwc.config import option
 from dwc.perf.costmodel import Calibration, Machine, ModelFigures, max_rps, predict, replicas, \
     usd_per_million_tokens, weight_bytes
 from dwc.errors import SloNotMet
+from dwc.formats.manifest import speculation
 from dwc.passes.base import Pass, PassResult
 from dwc.compiler.reports import json_bytes, line_chart
 
@@ -76,7 +77,7 @@ class Tune(Pass):
             rows = [_candidate(machine, _figures(ctx, plan, draft), seqs, draft, slo, prompt,
                                output)
                     for seqs in _powers(plan["max_num_seqs"])
-                    for draft in ([False, True] if ctx.artifacts.draft else [False])]
+                    for draft in ([False, True] if speculation(ctx.artifacts.draft) else [False])]
             best = max(rows, key=lambda r: (r["max_rps"], -r["max_num_seqs"]))
             tuning = _decision(best, rows, slo, ctx.target.name, prompt, output, hw.usd_per_hour)
             if calibration:
@@ -201,7 +202,7 @@ def _powers(limit: int) -> list[int]:
 
 
 def _figures(ctx, plan: dict, draft: bool) -> ModelFigures:
-    d = ctx.artifacts.draft if draft else None
+    d = ctx.artifacts.draft if draft and speculation(ctx.artifacts.draft) else None
     return ModelFigures(
         weight_bytes=weight_bytes(ctx),  # the figure the KV plan used
         params=sum(p.numel() for p in ctx.artifacts.model.parameters()),

@@ -146,7 +146,8 @@ def test_the_options_file_follows_the_kv_plan(build_for):
 
 
 def test_a_draft_becomes_draft_target_speculation(build_for):
-    bundle = build_for("h100-trtllm-fp8", "draft=auto", "distill-draft.steps=20")
+    bundle = build_for("h100-trtllm-fp8", "draft=auto", "distill-draft.steps=20",
+                       "distill-draft.candidates=[draft_model]")
     m = manifest_of(bundle)
     options = yaml.safe_load((bundle / "serve" / "llm_api_options.yaml").read_text())
     spec = options["speculative_config"]
@@ -155,6 +156,18 @@ def test_a_draft_becomes_draft_target_speculation(build_for):
     assert (bundle / "draft" / "config.json").is_file()
     assert "speculative_config" not in yaml.safe_load(
         (build_for("h100-trtllm-fp8") / "serve" / "llm_api_options.yaml").read_text())
+
+
+def test_ngram_chosen_becomes_the_ngram_drafter(build_for):
+    """The build's measured choice of n-gram lookup, as TensorRT-LLM's NGram drafter."""
+    bundle = build_for("h100-trtllm-fp8", "draft=auto", "distill-draft.candidates=[ngram]")
+    m = manifest_of(bundle)
+    assert m["draft"]["method"] == "ngram"
+    options = yaml.safe_load((bundle / "serve" / "llm_api_options.yaml").read_text())
+    assert options["speculative_config"] == {
+        "decoding_type": "NGram", "max_draft_len": m["draft"]["k"], "max_matching_ngram_size": 4,
+        "is_use_oldest": False, "is_public_pool": False}
+    assert not (bundle / "draft").exists()
 
 
 def test_mistral_exports_too(example, tmp_path):

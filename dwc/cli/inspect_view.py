@@ -48,11 +48,8 @@ def show_manifest(m: dict, bundle: Path) -> None:
     _OUT.print(f"source     {s['model']['path']} ({s['architecture']}, "
                f"{s['parameters']:,} parameters, {s['stored_dtype']}{adapter})")
     quant = m["quantization"]
-    d = m["draft"]
-    draft = (f"{d['params']:,} parameters, K={d['k']}, tau {d['mean_accepted_tokens']}, "
-             f"c {d['cost_ratio']}") if d else "none"
     _OUT.print(f"weights    {quant['scheme']} ({quant['weight_dtype']}); "
-               f"KV cache {m['kv_cache']['dtype']}; draft {draft}")
+               f"KV cache {m['kv_cache']['dtype']}; speculation {_speculation(m['draft'])}")
     f = m.get("fusion")
     if f:
         on = [k for k, v in f["plan"].items() if v] or ["none"]
@@ -131,3 +128,19 @@ def show_passes(rows: list[dict]) -> None:
         for o in p["options"]:
             _OUT.print(f"    --set {p['name']}.{o['name']}=<{o['type']}> "
                        f"(default {o['default']}): {o['help']}")
+
+
+def _speculation(d: dict | None) -> str:
+    """The build's measured choice, and what it was chosen over."""
+    from dwc.formats.manifest import speculation
+
+    method = speculation(d)
+    if method is None:
+        losers = ", ".join(f"{c['method']} {c['projected_speedup']}x"
+                           for c in (d or {}).get("candidates", ()))
+        return f"none (measured: {losers})" if losers else "none"
+    size = f"{d['params']:,} parameters, " if "params" in d else ""
+    ci = d.get("tau_ci95")
+    tau = f"tau {d['mean_accepted_tokens']}" + (f" [{ci[0]}, {ci[1]}]" if ci else "")
+    return (f"{method} ({size}K={d['k']}, {tau}, c {d['cost_ratio']}, "
+            f"projected {d.get('projected_speedup', '?')}x)")

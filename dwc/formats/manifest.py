@@ -26,6 +26,18 @@ FILE_KEYS = ("sha256", "bytes")
 # listed in "files"; every listed file is byte-identical across builds.
 VOLATILE_PASS_KEYS = ("seconds", "cached")
 
+
+def speculation(draft: dict | None) -> str | None:
+    """How a bundle speculates, from its manifest's `draft`: "draft_model" (the model in
+    draft/), "ngram" (lookup in the text, no model), or None. `draft` is null when the
+    build left the measurement out, and names method "none" when not speculating won;
+    bundles from before the measured choice had a draft model or nothing."""
+    if not draft:
+        return None
+    method = draft.get("method", "draft_model")
+    return None if method == "none" else method
+
+
 # The backend whose bundles dwc's own runtime serves (`dwc serve`, `dwc bench`, Engine):
 # the runtime reads this layout and no other.
 RUNTIME_BACKEND = "torch-triton"

@@ -42,7 +42,8 @@ def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
     """Engine's arguments for a bundle: (model_dir, config, draft_dir, draft_k, fusion).
     Refuses a bundle whose files do not match its manifest, and one of another backend.
     The config comes from the bundle's KV plan unless one is given; the draft is used
-    when the bundle has one and `speculative` is True; `ngram`: n-gram lookup instead."""
+    as the build chose (a draft model or n-gram lookup, with its K) when `speculative` is
+    True; `ngram`: n-gram lookup whatever the build chose."""
     from dwc.bundle.reader import open_bundle
     from dwc.errors import BadInput
     from dwc.formats import manifest as mf
@@ -56,10 +57,11 @@ def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
         config = EngineConfig.from_plan(plan)
     if tensor_parallel:
         config = replace(config or EngineConfig(), tensor_parallel=tensor_parallel)
-    if ngram:
+    method = mf.speculation(manifest.get("draft")) if speculative else None
+    if ngram or method == "ngram":
         config = replace(config or EngineConfig(), speculative_method="ngram", speculative=True)
-    draft = manifest.get("draft") if speculative and not ngram else None
-    draft_dir = Path(bundle) / mf.DRAFT_DIR if draft else None
+    draft = manifest["draft"] if method and not ngram else None
+    draft_dir = Path(bundle) / mf.DRAFT_DIR if method == "draft_model" and not ngram else None
     fusion = (manifest.get("fusion") or {}).get("plan")
     return (Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,
             fusion)

@@ -274,10 +274,11 @@ class Engine:
 
 
 def _speculative_tokens(c: EngineConfig, draft_dir, draft_k: int, ngram: bool) -> int:
-    """K: the config's, else the bundle's measured choice (a draft) or NGRAM_K."""
+    """K: the config's, else the bundle's measured choice, else (n-gram lookup asked for
+    at serving time) NGRAM_K."""
     if not c.speculative or not (draft_dir or ngram):
         return 0
-    return c.num_speculative_tokens or (NGRAM_K if ngram else draft_k)
+    return c.num_speculative_tokens or draft_k or NGRAM_K
 
 
 def _runner_args(c: EngineConfig, model_dir: Path, num_blocks: int, k: int, device: str,

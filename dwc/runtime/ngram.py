@@ -54,6 +54,14 @@ class NgramIndex:
         return []
 
 
+def lookup(tokens: list[int], k: int) -> list[int]:
+    """What the proposer drafts after `tokens` (a prompt and output so far): the build
+    measures n-gram speculation with it (dwc/compiler/speculation.py)."""
+    index = NgramIndex()
+    index.tokens = list(tokens)
+    return index.propose(k)
+
+
 class NgramProposer(Proposer):
     method = "ngram"
 

@@ -181,6 +181,8 @@ def llama_server_script(ctx: int) -> str:
 {why}# Speculative decoding: GGUF bundles carry no draft model (distill-draft is not in the
 # GGUF targets); with a GGUF draft of the same tokenizer add
 #   -md <draft.gguf> --spec-draft-n-max 8   (llama.cpp builds before the rename: --draft-max 8)
+# or, with no draft model, n-gram lookup in the prompt and output (llama.cpp builds that
+# have --spec-type; not run by dwc's tests):  --spec-type ngram-simple
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 exec llama-server -m "$HERE/{mf.MODEL_DIR}/{GGUF_FILE}" -c {ctx}{repack} --host 127.0.0.1 --port 8080 "$@"
 """

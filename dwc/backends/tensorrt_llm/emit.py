@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from dwc.bundle.writer import BundleWriter
+from dwc.constants import NGRAM_MAX_N
 from dwc.formats import hf
 from dwc.formats import manifest as mf
 
@@ -39,7 +40,7 @@ def llm_api_options(plan: dict, weight_bytes: int, memory_gb: float,
     """TensorRT-LLM's LLM-API options from dwc's KV plan: the same cache dtype, the same
     number of KV bytes (as the fraction of the memory left after the weights that
     TensorRT-LLM takes), batch and token limits, CUDA graphs up to the batch limit; with
-    the bundle's draft, draft-target speculation with the K the build chose (paths are
+    the build's speculation, its method with the K the build chose (paths are
     relative to the bundle, where serve/trtllm-serve.sh runs; TensorRT-LLM before 1.2
     named `speculative_model` `speculative_model_dir`)."""
     kv_bytes = plan["num_blocks"] * plan["block_size"] * plan["bytes_per_token"]
@@ -57,8 +58,22 @@ def llm_api_options(plan: dict, weight_bytes: int, memory_gb: float,
         "max_num_tokens": plan["max_num_batched_tokens"],
         "max_seq_len": plan["max_context"],
         "cuda_graph_config": {"batch_sizes": sizes, "enable_padding": True},
-    } | ({"speculative_config": {"decoding_type": "DraftTarget", "max_draft_len": draft["k"],
-                                 "speculative_model": mf.DRAFT_DIR}} if draft else {})
+    } | _speculative_config(draft)
+
+
+def _speculative_config(draft: dict | None) -> dict:
+    """The build's speculation as TensorRT-LLM's LLM API spells it: draft-target with the
+    bundle's draft, or its NGram drafter matching up to dwc's longest n-gram, the latest
+    occurrence, each request's own text (as dwc's proposer does)."""
+    method = mf.speculation(draft)
+    if method == "draft_model":
+        return {"speculative_config": {"decoding_type": "DraftTarget", "max_draft_len": draft["k"],
+                                       "speculative_model": mf.DRAFT_DIR}}
+    if method == "ngram":
+        return {"speculative_config": {"decoding_type": "NGram", "max_draft_len": draft["k"],
+                                       "max_matching_ngram_size": NGRAM_MAX_N,
+                                       "is_use_oldest": False, "is_public_pool": False}}
+    return {}
 
 
 def serve_args(host: str = "127.0.0.1", port: int = 8000) -> list[str]:

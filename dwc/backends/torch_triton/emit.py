@@ -11,7 +11,7 @@ import shlex
 
 from dwc.bundle.draft import copy_tokenizer
 from dwc.bundle.writer import BundleWriter
-from dwc.constants import MAX_SHARD_SIZE
+from dwc.constants import MAX_SHARD_SIZE, NGRAM_MAX_N, NGRAM_MIN_N
 from dwc.formats import hf
 from dwc.formats import manifest as mf
 from dwc.compiler.manifest import serving_facts
@@ -43,7 +43,8 @@ def vllm_serve_args(m: dict, host: str = "127.0.0.1", port: int = 8000) -> list[
     """`vllm serve` arguments for a bundle described by `m` (its manifest, or the same
     keys: name, kv_cache, draft), run from the bundle's folder: the KV plan's cache dtype,
     page size, KV bytes (so vLLM neither profiles nor reserves a share of memory by
-    itself), batch and token limits, and the draft with the K the build chose. The
+    itself), batch and token limits, and the speculation the build chose (the draft, or
+    n-gram lookup) with its K. The
     served name is the manifest's, as with `dwc serve`, so clients need no change."""
     plan = m["kv_cache"]
     args = [mf.MODEL_DIR, "--served-model-name", m["name"],
@@ -57,9 +58,14 @@ def vllm_serve_args(m: dict, host: str = "127.0.0.1", port: int = 8000) -> list[
                  "--max-model-len", str(plan["max_context"])]
     if plan.get("tensor_parallel", 1) > 1:  # the plan is one rank's: KV bytes are per GPU
         args += ["--tensor-parallel-size", str(plan["tensor_parallel"])]
-    if m.get("draft"):
+    method = mf.speculation(m.get("draft"))
+    if method == "draft_model":
         spec = {"model": mf.DRAFT_DIR, "num_speculative_tokens": m["draft"]["k"],
                 "method": "draft_model"}
+        args += ["--speculative-config", json.dumps(spec)]
+    elif method == "ngram":  # vLLM's prompt lookup, with dwc's n-gram sizes
+        spec = {"method": "ngram", "num_speculative_tokens": m["draft"]["k"],
+                "prompt_lookup_min": NGRAM_MIN_N, "prompt_lookup_max": NGRAM_MAX_N}
         args += ["--speculative-config", json.dumps(spec)]
     return args + ["--host", host, "--port", str(port)]
 
