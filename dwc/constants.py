@@ -82,3 +82,7 @@ SPEC_BOOTSTRAP = 1000
 TASK_BOOTSTRAP = 2000
 TASK_BOOTSTRAP_SEED = 0
 TASK_CONFIDENCE = 0.90
+
+# `dwc build --target auto | <hardware>` (docs/SEARCH.md): no new candidate starts after
+# this many minutes unless the build file's search.max_minutes says otherwise.
+SEARCH_MAX_MINUTES = 30.0

@@ -43,6 +43,8 @@ def read_manifest(bundle: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("schema") != mf.SCHEMA:
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
         raise BundleError(f"{path}: unsupported schema {schema!r} (this dwc reads {mf.SCHEMA})")
+    for key in mf.LATER_KEYS:
+        manifest.setdefault(key, None)
     missing = [k for k in mf.KEYS if k not in manifest]
     if missing or not isinstance(manifest["files"], dict):
         raise BundleError(f"{path}: manifest lacks {', '.join(missing) or 'a files mapping'}")

@@ -25,6 +25,12 @@ def build(build_file: Path, target_name: str, output: Path, overrides=(), use_ca
     Everything the user can get wrong is checked before the first pass: the build file,
     the target, the model's config against the target, the pass order and options.
     """
+    from dwc.compiler.hardware import is_search
+
+    if is_search(target_name):  # `auto` or a hardware name: docs/SEARCH.md
+        from dwc.compiler.search import search
+
+        return search(build_file, target_name, output, overrides, use_cache, force, reporter)
     build_file = Path(build_file)
     config = load_buildfile(build_file, overrides, pass_names=REGISTRY)
     target = load_target(target_name)
@@ -32,7 +38,7 @@ def build(build_file: Path, target_name: str, output: Path, overrides=(), use_ca
     target.check_model(info)
     steps = plan(config, target, REGISTRY)
     output = Path(output).absolute()
-    _check_output_is_not_an_input(output, config)
+    check_output(output, config)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(output)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.work-", dir=output.parent) as work:
@@ -77,7 +83,7 @@ def _alive(pid: int) -> bool:
     return pid != 0
 
 
-def _check_output_is_not_an_input(output: Path, config) -> None:
+def check_output(output: Path, config) -> None:
     """Replacing the output must never delete the checkpoint or data it was built from."""
     inputs = [config.model, config.calibration.data, config.evaluation.data]
     if config.adapter:

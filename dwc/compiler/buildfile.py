@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from dwc.config import from_dict, option, positive
-from dwc.constants import NAME_PATTERN
+from dwc.constants import NAME_PATTERN, SEARCH_MAX_MINUTES
 from dwc.quality.data import has_chat_template, read_records
 from dwc.quality.task import read_task
 from dwc.errors import BadInput, BuildFileError
@@ -82,6 +82,19 @@ class Slo:
 
 
 @dataclass
+class Search:
+    targets: Optional[list[str]] = option(
+        None, help="the targets searched (default: every target of the hardware)")
+    max_minutes: float = option(SEARCH_MAX_MINUTES, help="no new candidate starts after this")
+
+    def validate(self, path: str) -> None:
+        if self.max_minutes <= 0:
+            raise BuildFileError(f"{path}.max_minutes: must be > 0, got {self.max_minutes}")
+        if self.targets is not None and not self.targets:
+            raise BuildFileError(f"{path}.targets: must name at least one target")
+
+
+@dataclass
 class BuildFile:
     name: str = option(help="bundle name")
     model: Path = option(help="Hugging Face checkpoint folder")
@@ -93,6 +106,8 @@ class BuildFile:
     optimization: Union[Literal["auto"], list[str]] = option(
         "auto", help="auto (the target's pass list) or an explicit list of pass names")
     passes: dict[str, dict[str, Any]] = option({}, help="options per pass: {pass: {option: value}}")
+    search: Optional[Search] = option(None, help="--target auto or a hardware name: what is "
+                                                "searched and for how long (docs/SEARCH.md)")
 
     def validate(self, path: str) -> None:
         if not re.match(NAME_PATTERN, self.name):

@@ -44,6 +44,7 @@ def build_manifest(ctx, emit_record: dict) -> dict:
         "kv_cache": facts["kv_cache"],
         "quality": ctx.artifacts.quality,
         "slo": _slo(ctx),
+        "search": ctx.search,
         "build": _build_info(ctx),
     }
 

@@ -58,6 +58,7 @@ class BuildContext:
     lineage: dict[str, list[str]] = field(default_factory=dict)  # artifact -> lossy writers
     records: list[PassRecord] = field(default_factory=list)
     reports: dict[str, bytes] = field(default_factory=dict)
+    search: dict | None = None  # the candidates of a search (docs/SEARCH.md)
     started: float = field(default_factory=time.perf_counter)
 
     @property

@@ -55,3 +55,19 @@ def line_chart(series: dict[str, list[float]], title: str, xlabel: str, ylabel: 
     ax.set_xlabel(xlabel)
     ax.legend()
     return _png(plt, fig)
+
+
+def scatter_chart(points: list[tuple], title: str, xlabel: str, ylabel: str,
+                  hline: float | None = None, hline_label: str = "") -> bytes:
+    """Labelled points (x, y, label, highlighted); a highlighted point is drawn larger and
+    in another colour; `hline` draws a dashed horizontal line (a limit)."""
+    plt, fig, ax = _figure(title, ylabel)
+    for x, y, label, marked in points:
+        ax.scatter([x], [y], s=80 if marked else 30, color="tab:red" if marked else "tab:blue",
+                   zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    if hline is not None:
+        ax.axhline(hline, linestyle="--", color="gray", label=hline_label)
+        ax.legend()
+    ax.set_xlabel(xlabel)
+    return _png(plt, fig)

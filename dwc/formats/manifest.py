@@ -13,8 +13,10 @@ README = "README.md"
 # Top-level keys, in the order they are written.
 KEYS = (
     "schema", "dwc_version", "name", "target", "source", "passes", "quantization",
-    "draft", "fusion", "kv_cache", "quality", "slo", "build", "files",
+    "draft", "fusion", "kv_cache", "quality", "slo", "search", "build", "files",
 )
+# Keys added after bundles were first written: a manifest without one reads as null.
+LATER_KEYS = ("search",)
 TARGET_KEYS = ("name", "backend", "hardware")
 PASS_KEYS = ("name", "options", "seconds", "cached", "metrics")
 QUALITY_KEYS = ("metric", "baseline", "optimized", "delta_pct", "budget_pct", "passed")
