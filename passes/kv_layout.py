@@ -49,10 +49,15 @@ class KvLayoutOptions:
     max_num_seqs: int = option(
         512, help="upper bound on concurrent sequences (the 8B shape's 128/128 throughput "
                   "on an H200 was highest at 512: docs/RUNTIME.md)")
+    host_gib: float = option(0.0, help="host memory (GiB) for prefix-cache blocks evicted from "
+                                       "the device cache, copied back on a hit (0: off; "
+                                       "docs/RUNTIME.md)")
 
     def validate(self, path: str) -> None:
         positive(self, path, "block_size", "memory_utilization", "workspace_gb", "max_num_seqs",
                  error=TargetError)
+        if self.host_gib < 0:
+            raise TargetError(f"{path}.host_gib: must be 0 (off) or more, got {self.host_gib}")
 
 
 class KvLayout(Pass):
@@ -119,6 +124,7 @@ def plan_kv(ctx, options) -> dict:
         "max_num_seqs": max_num_seqs, "max_num_batched_tokens": budget_tokens,
         "max_context": max_context, "bytes_per_token": per_token,
         "draft_bytes_per_token": draft_per_token, "tensor_parallel": n,
+        "host_gib": options.host_gib,
         "arithmetic": {
             "memory_bytes": int(t.hardware.memory_gb * GB), "utilization": utilization,
             "weight_bytes": weights, "workspace_reserve_bytes": int(reserve),

@@ -110,15 +110,19 @@ def inspect(bundle, verify, as_json):
 @click.option("--tensor-parallel", type=click.IntRange(1), default=None,
               help="Split the model across this many GPUs (NCCL; CPU: processes over gloo). "
                    "[default: the bundle's target, else 1]")
+@click.option("--kv-host-gib", type=click.FloatRange(min=0), default=None,
+              help="Host memory (GiB) for prefix-cache blocks evicted from the device cache; "
+                   "a later prefix hit copies them back (0: off). [default: the bundle's "
+                   "KV plan, else 0]")
 @command
 def serve(bundle, host, port, max_waiting, max_body_bytes, no_draft, ngram, tensor_parallel,
-          as_json):
+          kv_host_gib, as_json):
     """Serve a torch-triton bundle over the OpenAI HTTP API (refuses a tampered bundle)."""
     from dwc.bundle.reader import read_manifest
     from dwc.runtime.engine import Engine
 
     engine = Engine.from_bundle(bundle, speculative=not no_draft, tensor_parallel=tensor_parallel,
-                                ngram=ngram)
+                                ngram=ngram, kv_host_gib=kv_host_gib)
     import uvicorn  # the server stack after the engine: a refused bundle needs none of it
 
     from dwc.serving.http_server import make_app

@@ -6,7 +6,9 @@ unique id, the block's token ids), looked up in a dict, so two different prefixe
 never share KV (a hash collision there would leak one request's context into another's). A block whose reference count drops
 to zero goes to the back of the free list but keeps its hash: a later sequence with the
 same prefix takes it back without recomputing; a new allocation takes the oldest free block
-and evicts its hash (least recently freed first).
+and evicts its hash (least recently freed first): with a host tier (host_tier.py), the
+evicted block's K/V are copied to host memory first, and a prefix that misses here but
+hits there is copied back into a free block.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.by_key: dict[tuple, int] = {}
         self._key_ids = itertools.count()
-        self.hits = 0       # prompt tokens served from the prefix cache
+        self.hits = 0       # prompt tokens served from the prefix cache (host tier included)
         self.lookups = 0    # prompt tokens looked up
+        self.tier = None    # a HostTier, set by the engine when one is configured
 
     @property
     def num_free(self) -> int:
@@ -56,6 +59,8 @@ class BlockManager:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
         if block.key is not None and self.by_key.get(block.key) == block_id:
+            if self.tier is not None:
+                self.tier.save(block_id, block.key, block.key_id)
             del self.by_key[block.key]  # evict the cached prefix it held
         block.key, block.key_id, block.ref_count = None, None, 1
         return block_id
@@ -76,7 +81,9 @@ class BlockManager:
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
             block_id = self.by_key.get((parent, chunk))
             if block_id is None:
-                break
+                block_id = self._from_tier((parent, chunk))
+                if block_id is None:
+                    break
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free[block_id]
@@ -86,6 +93,19 @@ class BlockManager:
         seq.num_computed = seq.num_cached = len(seq.block_table) * self.block_size
         seq.num_sealed = len(seq.block_table)
         self.hits += min(seq.num_cached, len(seq.prompt_ids))
+
+    def _from_tier(self, key: tuple) -> int | None:
+        """A free block holding the host tier's copy of `key` (ref_count 0, still in the
+        free list, the caller takes it as a cached block), or None."""
+        if self.tier is None or not self.free or not self.tier.touch(key):
+            return None
+        block_id = self._take_free()  # may send another cached block to the tier
+        block = self.blocks[block_id]
+        block.key, block.key_id = key, self.tier.restore(key, block_id)
+        block.ref_count = 0
+        self.by_key[key] = block_id
+        self.free[block_id] = None
+        return block_id
 
     def seal_full_blocks(self, seq: Sequence, computed: int | None = None) -> None:
         """Register the key of every block whose `computed` first tokens (default: the

@@ -24,6 +24,7 @@ class EngineConfig:
     async_scheduling: bool = True          # overlap the host's next step with the GPU's
     tensor_parallel: int = 1               # processes (GPUs) the model is split across
     tensor_parallel_backend: str | None = None  # None: nccl on cuda, gloo on cpu
+    kv_host_gib: float = 0.0               # host-memory tier under the prefix cache (0: off)
 
     @classmethod
     def from_plan(cls, plan: dict, **overrides) -> "EngineConfig":
@@ -34,11 +35,13 @@ class EngineConfig:
                       "max_num_batched_tokens": plan["max_num_batched_tokens"],
                       "kv_dtype": "fp8_e4m3" if fp8 else None,
                       "kv_scales": plan.get("kv_scales"),
-                      "tensor_parallel": plan.get("tensor_parallel", 1), **overrides})
+                      "tensor_parallel": plan.get("tensor_parallel", 1),
+                      "kv_host_gib": plan.get("host_gib", 0.0), **overrides})
 
 
 def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
-                tensor_parallel: int | None, ngram: bool = False) -> tuple:
+                tensor_parallel: int | None, ngram: bool = False,
+                kv_host_gib: float | None = None) -> tuple:
     """Engine's arguments for a bundle: (model_dir, config, draft_dir, draft_k, fusion).
     Refuses a bundle whose files do not match its manifest, and one of another backend.
     The config comes from the bundle's KV plan unless one is given; the draft is used
@@ -57,6 +60,8 @@ def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
         config = EngineConfig.from_plan(plan)
     if tensor_parallel:
         config = replace(config or EngineConfig(), tensor_parallel=tensor_parallel)
+    if kv_host_gib is not None:
+        config = replace(config or EngineConfig(), kv_host_gib=kv_host_gib)
     method = mf.speculation(manifest.get("draft")) if speculative else None
     if ngram or method == "ngram":
         config = replace(config or EngineConfig(), speculative_method="ngram", speculative=True)

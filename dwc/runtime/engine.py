@@ -22,6 +22,7 @@ from dwc.runtime.sampler import chunk_tokens
 from dwc.runtime.scheduler import Scheduler
 from dwc.runtime.ngram import NgramProposer
 from dwc.runtime.speculative import Drafter
+from dwc.runtime.host_tier import make_tier
 from dwc.runtime.sequence import Completion, SamplingParams, Sequence, Status, cut_at_stop, \
     eos_ids, finish_reason, raw_text
 
@@ -67,6 +68,9 @@ class Engine:
             load_hf_model(draft_dir, device, dtype), num_blocks, c.block_size, device,
             graph_tokens=graph, fusion=fusion), k) if draft_dir else None
         self.blocks = BlockManager(num_blocks, c.block_size)
+        if c.kv_host_gib > 0:
+            runners = [self.runner] + ([self.drafter.runner] if draft_dir else [])
+            self.blocks.tier = make_tier(c.kv_host_gib, runners, c.block_size, c.tensor_parallel)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k,
                                    self.drafter)
         self.eos_ids = eos_ids(self.runner.hf_model, self.tokenizer)
@@ -109,13 +113,14 @@ class Engine:
     @classmethod
     def from_bundle(cls, bundle: Path, config: EngineConfig | None = None,
                     speculative: bool = True, tensor_parallel: int | None = None,
-                    ngram: bool = False) -> "Engine":
+                    ngram: bool = False, kv_host_gib: float | None = None) -> "Engine":
         """Refuses a bundle whose files do not match its manifest. Sizes itself from the
         bundle's KV plan unless `config` says otherwise. Speculates with the bundle's draft
         (when it has one) unless `speculative` or config.speculative is False, or with
         n-gram lookup (`ngram`, ngram.py). Splits the model over `tensor_parallel`
-        processes (None: the plan's, else config's)."""
-        return cls(*from_bundle(bundle, config, speculative, tensor_parallel, ngram))
+        processes (None: the plan's, else config's); `kv_host_gib`: the host tier's size
+        (host_tier.py; None: the plan's, else config's)."""
+        return cls(*from_bundle(bundle, config, speculative, tensor_parallel, ngram, kv_host_gib))
 
     # -- requests ---------------------------------------------------------------------
 

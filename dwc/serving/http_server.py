@@ -61,6 +61,12 @@ class Metrics:
                                 registry=r)
         self.per_step = Gauge("dwc_spec_tokens_per_step",
                               "mean tokens emitted per verification step", registry=r)
+        # The host-memory KV tier (runtime/host_tier.py); zero without one.
+        self.host_hits = Gauge("dwc_kv_host_hit_tokens", "prompt tokens served from the host "
+                               "tier (prefill not recomputed)", registry=r)
+        self.host_blocks = Gauge("dwc_kv_host_blocks", "blocks held in the host tier", registry=r)
+        self.host_bytes = Gauge("dwc_kv_host_bytes_moved", "bytes copied to and from the host "
+                                "tier", ["direction"], registry=r)
         self.tpot = Histogram("dwc_time_per_output_token_seconds", "time per output token",
                               registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
 
@@ -71,6 +77,12 @@ class Metrics:
         self.blocks_used.set(len(b.blocks) - b.num_free)
         self.blocks_total.set(len(b.blocks))
         self.prefix_hit_rate.set(b.hits / b.lookups if b.lookups else 0.0)
+        if b.tier is not None:
+            t = b.tier.stats
+            self.host_hits.set(t.hit_tokens)
+            self.host_blocks.set(len(b.tier))
+            self.host_bytes.labels("to_host").set(t.bytes_out)
+            self.host_bytes.labels("to_device").set(t.bytes_in)
         spec = engine.speculation()
         if spec and spec["steps"]:
             self.drafted.set(spec["drafted"])
