@@ -24,6 +24,7 @@ def main():
 
     \b
     dwc build model.yaml --target cpu-bf16 -o bundles/demo
+    dwc build model.yaml --target auto -o bundles/best     (searches this machine's targets)
     dwc inspect bundles/demo [--verify]
     dwc serve bundles/demo [--port 8000]
     dwc bench bundles/demo [--rps 2 --rps 8]
@@ -37,7 +38,10 @@ def main():
 
 @main.command()
 @click.argument("build_file", type=click.Path(path_type=Path))
-@click.option("--target", "-t", "target", required=True, help="Target name (see `dwc targets`).")
+@click.option("--target", "-t", "target", required=True,
+              help="Target name (see `dwc targets`), or a hardware (h100, cpu, ...) or "
+                   "`auto` (this machine's) to search its targets for the cheapest bundle "
+                   "that meets the budget and SLO (docs/SEARCH.md).")
 @click.option("--output", "-o", "output", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (replaced atomically if it is a dwc bundle).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -248,15 +252,17 @@ def diff(bundle_a, bundle_b, bench_a, bench_b, fail_on, as_json):
 def targets(as_json):
     """List the targets this dwc can build for."""
     from dwc.cli.inspect_view import table
+    from dwc.compiler.hardware import hardware_of
     from dwc.compiler.target import all_targets
 
     rows = [t.summary() for t in all_targets()]
     if as_json:
         click.echo(json.dumps(rows))
     else:
-        rows = [dict(r, tp=r["tensor_parallel"]) for r in rows]  # a narrow column
-        table("targets", rows, ["name", "backend", "device", "weights", "dtype", "kv_cache",
-                                "tp", "description"])
+        rows = [dict(r, tp=r["tensor_parallel"], hardware=hardware_of(r["name"])) for r in rows]
+        table("targets (--target HARDWARE or auto searches a hardware's targets)", rows,
+              ["name", "hardware", "backend", "device", "weights", "dtype", "kv_cache", "tp",
+               "description"])
 
 
 @main.command()

@@ -25,8 +25,9 @@ def build(build_file: Path, target_name: str, output: Path, overrides=(), use_ca
     Everything the user can get wrong is checked before the first pass: the build file,
     the target, the model's config against the target, the pass order and options.
     """
-    from dwc.compiler.hardware import is_search
+    from dwc.compiler.hardware import check_name, is_search
 
+    check_name(target_name)
     if is_search(target_name):  # `auto` or a hardware name: docs/SEARCH.md
         from dwc.compiler.search import search
 

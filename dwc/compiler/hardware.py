@@ -27,6 +27,13 @@ def is_search(name: str) -> bool:
     return name == AUTO or (name in hardware_names() and name not in target_names())
 
 
+def check_name(name: str) -> None:
+    """A --target value is a target, a hardware or `auto`; else one line naming them."""
+    if name != AUTO and name not in target_names() and name not in hardware_names():
+        raise TargetError(f"unknown target {name!r} (targets: {', '.join(target_names())}; "
+                          f"or a hardware to search: {', '.join(hardware_names())}, {AUTO})")
+
+
 def resolve(name: str) -> str:
     """The hardware a --target value names: `auto` is this machine's (a CUDA GPU whose
     name matches a target's hardware, else cpu)."""

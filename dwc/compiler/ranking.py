@@ -39,8 +39,7 @@ def measured_row(target, quality: dict | None, tuning: dict | None, failed: str 
         r.update(max_num_seqs=tuning["chosen"]["max_num_seqs"], draft=tuning["chosen"]["draft"],
                  tpot_p99_ms=p.get("tpot_p99_ms"), ttft_p99_ms=p.get("ttft_p99_ms"),
                  max_rps=p["max_rps"], replicas=tuning.get("replicas"),
-                 usd_per_million_output_tokens=p["usd_per_million_output_tokens"],
-                 meets_slo=met)
+                 usd_per_million_output_tokens=_cost(target, p), meets_slo=met)
         if not met:
             r["slo_miss"] = tuning.get("reason") or "the SLO is not met at any rate"
             r["slo_ratio"] = _miss_ratio(tuning, slo)
@@ -51,6 +50,17 @@ def measured_row(target, quality: dict | None, tuning: dict | None, failed: str 
     elif r["meets_slo"] is False:
         r["why"] = f"slo: {r['slo_miss']}"
     return r
+
+
+def _cost(target, predicted: dict) -> float | None:
+    """$ per million output tokens at the predicted rate, to 6 significant digits (tune
+    rounds its figure to 4 decimals, which ties small models' schemes)."""
+    from dwc.perf.costmodel import usd_per_million_tokens
+
+    tok_s = predicted.get("output_tok_s")
+    if not tok_s:
+        return None
+    return float(f"{usd_per_million_tokens(target.hardware.usd_per_hour, tok_s):.6g}")
 
 
 def rank_key(r: dict) -> tuple:
@@ -84,8 +94,8 @@ def decide(rows: list[dict], slo, budget_pct: float) -> dict:
 def _lost_to(r: dict, winner: dict) -> str:
     a, b = r["usd_per_million_output_tokens"], winner["usd_per_million_output_tokens"]
     if a > b:
-        return f"costs ${a:.4g} per million output tokens, {winner['target']} ${b:.4g}"
-    return (f"ties {winner['target']} at ${a:.4g} per million output tokens with a larger "
+        return f"costs ${a:.6g} per million output tokens, {winner['target']} ${b:.6g}"
+    return (f"ties {winner['target']} at ${a:.6g} per million output tokens with a larger "
             f"perplexity increase ({r['delta_pct']:.4g}% vs {winner['delta_pct']:.4g}%)")
 
 
