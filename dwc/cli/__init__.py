@@ -241,6 +241,10 @@ def diff(bundle_a, bundle_b, bench_a, bench_b, fail_on, as_json):
         for p in result["passes_changed"]:
             click.echo(f"  pass {p['pass']}: " + (f"only in {p['only_in']}" if "only_in" in p
                                                   else json.dumps(p["options"])))
+        if result["search"]:  # both bundles were built by a search
+            from dwc.cli.search_view import echo_side_by_side
+
+            echo_side_by_side(result["search"])
         for f in result["failed"]:
             click.echo(f"FAILED {f['rule']} (change {f['change']:+g})")
     if result["failed"]:

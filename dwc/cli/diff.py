@@ -9,6 +9,7 @@ throughput (the target's $/hour over tokens per hour).
 Thresholds (`--fail-on "ppl>+0.5%,tpot_p99>+5%,cost>+3%"`): `metric>+X%` fails when B is
 more than X% above A, `metric<-X%` when more than X% below; without `%` the change is
 absolute (`top1<-0.01`). A threshold on a figure the bundles do not have is refused.
+When both bundles were built by a search, their candidate tables are shown side by side.
 """
 
 from __future__ import annotations
@@ -123,10 +124,12 @@ def compare(a: dict, b: dict, bench_a: dict | None, bench_b: dict | None,
             raise BadInput(f"--fail-on {rule}: A's {rule.metric} is 0, no relative change")
         if (change > rule.limit) if rule.above else (change < -rule.limit):
             failed.append({"rule": str(rule), "change": change})
+    from dwc.cli.search_view import side_by_side
+
     return {"a": {"name": a["name"], "target": a["target"]["name"]},
             "b": {"name": b["name"], "target": b["target"]["name"]},
             "metrics": rows, "passes_changed": changed_passes(a, b),
-            "failed": failed, "passed": not failed}
+            "search": side_by_side(a, b), "failed": failed, "passed": not failed}
 
 
 def read_bench(path: Path | None) -> dict | None:

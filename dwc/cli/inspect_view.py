@@ -64,6 +64,10 @@ def show_manifest(m: dict, bundle: Path) -> None:
         _OUT.print(f"task       {_task(q['task'])}")
     if m.get("slo"):
         _show_slo(m["slo"])
+    if m.get("search"):  # built by --target auto | <hardware>: docs/SEARCH.md
+        from dwc.cli.search_view import echo_table
+
+        echo_table(m["search"])
     _OUT.print(f"files      {len(m['files'])} files, {_size(total)}")
     rows = [{"pass": p["name"], "seconds": p["seconds"], "cached": p["cached"],
              "metrics": _metrics(p["metrics"])} for p in m["passes"]]
