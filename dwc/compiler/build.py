@@ -11,11 +11,11 @@ from dwc.bundle.reader import read_manifest
 from dwc.compiler.cache import PassCache
 from dwc.model.checkpoint import model_info
 from dwc.constants import cache_dir
-from dwc.errors import BadInput
 from dwc.passes import REGISTRY
 from dwc.compiler.pipeline import BuildContext, plan, run
 from dwc.compiler.target import load_target
 from dwc.compiler.ui import Reporter
+from dwc.compiler.output import OWNER, check_output, remove_abandoned
 
 
 def build(build_file: Path, target_name: str, output: Path, overrides=(), use_cache=True,
@@ -49,48 +49,3 @@ def build(build_file: Path, target_name: str, output: Path, overrides=(), use_ca
                            reporter=reporter or Reporter())
         run(steps, ctx, PassCache(cache_dir(), enabled=use_cache))
     return read_manifest(ctx.artifacts.bundle)
-
-
-OWNER = ".owner-pid"
-
-
-def remove_abandoned(output: Path) -> None:
-    """Scratch (`.NAME.work-*`), staging (`.partial-*`) and replaced (`.old-*`) folders of
-    earlier builds of `output` whose process is gone: a build killed with SIGKILL cannot
-    clean up after itself. When any earlier build of the same output still runs (its
-    scratch folder names a live process), nothing is touched."""
-    import shutil
-
-    works = list(output.parent.glob(f".{output.name}.work-*"))
-    for folder in works:
-        try:
-            pid = int((folder / OWNER).read_text())
-        except (OSError, ValueError):
-            return  # being created right now, or not ours: leave everything
-        if _alive(pid):
-            return
-    for kind in ("work", "partial", "old"):
-        for folder in output.parent.glob(f".{output.name}.{kind}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != 0
-
-
-def check_output(output: Path, config) -> None:
-    """Replacing the output must never delete the checkpoint or data it was built from."""
-    inputs = [config.model, config.calibration.data, config.evaluation.data]
-    if config.adapter:
-        inputs.append(config.adapter)
-    out = output.resolve()
-    for path in inputs:
-        path = Path(path).resolve()
-        if path == out or path.is_relative_to(out):
-            raise BadInput(f"-o {output}: the output path holds the build's input {path}")

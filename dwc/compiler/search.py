@@ -23,6 +23,7 @@ from dwc.compiler import ranking
 from dwc.compiler.buildfile import Search, load_buildfile
 from dwc.compiler.cache import PassCache
 from dwc.compiler.hardware import resolve, targets_of
+from dwc.compiler.output import OWNER, check_output, remove_abandoned
 from dwc.compiler.pipeline import BuildContext, Step, plan, run
 from dwc.compiler.reports import json_bytes
 from dwc.compiler.ui import Reporter
@@ -36,8 +37,6 @@ from dwc.passes import REGISTRY
 def search(build_file: Path, hardware: str, output: Path, overrides=(), use_cache=True,
            force=False, reporter: Reporter | None = None) -> dict:
     """Search the targets of `hardware` (or `auto`); returns the winner's manifest."""
-    from dwc.compiler.build import check_output, remove_abandoned
-
     build_file = Path(build_file)
     config = load_buildfile(build_file, overrides, pass_names=REGISTRY)
     reporter = reporter or Reporter()
@@ -112,8 +111,6 @@ def _measure(config, target, steps, cache, common) -> tuple:
     """Run the candidate's passes but emit; (its context, its row)."""
     work = Path(tempfile.mkdtemp(prefix=f".{common['output'].name}.work-",
                                  dir=common["output"].parent))
-    from dwc.compiler.build import OWNER
-
     (work / OWNER).write_text(str(os.getpid()))
     ctx = BuildContext(build=config, target=target, workdir=work, **common)
     t0, failed = time.perf_counter(), None
