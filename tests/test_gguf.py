@@ -153,16 +153,57 @@ def _perplexity(path: Path, manifest: dict) -> float:
     return float(np.exp(nll / n))
 
 
-def test_imatrix_q4_k_m_is_no_worse_than_plain(build_for):
-    """The imatrix reaches llama.cpp's quantizer (the files differ: an unmatched tensor
-    name would leave them equal) and does not hurt: KL to the original no higher."""
-    from dwc.bundle.hashing import sha256_file
+def imatrix_weighted_errors(example, bundles: dict, tmp: Path) -> dict[str, float]:
+    """Per bundle: the sum over K-quant tensors of sum_j imatrix_j * (w_ij - q_ij)^2, the
+    error llama.cpp's quantizer lowers when it is given the imatrix, against the F16 file
+    the export quantizes from and the calibration statistics the build used."""
+    import types
 
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dwc.compiler.ui import Reporter
+    from dwc.passes.calibrate import collect
+    from dwc.quality.data import token_windows
+
+    src = example / "checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    windows = token_windows(example / "calib.txt", AutoTokenizer.from_pretrained(src), 8, 256)
+    stats = collect(model, windows, 4, types.SimpleNamespace(reporter=Reporter(quiet=True)))
+    importance = backend.imatrix_entries(stats.mean_sq)
+    f16 = tmp / "f16.gguf"
+    gguf_file.write_f16_gguf(model, src, f16, "t", "gpt-2")
+
+    def weights(path: Path) -> dict[str, np.ndarray]:
+        return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+                    [int(n) for n in reversed(t.shape)])
+                for t in gguf.GGUFReader(str(path)).tensors if t.name in importance}
+
+    ref = weights(f16)
+    errors = {}
+    for label, bundle in bundles.items():
+        q = weights(bundle / "model" / "model.gguf")
+        errors[label] = {n: float((((ref[n] - q[n]) ** 2) * importance[n][None, :]).sum())
+                         for n in importance}
+    return errors
+
+
+def test_imatrix_reaches_the_quantizer_and_lowers_the_error_it_weighs(build_for, example,
+                                                                      tmp_path):
+    """The imatrix reaches llama.cpp's quantizer under the right tensor names: the
+    importance-weighted rounding error, which it exists to lower, is lower with it in
+    nearly every tensor and in total (an unmatched name leaves a tensor as plain). The
+    end-to-end KL on this small model moves by noise either way (8.6e-4 against 8.9e-4
+    on one machine, 9.6e-4 against 9.3e-4 on another): no more than 10% worse."""
     a, b = build_for("cpu-gguf-q4_k_m"), build_for("cpu-gguf-q4_k_m", "gguf-export.imatrix=false")
     with_imatrix, plain = manifest_of(a), manifest_of(b)
     assert plain["quantization"]["imatrix"] is False
-    assert sha256_file(a / "model" / "model.gguf") != sha256_file(b / "model" / "model.gguf")
-    assert with_imatrix["quality"]["kl_divergence"] <= plain["quality"]["kl_divergence"]
+    errors = imatrix_weighted_errors(example, {"imatrix": a, "plain": b}, tmp_path)
+    assert with_imatrix["quantization"]["imatrix_tensors"] == len(errors["plain"])
+    lower = [n for n in errors["plain"] if errors["imatrix"][n] < errors["plain"][n]]
+    assert len(lower) >= 0.9 * len(errors["plain"]), (lower, errors)
+    assert sum(errors["imatrix"].values()) < 0.95 * sum(errors["plain"].values()), errors
+    assert with_imatrix["quality"]["kl_divergence"] <= 1.1 * plain["quality"]["kl_divergence"]
 
 
 def test_a_model_llama_cpp_cannot_take_is_refused_before_any_pass(example, tmp_path):
