@@ -6,11 +6,12 @@ blocks, shuffled block tables), bf16 and FP8 caches.
   the GPU (the cache gathered into padded [B, L] batches, SDPA, the output scattered
   back: layers/attention.py prompt_attention), TFLOP/s of the causal attention's work.
 - Decode: the paged decode kernel (paged_attention_triton.py) at batch x context, GB/s
-  of K/V read, the default tiles against a sweep; the best per point is printed.
+  of K/V read, the default tiles and split against the unsplit kernel and a sweep
+  (tiles and splits); the best per point is printed.
 
 Each case is checked against the PyTorch reference before it is timed.
 
-    DWC_COMMIT=<hash> python3 benchmarks/attention_gpu.py --out $OUT
+    DWC_COMMIT=<hash> python3 benchmarks/attention_gpu.py --out $OUT [--decode-only]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from triton.testing import do_bench
 
 from dwc.runtime.layers.attention import prompt_attention
-from dwc.runtime.kernels.paged_attention_triton import paged_decode
+from dwc.runtime.kernels.paged_attention_triton import _tiles, paged_decode, split_for
 from dwc.runtime.kernels.paged_prefill_triton import paged_prefill
 from dwc.runtime.kernels.prefill_tiles import PrefillGroup, block_q_for, tile_table
 
@@ -36,7 +37,8 @@ PREFILL = {"4 x 2048": [(0, 2048)] * 4, "1 x 8192": [(0, 8192)], "1 x 1024": [(0
            "16 x 512": [(0, 512)] * 16, "piece 2048 at 4096": [(4096, 2048)]}
 DECODE = [(b, c) for b in (1, 32, 128, 256, 512) for c in (128, 1024, 2048)] + \
     [(1, 8192), (8, 8192), (32, 8192)]
-SWEEP = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))
+SWEEP = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))  # with the default split
+SPLITS = (1, 2, 4, 8, 16, 32)
 # Prefill: (rows per program, BLOCK_N, warps, stages); rows = queries x the GQA group.
 PREFILL_SWEEP = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
 SCALES = (0.02, 0.01)
@@ -125,8 +127,13 @@ def decode_case(batch: int, context: int, fp8: bool, gen, sweep: bool) -> dict:
     run = lambda cfg: lambda: paged_decode(q, cache, table_t, lens, PAGE, D ** -0.5, scales,  # noqa: E731
                                            config=cfg)
     want = run(None)()
-    report = {"default_gbs": round(nbytes / do_bench(run(None)) / 1e6, 1), "sweep": {}}
-    for cfg in SWEEP if sweep else ():
+    split = split_for(batch * KV_HEADS, q.device)
+    unsplit = (*_tiles(q.dtype, D, batch * KV_HEADS, fp8), 1)
+    report = {"default_gbs": round(nbytes / do_bench(run(None)) / 1e6, 1), "split": split,
+              "unsplit_gbs": round(nbytes / do_bench(run(unsplit)) / 1e6, 1), "sweep": {}}
+    tiles = _tiles(q.dtype, D, batch * KV_HEADS * split, fp8, split)
+    configs = [(*c, split) for c in SWEEP] + [(*tiles, sp) for sp in SPLITS]
+    for cfg in configs if sweep else ():
         try:
             got = run(cfg)()
             assert (got.float() - want.float()).abs().max() < 2e-2
@@ -143,6 +150,7 @@ def decode_case(batch: int, context: int, fp8: bool, gen, sweep: bool) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--decode-only", action="store_true")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     report = {"benchmark": "attention_gpu", "device": torch.cuda.get_device_name(),
@@ -150,11 +158,12 @@ def main() -> int:
               "torch": torch.__version__, "prefill": {}, "decode": {}}
     for fp8 in (True, False):
         kv = "fp8" if fp8 else "bf16"
-        for name, spans in PREFILL.items():
+        for name, spans in {} if args.decode_only else PREFILL.items():
             report["prefill"][f"{kv} {name}"] = prefill_case(
                 spans, fp8, gen, sweep=name in ("4 x 2048", "1 x 8192"))
         for batch, context in DECODE:
-            sweep = fp8 and (batch, context) in ((1, 8192), (32, 2048), (256, 2048), (512, 2048))
+            sweep = fp8 and (batch, context) in ((1, 8192), (8, 8192), (32, 2048), (256, 2048),
+                                                 (512, 2048))
             report["decode"][f"{kv} b{batch} c{context}"] = decode_case(batch, context, fp8,
                                                                         gen, sweep)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -165,10 +174,11 @@ def main() -> int:
         print(f"{name:24} {r['kernel_ms']:10.3f} {r['kernel_tflops']:8.1f} "
               f"{r.get('sdpa_path_ms', '-'):>13} {r.get('speedup', '-'):>5} "
               f"{r.get('best_tflops', '-'):>6} {r.get('best', '-'):>14}")
-    print(f"{'decode':28} {'GB/s':>10} {'best GB/s':>10} {'best tiles':>12}")
+    print(f"{'decode':20} {'split':>5} {'GB/s':>8} {'unsplit':>8} {'best GB/s':>10} "
+          f"{'best tiles':>14}")
     for name, r in report["decode"].items():
-        print(f"{name:28} {r['default_gbs']:10.1f} {r.get('best_gbs', '-'):>10} "
-              f"{r.get('best', '-'):>12}")
+        print(f"{name:20} {r['split']:>5} {r['default_gbs']:8.1f} {r['unsplit_gbs']:8.1f} "
+              f"{r.get('best_gbs', '-'):>10} {r.get('best', '-'):>14}")
     return 0
 
 

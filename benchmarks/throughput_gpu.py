@@ -7,7 +7,8 @@ measures in one run, on one engine:
 - offline throughput (all prompts at once, greedy, ignore EOS) at TensorRT-LLM's four
   published points: 128/128 (2,000 prompts), 128/2048, 2048/128 and 1000/1000, with
   asynchronous scheduling on, and 128/128 again with it off and at 256 sequences;
-- decode tok/s at batch 1, 8, 32, 128, 256 (128 in / 256 out);
+- decode tok/s at batch 1, 8, 32, 128, 256 (128 in / 256 out), and of the decode steps
+  alone at 128 and 8k tokens of context (batch 1, 8, 32: split-KV attention);
 - host time per step at batch 1, 128, 256: the step's wall time less the time spent
   waiting for the GPU (asynchronous steps), against the sync step's wall time;
 - a mixed step (a 512-token prompt joining 255 decoding sequences) against its roofline
@@ -278,6 +279,30 @@ def decode(engine: Engine) -> dict:
     return out
 
 
+def decode_only(engine: Engine, batch: int, n_in: int, n_out: int = 128) -> float:
+    """Output tok/s of the decode steps alone at an n_in-token context: the time of n_out
+    tokens less the time of one (the prefill), new prompts each time (no prefix hits)."""
+    def timed(n: int, seed: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(prompts(batch, n_in, seed=seed),
+                        SamplingParams(max_tokens=n, ignore_eos=True))
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(4, seed=n_in + 7)  # the shapes warm
+    first, full = timed(1, seed=n_in + 8), timed(n_out, seed=n_in + 9)
+    return round(batch * (n_out - 1) / (full - first), 1)
+
+
+def long_context(engine: Engine) -> dict:
+    """Issue 19's long-context goal: decode at 8k context within 15% of 128 context."""
+    out = {f"bs{b} c{c}": decode_only(engine, b, c) for b, c in
+           ((1, 128), (1, 8000), (8, 128), (8, 8000), (32, 8000))}
+    out["bs1 8k / 128"] = round(out["bs1 c8000"] / out["bs1 c128"], 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -344,6 +369,8 @@ def main() -> int:
         report["mixed_step"] = mixed_step(engine, rate, bandwidth,
                                           bytes_per_token(bundle / "model"))
         report["decode_fp8"] = decode(engine)
+        report["decode_fp8_long_context"] = long_context(engine)
+        save()
         report["ttft_ms"] = {"1k": ttft_ms(engine, 1024), "8k": ttft_ms(engine, 8000)}
         from perf_gpu import profile_step
 
@@ -370,7 +397,8 @@ def print_table(report: dict) -> None:
         print(f"  {row['device_us_per_step']:>9} us  x{row['calls_per_step']:<6} {row['name']}")
     for row in report.get("gemm", []):
         print("  gemm", row)
-    for key in ("host", "mixed_step", "decode_fp8", "ttft_ms", "peak_memory_gb"):
+    for key in ("host", "mixed_step", "decode_fp8", "decode_fp8_long_context", "ttft_ms",
+                "peak_memory_gb"):
         if key in report:
             print(f"{key}: {report[key]}")
 

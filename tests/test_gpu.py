@@ -107,6 +107,45 @@ def test_paged_decode_kernel_reads_an_fp8_cache_with_scales():
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_kv_decode_matches_the_unsplit_kernel_and_the_reference(fp8):
+    """Few sequences at long contexts take the split-KV path (4 sequences x 8 KV heads:
+    16 parts on a 132-SM GPU); contexts of one tile, of a few tiles (fewer parts than
+    the split) and of thousands; every split against the float64 reference,
+    repeated calls bit-identical (the counters come back to zero; a fixed order)."""
+    from dwc.runtime.kernels.paged_attention_triton import _tiles, paged_decode, split_for
+    from dwc.runtime.layers.attention import paged_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    heads, kv_heads, d, page, lens = 32, 8, 128, 16, [1, 300, 2049, 8191]
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    scales = (0.02, 0.01) if fp8 else (1.0, 1.0)
+    cache, tables = _paged_cache(sum(-(-n // page) for n in lens), page, kv_heads, d,
+                                 dtype, gen, lens)
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                           device="cuda")
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), heads, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    assert split_for(len(lens) * kv_heads, q.device) > 1
+    tiles = _tiles(q.dtype, d, len(lens) * kv_heads, fp8)
+    default = paged_decode(q, cache, table_t, lens_t, page, d ** -0.5, scales)
+    for _ in range(3):
+        assert torch.equal(paged_decode(q, cache, table_t, lens_t, page, d ** -0.5, scales),
+                           default)
+    for split in (1, 3, 32):
+        got = paged_decode(q, cache, table_t, lens_t, page, d ** -0.5, scales,
+                           config=(*tiles, split))
+        for i, n in enumerate(lens):
+            slots = torch.tensor([tables[i][p // page] * page + p % page for p in range(n)],
+                                 device="cuda")
+            ref_cache = cache if fp8 else cache.double()
+            want = paged_attention(q[i:i + 1].double(), ref_cache, slots, n - 1, d ** -0.5,
+                                   scales).double()
+            torch.testing.assert_close(got[i:i + 1].double(), want, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(default[i:i + 1].double(), want, atol=2e-2, rtol=2e-2)
+
+
 def _paged_cache(num_blocks, page, kv_heads, d, dtype, gen, lens):
     """A random cache and shuffled block tables of sequences of `lens` tokens."""
     cache = torch.randn(2, num_blocks * page, kv_heads, d, device="cuda", generator=gen)
@@ -283,6 +322,27 @@ def test_fused_norm_and_silu_kernels_match_torch(residual):
     torch.testing.assert_close(fused_triton.silu_mul(gu), norm.silu_mul(gu), atol=2e-2, rtol=1e-2)
 
 
+def test_fused_norm_and_silu_kernels_write_fp8_as_quantize_fp8_would():
+    """With an output scale the kernels write FP8: the very bits of quantize_fp8 on their
+    bf16 output (the unfused pair the FP8 GEMM path ran before)."""
+    from dwc.runtime.kernels import fused_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16, generator=gen) * 4
+    r = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=gen) * 3
+    scale = torch.tensor([[0.011]], device="cuda")
+    y, res = fused_triton.add_rms_norm(x, r, w, 1e-5)
+    y8, res8 = fused_triton.add_rms_norm(x, r, w, 1e-5, scale)
+    assert y8.dtype == torch.float8_e4m3fn and torch.equal(res8, res)
+    assert torch.equal(y8.view(torch.uint8), fused_triton.quantize_fp8(y, scale).view(torch.uint8))
+    gu = torch.randn(300, 2 * 14336, device="cuda", dtype=torch.bfloat16, generator=gen) * 3
+    s8 = fused_triton.silu_mul(gu, scale)
+    want = fused_triton.quantize_fp8(fused_triton.silu_mul(gu), scale)
+    assert s8.dtype == torch.float8_e4m3fn
+    assert torch.equal(s8.view(torch.uint8), want.view(torch.uint8))
+
+
 @pytest.mark.parametrize("target", ["h100-fp8", "a100-int8-sq", "h100-int4-awq"])
 def test_fused_quantized_model_matches_unfused(build_for, target):
     """Stacked quantized GEMMs and the fused kernels against the unfused runtime: the
@@ -366,15 +426,17 @@ def test_skinny_gemm_is_deterministic():
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_fused_rope_kv_matches_rotary_and_cache_write(fp8):
+@pytest.mark.parametrize("heads, kvh, d", [(32, 8, 128), (14, 2, 64)])
+def test_fused_rope_kv_matches_rotary_and_cache_write(fp8, heads, kvh, d):
     """The fused kernel on views of a stacked QKV output, against apply_rotary +
-    write_kv: q within bf16 rounding, the cache rows it writes likewise, others untouched."""
+    write_kv: q within bf16 rounding, the cache rows it writes likewise, others untouched
+    (head counts that are not powers of two: Qwen2's 14 / 2)."""
     from dwc.runtime.kernels import fused_triton
     from dwc.runtime.layers.attention import write_kv
     from dwc.runtime.layers.rotary import apply_rotary
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    t, heads, kvh, d = 9, 32, 8, 128
+    t = 9
     qkv = torch.randn(t, (heads + 2 * kvh) * d, device="cuda", dtype=torch.bfloat16, generator=gen)
     q, k, v = qkv.split([heads * d, kvh * d, kvh * d], dim=-1)
     q, k, v = q.reshape(t, heads, d), k.reshape(t, kvh, d), v.reshape(t, kvh, d)

@@ -178,7 +178,9 @@ def _attention_rows(gpu: bool) -> list[dict]:
     return [
         {"op": "attention (decode and verification rows)", "kernel": "triton "
          "_paged_decode_kernel", "config": {"BLOCK_N": "128 (64 for FP8 caches at >= 1024 "
-                                            "programs)", "grid": "(rows, kv_heads)"}},
+                                            "programs)", "grid": "(rows, kv_heads, split)",
+                                            "split": "while rows x kv_heads < SMs: "
+                                            "up to 32 parts of >= 4 tiles (split-KV)"}},
         {"op": "attention (prompt chunks)", "kernel": "triton _paged_prefill_kernel "
          "(variable-length, paged, one launch per layer)",
          "config": {"rows per program": "128 (queries x the GQA group)",

@@ -81,6 +81,9 @@ class Decoder:
         self.add_rms_norm = add_rms_norm  # the fused kernels replace these (fuse())
         self.silu_mul = silu_mul
         self.rope_kv = None  # fused rotary + KV write (GPU), set by fuse()
+        # GPU: the fused norm / SwiGLU kernels write FP8 for the FP8 GEMM that reads
+        # them (fuse(); _fp8_input)
+        self.fp8_norm_out = self.fp8_silu_out = False
         # Sums the row-parallel projections' partial outputs across tensor-parallel ranks
         # (set by parallel/shard.py's shard_decoder); one process has the whole sum already.
         self.reduce = _whole
@@ -157,8 +160,10 @@ class Decoder:
 
         if plan.get("norm_residual"):
             self.add_rms_norm = fused_triton.add_rms_norm
+            self.fp8_norm_out = True
         if plan.get("silu_mul"):
             self.silu_mul = fused_triton.silu_mul
+            self.fp8_silu_out = True
         half = self.head_dim // 2
         if plan.get("rope_kv") and self.head_dim % 2 == 0 and half & (half - 1) == 0:
             self.rope_kv = fused_triton.rope_kv  # the kernel needs power-of-two halves
@@ -200,9 +205,25 @@ class Decoder:
     def logits(self, hidden, rows) -> torch.Tensor:
         return self.lm_head(rms_norm(hidden[rows], self.final_norm.weight, self.eps)).float()
 
+    def _fp8_input(self, fused: bool, proj: dict, key: str, rows: int):
+        """The static input scale of proj[key] when it is an FP8 Linear that takes the
+        `_scaled_mm` path at `rows` tokens and a fused kernel writes its input: that
+        kernel then quantizes as it writes (fused_triton.py), and the Linear skips its own
+        quantize_fp8. Else None."""
+        if not fused or self.dtype != torch.bfloat16:
+            return None
+        from dwc.runtime.layers.linear import Fp8Linear
+
+        module = proj.get(key)
+        if isinstance(module, Fp8Linear) and not module.takes_skinny(rows):
+            return module.input_scale
+        return None
+
     def _start(self, i, h, residual, cos, sin, slots, layer_cache, q_out):
-        x, residual = self.add_rms_norm(h, residual, self.layers[i].input_layernorm.weight,
-                                        self.eps)
+        scale = self._fp8_input(self.fp8_norm_out, self.proj[i], "qkv", h.shape[0])
+        norm = self.layers[i].input_layernorm.weight
+        x, residual = self.add_rms_norm(h, residual, norm, self.eps) if scale is None else \
+            self.add_rms_norm(h, residual, norm, self.eps, scale)
         q, k, v = self._qkv(self.proj[i], x)
         if self.rope_kv is not None:
             return self.rope_kv(q, k, v, cos, sin, slots, layer_cache, self.kv_scales[i],
@@ -215,13 +236,18 @@ class Decoder:
         t = attn.shape[0]
         proj = self.proj[i]
         h = self.reduce(proj["o_proj"](attn.view(t, self.num_heads * self.head_dim)))
-        x, residual = self.add_rms_norm(h, residual, self.layers[i].post_attention_layernorm.weight,
-                                        self.eps)
+        scale = self._fp8_input(self.fp8_norm_out, proj, "gate_up", t)
+        norm = self.layers[i].post_attention_layernorm.weight
+        x, residual = self.add_rms_norm(h, residual, norm, self.eps) if scale is None else \
+            self.add_rms_norm(h, residual, norm, self.eps, scale)
         return self.reduce(self._mlp(proj, x)), residual
 
     def _mlp(self, proj, x) -> torch.Tensor:
         if "gate_up" in proj:
-            return proj["down_proj"](self.silu_mul(proj["gate_up"](x)))
+            scale = self._fp8_input(self.fp8_silu_out, proj, "down_proj", x.shape[0])
+            up = proj["gate_up"](x)
+            return proj["down_proj"](self.silu_mul(up) if scale is None else
+                                     self.silu_mul(up, scale))
         return proj["down_proj"](torch.nn.functional.silu(proj["gate_proj"](x)) *
                                  proj["up_proj"](x))
 

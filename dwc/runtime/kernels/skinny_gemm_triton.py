@@ -19,11 +19,16 @@ instruction per pair, where bf16 takes several: measured 1.2-1.6x faster) and mu
 with the activations in fp16, clamped to its range (weight-only: the activations are not
 quantized); bf16 weights are used as they are.
 
+Tried and measured slower (H100, 2026-12-07, benchmarks/gemv_gpu.py): W8A8 in this
+kernel, the activations quantized in its loads and FP8 multiplied by FP8 on the tensor
+cores (no widening): 0.33-0.47x the weight-only kernel's GB/s at one token, 0.84-1.05x
+at 16 tokens.
+
 The tiles and the split per shape are in skinny_tiles.py (measured; no Triton needed to
 read them, so the CPU-side kernel table can report them).
 
-The workspace and counters are shared by every call on a device: calls must run on one
-stream, one after another (the runtime's case).
+The workspace and counters (workspace.py) are shared by every split kernel on a device:
+calls must run on one stream, one after another (the runtime's case).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import triton
 import triton.language as tl
 
 from dwc.runtime.kernels.skinny_tiles import BLOCK_K, BLOCK_N, split_for
+from dwc.runtime.kernels.workspace import workspace
 
 MAX_TOKENS = 16  # rows of the padded activation tile; more tokens take the GEMM path
 
@@ -78,29 +84,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, st
             tl.store(cnt_ptr + pid_n, 0)
 
 
-_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_retired: list[tuple[torch.Tensor, torch.Tensor]] = []  # CUDA graphs may still point at them
-
-
-def _workspace(device: torch.device, floats: int, tiles: int):
-    """The device's shared partial-sum buffer and zeroed tile counters, grown on demand
-    (the warm-up before each graph capture sizes them). Replaced buffers are kept alive:
-    graphs captured with them (the target's, when the draft's capture grows them) go on
-    using them, one after another on one stream as everything else."""
-    ws, cnt = _workspaces.get(device, (None, None))
-    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("skinny_gemm: workspace must be sized before graph capture")
-        if ws is not None:
-            _retired.append((ws, cnt))
-        ws = torch.empty(max(floats, 0 if ws is None else ws.numel()), dtype=torch.float32,
-                         device=device)
-        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32,
-                          device=device)
-        _workspaces[device] = (ws, cnt)
-    return ws, cnt
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (weight * scale)^T for x: [m <= MAX_TOKENS, k] bf16, weight: [n, k] FP8 E4M3
@@ -124,7 +107,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(n, block_n)
-    ws, cnt = _workspace(x.device, split * MAX_TOKENS * n, tiles)
+    ws, cnt = workspace(x.device, split * MAX_TOKENS * n, tiles)
     _skinny_gemm_kernel[(tiles, split)](
         x, weight, scale if scale is not None else y, y, ws, cnt, m, n, k, x.stride(0),
         weight.stride(0), y.stride(0), HAS_SCALE=scale is not None, SPLIT=split,

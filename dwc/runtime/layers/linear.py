@@ -33,22 +33,34 @@ class Fp8Linear(torch.nn.Module):
         self.bias = bias
         self._row_scales: dict[int, torch.Tensor] = {}  # tokens -> [t, 1] input scale
 
-    def forward(self, x):                                            # x: [t, in] bf16
-        from dwc.runtime.kernels.fused_triton import quantize_fp8
-        from dwc.runtime.kernels.skinny_gemm_triton import MAX_TOKENS, skinny_linear
+    @staticmethod
+    def takes_skinny(rows: int) -> bool:
+        """Whether an input of `rows` tokens goes to the split-K kernel (else `_scaled_mm`)."""
+        from dwc.runtime.kernels.skinny_gemm_triton import MAX_TOKENS
 
-        if x.shape[0] <= MAX_TOKENS and x.dtype == torch.bfloat16:
+        return rows <= MAX_TOKENS
+
+    def forward(self, x):          # x: [t, in] bf16, or FP8 already divided by input_scale
+        from dwc.runtime.kernels.fused_triton import quantize_fp8
+        from dwc.runtime.kernels.skinny_gemm_triton import skinny_linear
+
+        if x.dtype == torch.float8_e4m3fn:  # a fused norm / SwiGLU kernel quantized it
+            xq = x
+        elif self.takes_skinny(x.shape[0]) and x.dtype == torch.bfloat16:
             y = skinny_linear(x, self.weight_t.t(), self.scale_b.view(-1))
             return y if self.bias is None else y + self.bias
-        xq = quantize_fp8(x, self.input_scale)
+        else:
+            xq = quantize_fp8(x, self.input_scale)
         t = x.shape[0]
         scale_a = self._row_scales.get(t)                            # row-wise: [t, 1]
         if scale_a is None:
             scale_a = self.input_scale.expand(t, 1).contiguous()
             if t <= MAX_GRAPH_TOKENS:  # graphed step sizes: made once, captured graphs reuse it
                 self._row_scales[t] = scale_a
-        y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_a,
-                             scale_b=self.scale_b, out_dtype=x.dtype)
+        # An FP8 input comes from a bf16 model's fused kernel (Decoder._fp8_input).
+        out_dtype = torch.bfloat16 if x.dtype == torch.float8_e4m3fn else x.dtype
+        y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_a, scale_b=self.scale_b,
+                             out_dtype=out_dtype)
         return y if self.bias is None else y + self.bias
 
 
