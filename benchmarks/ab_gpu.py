@@ -91,10 +91,11 @@ def prefill_step_ms(engine: Engine, n: int = 4, length: int = 2048) -> float:
     return round(statistics.median(times) * 1e3, 2)
 
 
-def measure(bundle: Path) -> dict:
+def measure(bundle: Path, num_blocks: int | None) -> dict:
     plan = json.loads((bundle / "manifest.json").read_text())["kv_cache"]
+    more = {"num_blocks": num_blocks} if num_blocks else {}
     t0 = time.perf_counter()
-    engine = Engine.from_bundle(bundle, EngineConfig.from_plan(plan, max_num_seqs=512))
+    engine = Engine.from_bundle(bundle, EngineConfig.from_plan(plan, max_num_seqs=512, **more))
     out = {"load_seconds": round(time.perf_counter() - t0, 1)}
     offline(engine, 128, 128, 600, seed=5)  # warm: pinned pools, shapes
     for name, (n_in, n_out, n) in POINTS.items():
@@ -112,6 +113,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
     ap.add_argument("--baseline-kernels", type=Path, required=True)
     ap.add_argument("--baseline-commit", default="?")
+    ap.add_argument("--num-blocks", type=int, help="KV blocks (the h200 plan's overfill an H100)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "ab_gpu", "device": torch.cuda.get_device_name(0),
@@ -124,10 +126,10 @@ def main() -> int:
         build_file.write_text(build_file.read_text() + "passes: {tune: {calibrate: false}}\n")
         report["build_fp8_seconds"] = build(build_file, "h200-fp8", bundle)
     undo = use_baseline(args.baseline_kernels)
-    report["baseline"] = measure(bundle)
+    report["baseline"] = measure(bundle, args.num_blocks)
     undo()
     save()
-    report["this"] = measure(bundle)
+    report["this"] = measure(bundle, args.num_blocks)
     save()
     print(f"\n{report['device']}: {report['commit']} against {report['baseline_commit']}")
     print(f"{'':<24}{'baseline':>10}{'this':>10}{'ratio':>8}")

@@ -131,7 +131,7 @@ def decode_case(batch: int, context: int, fp8: bool, gen, sweep: bool) -> dict:
     unsplit = (*_tiles(q.dtype, D, batch * KV_HEADS, fp8), 1)
     report = {"default_gbs": round(nbytes / do_bench(run(None)) / 1e6, 1), "split": split,
               "unsplit_gbs": round(nbytes / do_bench(run(unsplit)) / 1e6, 1), "sweep": {}}
-    tiles = _tiles(q.dtype, D, batch * KV_HEADS * split, fp8, split)
+    tiles = _tiles(q.dtype, D, batch * KV_HEADS, fp8, split > 1)
     configs = [(*c, split) for c in SWEEP] + [(*tiles, sp) for sp in SPLITS]
     for cfg in configs if sweep else ():
         try:

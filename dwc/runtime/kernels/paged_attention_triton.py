@@ -8,13 +8,15 @@ paged prefill kernel (paged_prefill_triton.py).
 
 Split-KV (flash-decoding): with few sequences, one program per (sequence, KV head) is too
 few to pull the context at the memory's rate (batch 1 at 8k context read 0.1-0.25 TB/s,
-H200 2026-12-04). Then each (sequence, KV head) is dealt to up to SPLIT programs, each
+H200 2026-12-04). Then each (sequence, KV head) is dealt to up to MAX_SPLIT programs, each
 taking a run of whole tiles; every program writes its unnormalised output, running max
 and sum to the shared workspace (workspace.py) and bumps a counter, and the one that
 arrives last combines them in a fixed order (deterministic) and resets the counter. A
 context of one tile is one program's, written directly: short contexts pay nothing.
-SPLIT depends only on the number of sequences, so a captured graph keeps it whatever the
-contexts grow to.
+The number of parts depends only on the number of sequences, so a captured graph keeps
+it whatever the contexts grow to; it is a run-time argument, so the kernel compiles
+once for the split path and once for the plain one, at graph capture (a constant per
+count compiled new variants inside mixed steps, seconds each: H100, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ MIN_PART_TILES = 4
 
 
 # The block-table width (stride_ts) changes with the longest context on the eager path,
-# and the workspace offset with the batch; specializing on them would recompile.
-@triton.jit(do_not_specialize=["stride_ts", "ml_offset"])
+# the workspace offset and the parts with the batch; specializing would recompile.
+@triton.jit(do_not_specialize=["stride_ts", "ml_offset", "parts"])
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, rows_ptr,
-                         ws_ptr, cnt_ptr, ml_offset, qk_scale, v_scale,
+                         ws_ptr, cnt_ptr, ml_offset, parts, qk_scale, v_scale,
                          stride_qs, stride_qh, stride_ks, stride_kh, stride_ts,
                          stride_os, stride_oh,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
@@ -50,7 +52,10 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     ctx = tl.load(lens_ptr + s)
-    per = tl.maximum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), SPLIT), MIN_TILES) * BLOCK_N  # tokens
+    if SPLIT:
+        per = tl.maximum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), parts), MIN_TILES) * BLOCK_N
+    else:
+        per = tl.maximum(ctx, 1)                             # one part (padding rows: 0)
     used = tl.cdiv(ctx, per)                                 # parts that hold any
     if part < used:
         row = tl.load(rows_ptr + s).to(tl.int64) if HAS_ROWS else s.to(tl.int64)
@@ -87,7 +92,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m = m_new
         out = out_ptr + row * stride_os + heads[:, None] * stride_oh + d[None, :]
-        if SPLIT == 1:
+        if not SPLIT:
             tl.store(out, (acc * (v_scale / l)[:, None]).to(out_ptr.dtype.element_ty),
                      mask=gmask[:, None])
         elif used == 1:
@@ -95,7 +100,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
                      mask=gmask[:, None])
         else:
             pair = s * tl.num_programs(1) + kvh
-            first = pair * SPLIT                          # this pair's parts in the workspace
+            first = pair * parts                          # this pair's parts in the workspace
             acc_at = ws_ptr + g[:, None] * D + d[None, :]
             ml_at = ws_ptr + ml_offset + g
             # Only the group's G rows (BLOCK_G pads them to the dot's 16)
@@ -124,18 +129,18 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
                 tl.store(cnt_ptr + pair, 0)
 
 
-def _tiles(dtype: torch.dtype, d: int, programs: int, fp8: bool,
-           split: int = 1) -> tuple[int, int, int]:
+def _tiles(dtype: torch.dtype, d: int, pairs: int, fp8: bool,
+           split: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages), from the sweeps of benchmarks/attention_gpu.py
     (results/h200-2026-12-04-attention-*.json, h100-2026-12-07-attention-*.json):
     128-key tiles and 4 warps were best or within 2% for bf16 caches at batch 1-512 and
-    for FP8 ones up to 32 sequences; with many programs (8 KV heads x 256-512 sequences,
-    or split-KV parts past 512) an FP8 cache reads fastest in 64-key tiles with 2 warps
-    (3.2 against 2.5 TB/s on the H200; 1.9 against 1.5 at 8 x 8k on the H100). float32
-    (tests) and wide heads need less shared memory."""
+    for FP8 ones up to 32 sequences, and for split-KV at batch 1; with many programs (8
+    KV heads x 256-512 sequences) an FP8 cache reads fastest in 64-key tiles with 2 warps
+    (3.2 against 2.5 TB/s). One tile for the split path: each tile choice is a compile.
+    float32 (tests) and wide heads need less shared memory."""
     if dtype == torch.float32 or d > 128:
         return 32, 4, 2
-    if fp8 and (programs >= 1024 or (split > 1 and programs >= 512)):
+    if fp8 and not split and pairs >= 1024:
         return 64, 2, 3
     return 128, 4, 3
 
@@ -176,7 +181,7 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     fp8 = cache.dtype == torch.float8_e4m3fn
     if config is None:
         split = split_for(n * kv_heads, q.device)
-        config = (*_tiles(q.dtype, d, n * kv_heads * split, fp8, split), split)
+        config = (*_tiles(q.dtype, d, n * kv_heads, fp8, split > 1), split)
     block_n, warps, stages, split = config
     block_g = max(16, triton.next_power_of_2(group))
     acc_floats = n * kv_heads * split * block_g * d
@@ -184,10 +189,10 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
                         n * kv_heads) if split > 1 else (out, context_lens)
     _paged_decode_kernel[(n, kv_heads, split)](
         q, k, v, out, block_tables, context_lens, rows if rows is not None else context_lens,
-        ws, cnt, acc_floats, scale * kv_scales[0] * LOG2E, float(kv_scales[1]),
+        ws, cnt, acc_floats, split, scale * kv_scales[0] * LOG2E, float(kv_scales[1]),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=group, BLOCK_G=block_g, D=d, BLOCK_N=block_n, PAGE=page,
-        HAS_ROWS=rows is not None, F16=fp8, SPLIT=split, MIN_TILES=MIN_PART_TILES,
+        HAS_ROWS=rows is not None, F16=fp8, SPLIT=split > 1, MIN_TILES=MIN_PART_TILES,
         num_warps=warps, num_stages=stages)
     return out
