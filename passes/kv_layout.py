@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dwc.config import option, positive
-from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
 from dwc.perf.costmodel import COMPUTE_BYTES, weight_bytes
 from dwc.errors import TargetError
-from dwc.model.kvcache import kv_bytes_per_token, kv_scales
+from dwc.model.kvcache import (GPU_WORKSPACE_BYTES, kv_bytes_per_token, kv_scales,
+                               step_activation_bytes)
 from dwc.passes.base import Pass, PassResult
 from dwc.runtime.parallel.layout import kv_heads_per_rank
 from dwc.compiler.reports import json_bytes
@@ -93,7 +93,8 @@ def plan_kv(ctx, options) -> dict:
     t, info, slo = ctx.target, ctx.info, ctx.build.slo
     gpu = t.device == "cuda"
     utilization = options.memory_utilization or (0.90 if gpu else 0.25)
-    reserve = (options.workspace_gb or (2.0 if gpu else 0.5)) * GB
+    reserve = options.workspace_gb * GB if options.workspace_gb else \
+        (GPU_WORKSPACE_BYTES if gpu else 0.5 * GB)
     max_context = (slo.max_context if slo and slo.max_context else
                    int(info.config.get("max_position_embeddings") or 4096))
     n = t.tensor_parallel
@@ -109,7 +110,8 @@ def plan_kv(ctx, options) -> dict:
         weights += 2 * sum(p.numel() for p in draft.parameters())
     per_token += draft_per_token
     budget_tokens = step_tokens(ctx, weights, gpu, options.block_size)
-    step = step_activation_bytes(info, t, options, budget_tokens)
+    step = step_activation_bytes(info, COMPUTE_BYTES[t.weights.dtype], n, gpu,
+                                 options.max_num_seqs, budget_tokens)
     free = t.hardware.memory_gb * GB * utilization - weights - reserve - step
     if free < per_token * max_context:
         raise TargetError(f"target {t.name}: {weights / GB:.2f} GB of weights leave "
@@ -135,18 +137,6 @@ def plan_kv(ctx, options) -> dict:
                     "num_blocks = min(fitting, max_num_seqs x blocks per sequence)",
         },
     }
-
-
-def step_activation_bytes(info, t, options, budget_tokens: int) -> int:
-    """Activations of one step (a few hidden-size and FFN-size buffers per token), the
-    float32 logits of every sequence that samples, and on a GPU the logits each captured
-    CUDA graph keeps (one buffer per captured size: 1.4 GB at 512 for a 128k vocabulary)
-    and the piecewise graphs' pool: about one more step's activations, kept."""
-    gpu, n = t.device == "cuda", t.tensor_parallel
-    act = COMPUTE_BYTES[t.weights.dtype]
-    graphed = sum(graph_sizes(min(options.max_num_seqs, MAX_GRAPH_TOKENS))) if gpu else 0
-    return budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // n) * act * \
-        (2 if gpu and n == 1 else 1) + (options.max_num_seqs + graphed) * info.vocab_size * 4
 
 
 def draft_info(draft):

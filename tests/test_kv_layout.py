@@ -83,6 +83,31 @@ def test_bundle_plan_and_the_runtime_sizing_itself_from_it(bundle):
     assert eng.blocks.block_size == 16 and len(eng.blocks.blocks) <= plan["num_blocks"]
 
 
+def test_on_a_smaller_gpu_the_runtime_keeps_the_plans_step_memory(bundle, monkeypatch):
+    """A plan made for more memory than the GPU has: the blocks that fit leave room for
+    the weights, the workspace and the step's activations and graph buffers as the plan
+    counts them, and are the most that do (an H200 plan on an 80 GB H100 ran out of
+    memory when the fit counted the weights alone)."""
+    from dwc.model.checkpoint import model_info
+    from dwc.model.kvcache import GPU_WORKSPACE_BYTES, kv_bytes_per_token, step_activation_bytes
+    from dwc.runtime.config import EngineConfig
+    from dwc.runtime.memory import fit_blocks
+
+    model = bundle / "model"
+    free = 5e9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free), int(free)))
+    c = EngineConfig(num_blocks=10 ** 7, max_num_seqs=512, max_num_batched_tokens=8192)
+    with pytest.warns(UserWarning, match="fit on this cuda"):
+        blocks = fit_blocks(model, None, c, "cuda", torch.bfloat16)
+    info = model_info(model)
+    per_block = kv_bytes_per_token(info, 2) * 16
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    step = step_activation_bytes(info, 2, 1, True, 512, 8192)
+    assert step > 0.1e9  # the graphs' logits and the step's activations are counted
+    used = weights + GPU_WORKSPACE_BYTES + step + blocks * per_block
+    assert used <= 0.9 * free < used + per_block
+
+
 def test_fp8_kv_plan_has_calibrated_scales_and_is_measured(build_for, example):
     """h100-fp8 plans an FP8 KV cache: per-layer scales from calibration, and evaluate
     measures the model with that cache (its KL exceeds the same model with a bf16 cache)."""

@@ -1,14 +1,30 @@
-"""FP8 KV cache scales, shared by the kv-layout plan and the quantize back-off's
-measurement (so both measure the cache the bundle will use)."""
+"""KV cache arithmetic shared by the kv-layout plan, the runtime's fit check and the
+quantize back-off's measurement: bytes per token, the memory a step needs besides the
+cache, and FP8 scales (so all of them count and measure the cache the bundle will use)."""
 
 from __future__ import annotations
 
+from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
+
 FP8_MAX = 448.0
+GPU_WORKSPACE_BYTES = int(2e9)  # activations' slack, the allocator, cuBLAS / Triton workspaces
 
 
 def kv_bytes_per_token(info, itemsize: int) -> int:
     """Bytes of K and V one token takes in the cache (`info`: dwc.model.checkpoint.ModelInfo)."""
     return info.num_layers * 2 * info.num_kv_heads * info.head_dim * itemsize
+
+
+def step_activation_bytes(info, act_bytes: int, tp: int, gpu: bool, max_num_seqs: int,
+                          budget_tokens: int) -> int:
+    """Activations of one step of `budget_tokens` tokens (a few hidden-size and FFN-size
+    buffers per token, 1/tp of the FFN's), the float32 logits of every sequence that
+    samples, and on a GPU the logits each captured CUDA graph keeps (one buffer per
+    captured size: 1.4 GB at 512 for a 128k vocabulary) and the piecewise graphs' pool:
+    about one more step's activations, kept."""
+    graphed = sum(graph_sizes(min(max_num_seqs, MAX_GRAPH_TOKENS))) if gpu else 0
+    return budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // tp) * \
+        act_bytes * (2 if gpu and tp == 1 else 1) + (max_num_seqs + graphed) * info.vocab_size * 4
 
 
 def kv_scales(ctx) -> list[list[float]]:

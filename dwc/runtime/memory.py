@@ -7,16 +7,19 @@ from pathlib import Path
 import torch
 
 from dwc.model.checkpoint import model_info
-from dwc.model.kvcache import kv_bytes_per_token
+from dwc.model.kvcache import GPU_WORKSPACE_BYTES, kv_bytes_per_token, step_activation_bytes
 
 CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
 
 
 def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
                dtype: torch.dtype) -> int:
-    """`c`: the EngineConfig. The planned number of blocks, scaled down (with a warning) to what fits here:
-    on CPU a fixed budget, on a GPU 90% of the memory free before the weights load,
-    less the weights' size on disk. A block holds the target's K/V and the draft's.
+    """`c`: the EngineConfig. The planned number of blocks, scaled down (with a warning)
+    to what fits here: on CPU a fixed budget, on a GPU 90% of the memory free before the
+    weights load, less the weights' size on disk and what the kv-layout plan keeps for a
+    step (its workspace reserve, activations, graph logits and pool, for this config's
+    batch limits): an H200 plan on an 80 GB H100 ran out of memory when only the weights
+    were counted (2026-12-07). A block holds the target's K/V and the draft's.
     With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
     the whole draft (which runs there unsplit)."""
     import warnings
@@ -35,7 +38,9 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     per_block = per_token * c.block_size
     if device == "cuda":
         weights += sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
-        budget = torch.cuda.mem_get_info()[0] * 0.9 - weights
+        step = step_activation_bytes(info, dtype.itemsize, n, True, c.max_num_seqs,
+                                     c.max_num_batched_tokens)
+        budget = torch.cuda.mem_get_info()[0] * 0.9 - weights - GPU_WORKSPACE_BYTES - step
     else:
         budget = CPU_KV_BUDGET_BYTES
     fits = max(int(budget // per_block), 4)
