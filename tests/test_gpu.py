@@ -16,7 +16,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("heads, kv_heads, d, page", [(32, 8, 128, 16), (4, 2, 64, 8), (8, 8, 64, 16)])
+@pytest.mark.parametrize("heads, kv_heads, d, page", [(32, 8, 128, 16), (4, 2, 64, 8), (8, 8, 64, 16),
+                                                     (12, 4, 96, 16)])  # head_dim not a power of two
 def test_paged_decode_kernel_matches_the_reference(dtype, heads, kv_heads, d, page):
     from dwc.runtime.layers.attention import paged_attention
     from dwc.runtime.kernels.paged_attention_triton import paged_decode
@@ -160,7 +161,8 @@ def _paged_cache(num_blocks, page, kv_heads, d, dtype, gen, lens):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
-@pytest.mark.parametrize("heads, kv_heads, d, page", [(32, 8, 128, 16), (4, 2, 64, 8), (8, 8, 64, 16)])
+@pytest.mark.parametrize("heads, kv_heads, d, page", [(32, 8, 128, 16), (4, 2, 64, 8), (8, 8, 64, 16),
+                                                     (12, 4, 96, 16)])  # head_dim not a power of two
 def test_paged_prefill_kernel_matches_the_reference(dtype, heads, kv_heads, d, page):
     """Chunks of every kind in one launch, at their rows of a step that also holds
     other rows: whole prompts, later pieces of a prompt (start > 0), lengths around the

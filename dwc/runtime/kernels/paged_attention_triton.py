@@ -46,8 +46,9 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
                          stride_qs, stride_qh, stride_ks, stride_kh, stride_ts,
                          stride_os, stride_oh,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_ROWS: tl.constexpr,
-                         F16: tl.constexpr, SPLIT: tl.constexpr, MIN_TILES: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                         HAS_ROWS: tl.constexpr, F16: tl.constexpr, SPLIT: tl.constexpr,
+                         MIN_TILES: tl.constexpr):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -60,16 +61,20 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
     if part < used:
         row = tl.load(rows_ptr + s).to(tl.int64) if HAS_ROWS else s.to(tl.int64)
         g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
+        d = tl.arange(0, BLOCK_D)   # head_dim padded to a power of two (masked only then)
         heads = kvh * G + g
         gmask = g < G
+        if BLOCK_D == D:
+            qmask = gmask[:, None]
+        else:
+            qmask = gmask[:, None] & (d[None, :] < D)
         q = tl.load(q_ptr + row * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None], other=0.0)                      # [BLOCK_G, D]
+                    mask=qmask, other=0.0)                               # [BLOCK_G, BLOCK_D]
         if F16:  # an FP8 cache: multiplied in fp16, the queries clamped to its range
             q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         table = tables_ptr + s.to(tl.int64) * stride_ts
         lo = part * per
         for start in range(lo, tl.minimum(lo + per, ctx), BLOCK_N):
@@ -78,11 +83,15 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
             block = tl.load(table + pos // PAGE, mask=valid, other=0)
             slot = block.to(tl.int64) * PAGE + pos % PAGE
             kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            if BLOCK_D == D:
+                kv_mask = valid[:, None]
+            else:
+                kv_mask = valid[:, None] & (d[None, :] < D)
             # FP8 caches hold K / k_scale: widened as they are (to fp16: one instruction
             # per pair; to bf16 it takes several and bounds the kernel at about half the
             # bandwidth, measured), the scales applied to the scores and the output.
-            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)
-            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # log2 units
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
@@ -94,17 +103,17 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
         out = out_ptr + row * stride_os + heads[:, None] * stride_oh + d[None, :]
         if not SPLIT:
             tl.store(out, (acc * (v_scale / l)[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=gmask[:, None])
+                     mask=qmask)
         elif used == 1:
             tl.store(out, (acc * (v_scale / l)[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=gmask[:, None])
+                     mask=qmask)
         else:
             pair = s * tl.num_programs(1) + kvh
             first = pair * parts                          # this pair's parts in the workspace
-            acc_at = ws_ptr + g[:, None] * D + d[None, :]
+            acc_at = ws_ptr + g[:, None] * BLOCK_D + d[None, :]
             ml_at = ws_ptr + ml_offset + g
             # Only the group's G rows (BLOCK_G pads them to the dot's 16)
-            tl.store(acc_at + (first + part) * BLOCK_G * D, acc, mask=gmask[:, None])
+            tl.store(acc_at + (first + part) * BLOCK_G * BLOCK_D, acc, mask=gmask[:, None])
             tl.store(ml_at + (first + part) * 2 * BLOCK_G, m, mask=gmask)
             tl.store(ml_at + (first + part) * 2 * BLOCK_G + BLOCK_G, l, mask=gmask)
             tl.debug_barrier()  # every thread's partial is written before the counter moves
@@ -114,18 +123,18 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, row
                     m_all = tl.maximum(m_all, tl.load(ml_at + (first + i) * 2 * BLOCK_G,
                                                       mask=gmask, other=0.0,
                                                       cache_modifier=".cg"))
-                total = tl.zeros([BLOCK_G, D], tl.float32)
+                total = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
                 l_all = tl.zeros([BLOCK_G], tl.float32)
                 for i in range(used):  # fixed order: the same sum every run
                     w = tl.exp2(tl.load(ml_at + (first + i) * 2 * BLOCK_G, mask=gmask,
                                         other=0.0, cache_modifier=".cg") - m_all)
                     l_all += w * tl.load(ml_at + (first + i) * 2 * BLOCK_G + BLOCK_G,
                                          mask=gmask, other=0.0, cache_modifier=".cg")
-                    total += w[:, None] * tl.load(acc_at + (first + i) * BLOCK_G * D,
+                    total += w[:, None] * tl.load(acc_at + (first + i) * BLOCK_G * BLOCK_D,
                                                   mask=gmask[:, None], other=0.0,
                                                   cache_modifier=".cg")
                 tl.store(out, (total * (v_scale / l_all)[:, None]).to(
-                    out_ptr.dtype.element_ty), mask=gmask[:, None])
+                    out_ptr.dtype.element_ty), mask=qmask)
                 tl.store(cnt_ptr + pair, 0)
 
 
@@ -184,7 +193,8 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
         config = (*_tiles(q.dtype, d, n * kv_heads, fp8, split > 1), split)
     block_n, warps, stages, split = config
     block_g = max(16, triton.next_power_of_2(group))
-    acc_floats = n * kv_heads * split * block_g * d
+    block_d = triton.next_power_of_2(d)
+    acc_floats = n * kv_heads * split * block_g * block_d
     ws, cnt = workspace(q.device, acc_floats + n * kv_heads * split * 2 * block_g,
                         n * kv_heads) if split > 1 else (out, context_lens)
     _paged_decode_kernel[(n, kv_heads, split)](
@@ -192,7 +202,7 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
         ws, cnt, acc_floats, split, scale * kv_scales[0] * LOG2E, float(kv_scales[1]),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        G=group, BLOCK_G=block_g, D=d, BLOCK_N=block_n, PAGE=page,
+        G=group, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page,
         HAS_ROWS=rows is not None, F16=fp8, SPLIT=split > 1, MIN_TILES=MIN_PART_TILES,
         num_warps=warps, num_stages=stages)
     return out

@@ -36,8 +36,8 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, tiles_ptr, c
                           stride_qt, stride_qh, stride_ks, stride_kh, stride_ts,
                           stride_ot, stride_oh,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                          BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                          F16: tl.constexpr):
+                          BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PAGE: tl.constexpr, F16: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GP
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -46,7 +46,8 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, tiles_ptr, c
     row0 = tl.load(chunks_ptr + 3 * c)
     n = tl.load(chunks_ptr + 3 * c + 1)
     start = tl.load(chunks_ptr + 3 * c + 2)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BLOCK_D)   # head_dim padded to a power of two (masked only then)
+    dmask = d < D               # used only where BLOCK_D > D
     r = tl.arange(0, BLOCK_M)
     qi = m0 + r // GP                                                    # query in the chunk
     g = r % GP                                                           # its head in the group
@@ -54,28 +55,38 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, tiles_ptr, c
     qpos = start + qi                                                    # absolute positions
     q_off = (row0 + qi).to(tl.int64)[:, None] * stride_qt + (kvh * G + g)[:, None] * stride_qh \
         + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=rvalid[:, None], other=0.0)          # [BLOCK_M, D]
+    if BLOCK_D == D:
+        rmask = rvalid[:, None]
+    else:
+        rmask = rvalid[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + q_off, mask=rmask, other=0.0)                    # [BLOCK_M, BLOCK_D]
     if F16:
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     ctx = start + n
     table = tables_ptr + c.to(tl.int64) * stride_ts
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Keys below the tile's first position: every query sees them, none is masked.
     full = ((start + m0) // BLOCK_N) * BLOCK_N
     for n0 in range(0, full, BLOCK_N):
         kpos = n0 + tl.arange(0, BLOCK_N)
         block = tl.load(table + kpos // PAGE)
         off = (block.to(tl.int64) * PAGE + kpos % PAGE)[None, :] * stride_ks \
-            + kvh * stride_kh + d[:, None]                               # [D, BLOCK_N]
-        kt = tl.load(k_ptr + off).to(q.dtype)
+            + kvh * stride_kh + d[:, None]                               # [BLOCK_D, BLOCK_N]
+        if BLOCK_D == D:
+            kt = tl.load(k_ptr + off).to(q.dtype)
+        else:
+            kt = tl.load(k_ptr + off, mask=dmask[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale             # log2 units
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + tl.trans(off)).to(q.dtype)                   # [BLOCK_N, D]
+        if BLOCK_D == D:
+            v = tl.load(v_ptr + tl.trans(off)).to(q.dtype)               # [BLOCK_N, BLOCK_D]
+        else:
+            v = tl.load(v_ptr + tl.trans(off), mask=dmask[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
         m_i = m_new
     # The diagonal: keys up to the tile's last position, masked causally.
@@ -86,7 +97,13 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, tiles_ptr, c
         block = tl.load(table + kpos // PAGE, mask=kvalid, other=0)
         off = (block.to(tl.int64) * PAGE + kpos % PAGE)[None, :] * stride_ks \
             + kvh * stride_kh + d[:, None]
-        kt = tl.load(k_ptr + off, mask=kvalid[None, :], other=0.0).to(q.dtype)
+        if BLOCK_D == D:
+            kmask = kvalid[None, :]
+            vmask = kvalid[:, None]
+        else:
+            kmask = kvalid[None, :] & dmask[:, None]
+            vmask = kvalid[:, None] & dmask[None, :]
+        kt = tl.load(k_ptr + off, mask=kmask, other=0.0).to(q.dtype)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         seen = (kpos[None, :] <= qpos[:, None]) & kvalid[None, :]
         s = tl.where(seen, s, float("-inf"))
@@ -94,13 +111,13 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, tiles_ptr, c
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + tl.trans(off), mask=kvalid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + tl.trans(off), mask=vmask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
         m_i = m_new
     out = acc * (v_scale / l_i)[:, None]
     o_off = (row0 + qi).to(tl.int64)[:, None] * stride_ot + (kvh * G + g)[:, None] * stride_oh \
         + d[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=rvalid[:, None])
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 def paged_prefill(q: torch.Tensor, cache: torch.Tensor, group: PrefillGroup, scale: float,
@@ -128,7 +145,8 @@ def paged_prefill(q: torch.Tensor, cache: torch.Tensor, group: PrefillGroup, sca
         scale * kv_scales[0] * LOG2E, float(kv_scales[1]),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), group.block_tables.stride(0),
         out.stride(0), out.stride(1),
-        G=group_size, GP=triton.next_power_of_2(group_size), D=d, BLOCK_Q=group.block_q,
+        G=group_size, GP=triton.next_power_of_2(group_size), D=d,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=group.block_q,
         BLOCK_N=block_n, PAGE=group.page, F16=fp8,
         num_warps=warps, num_stages=stages)
     return out
