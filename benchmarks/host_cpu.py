@@ -2,9 +2,9 @@
 that returns logits at once: what scheduling, input building, feeding and collecting
 cost per step at a batch (issue 18's "host time per step at batch 256 under 1 ms").
 Treats every step as a graph step (the GPU's decode path). Prints the time and a
-cProfile of 100 steps.
+cProfile of 100 steps. `stop`: every request has a stop string (one that never occurs).
 
-    .venv/bin/python benchmarks/host_cpu.py 256
+    .venv/bin/python benchmarks/host_cpu.py 256 [stop]
 """
 import time, torch, cProfile, pstats, sys
 from dwc.runtime.engine import Engine, EngineConfig
@@ -20,7 +20,8 @@ eng.runner.execute = fake_execute
 from dwc.runtime import model_runner
 eng.runner.graphs = type("G", (), {"fits": lambda self, n: n <= 512})()
 B = int(sys.argv[1])
-seqs = [eng.add([10 + (i * 7 + j) % 4000 for j in range(128)], SamplingParams(max_tokens=400, ignore_eos=True)) for i in range(B)]
+stop = ["\u2603 never"] if sys.argv[2:] == ["stop"] else []
+seqs = [eng.add([10 + (i * 7 + j) % 4000 for j in range(128)], SamplingParams(max_tokens=400, ignore_eos=True, stop=stop)) for i in range(B)]
 while any(s.num_computed < 128 for s in seqs): eng.step()
 for _ in range(5): eng.step()
 t = time.perf_counter(); N = 100

@@ -124,6 +124,35 @@ def test_sampling_seed_stop_and_limits(bundle):
         eng.add("x " * 1000, SamplingParams(max_tokens=100))
 
 
+def test_a_late_stop_string_ends_the_sequence_where_the_whole_text_would(bundle):
+    """Stop strings are looked for in the newest tokens' text only: over a long output the
+    sequence still ends at the first token whose text completes the stop string (what
+    the whole text says), and each check decodes a bounded window, not the output."""
+    from dwc.runtime.sequence import Sequence, finish_reason
+
+    eng = engine(bundle)
+    long = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=160, ignore_eos=True))[0]
+    ids, text = long.output_ids, long.text
+    for stop in (text[120:124], text[140:141] + text[141:143]):
+        first = text.find(stop)
+        want = next(t for t in range(1, len(ids) + 1) if stop in eng.tokenizer.decode(ids[:t]))
+        cut = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=160, ignore_eos=True,
+                                                        stop=[stop]))[0]
+        assert cut.finish_reason == "stop" and len(cut.output_ids) == want
+        assert cut.text == text[:first]
+    lengths = []
+
+    class Counting:
+        def decode(self, ids):
+            lengths.append(len(ids))
+            return eng.tokenizer.decode(ids)
+
+    seq = Sequence([1, 2], SamplingParams(max_tokens=2000, stop=["never", "x"]))
+    seq.output_ids = ids * 6
+    assert finish_reason(seq, ids[-1], set(), Counting(), 4096) is None
+    assert lengths == [4 * len("never") + 2]
+
+
 def test_top_k_top_p_filtering():
     from dwc.runtime.sampler import filter_logits
 

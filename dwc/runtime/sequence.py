@@ -113,8 +113,20 @@ def finish_reason(seq: Sequence, token: int, eos: set[int], tokenizer, max_conte
     p = seq.params
     if token in eos and not p.ignore_eos:
         return "stop"
-    if p.stop and any(s in raw_text(tokenizer, seq, eos) for s in p.stop):
+    if p.stop and _stop_in_tail(seq, tokenizer, eos, p.stop):
         return "stop"
     if len(seq.output_ids) >= p.max_tokens or seq.num_known >= max_context:
         return "length"
     return None
+
+
+def _stop_in_tail(seq: Sequence, tokenizer, eos: set[int], stops) -> bool:
+    """Whether a stop string has appeared, checked on the last few tokens' text: one that
+    appeared earlier would have ended the sequence then, so only one ending in the
+    newest token is new, and its text lies in the last 4 tokens per character (a byte-
+    level token may hold a quarter of one) plus two (the window's first may start inside
+    a character or lose a leading space in decoding). Decoding the whole output instead
+    cost 0.17 ms per sequence and step at 1,000 tokens: 44 ms a step at batch 256."""
+    window = seq.output_ids[-(4 * max(len(x) for x in stops) + 2):]
+    text = tokenizer.decode([t for t in window if t not in eos or seq.params.ignore_eos])
+    return any(x in text for x in stops)
