@@ -32,7 +32,7 @@ from dwc.serving.openai_request import (check_fields, choices_from, encodable, p
                                 sampling_from)
 from dwc.runtime.async_engine import AsyncEngine, QueueFull, Request
 from dwc.runtime.engine import Engine
-from dwc.runtime.sequence import SamplingParams
+from dwc.runtime.sequence import SamplingParams, cut_at_stop
 
 # 4 MiB: a full 128k-token context as JSON token ids is about 1 MiB; past this a body is
 # refused (413) before it is read into memory and parsed.
@@ -203,9 +203,8 @@ class Api:
         return encodable(prompt, "messages")
 
     def text(self, ids: list[int], params: SamplingParams) -> str:
-        text = self.tokenizer.decode([t for t in ids if t not in self.engine.eos_ids])
-        cuts = [text.find(s) for s in params.stop if s in text]
-        return text[:min(cuts)] if cuts else text
+        return cut_at_stop(self.tokenizer.decode([t for t in ids if t not in self.engine.eos_ids]),
+                           params.stop)
 
     def observe_tpot(self, request: Request, n: int) -> None:
         """A finished choice of n tokens: its time per output token, and its tokens."""
