@@ -234,3 +234,31 @@ def test_chat_n_and_streamed_n(served):
                        "temperature": 1.0, "ignore_eos": True}).json()["choices"]
     assert len(ids) == 1 and reasons == {0: "length", 1: "length"}
     assert [texts[0], texts[1]] == [c["text"] for c in whole]
+
+
+def test_logprob_pieces_decode_windows_and_join_like_whole_prefixes(bundle):
+    """Pieces, decoded over a window of recent tokens, give each token the same text and
+    offset as decoding whole prefixes would (multi-byte characters split across tokens
+    included), with a bounded decode per token."""
+    from dwc.runtime.engine import Engine, EngineConfig
+    from dwc.serving.openai_logprobs import Pieces
+
+    tok = Engine.from_bundle(bundle, EngineConfig(num_blocks=16)).tokenizer
+    text = "import os  # h\u00e9llo \U0001F600 \u4e16\u754c\n    return x\n" * 30
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    want, stable = [], ""
+    for n in range(1, len(ids) + 1):  # the whole-prefix definition
+        t = tok.decode(ids[:n]).rstrip("\ufffd")
+        want.append((t[len(stable):], 7 + len(stable)))
+        stable = t if len(t) > len(stable) else stable
+    lengths = []
+
+    class Counting:
+        def decode(self, part):
+            lengths.append(len(part))
+            return tok.decode(part)
+
+    pieces = Pieces(Counting(), 7)
+    got = pieces.add(ids[:5]) + pieces.add(ids[5:])
+    assert got == want and "".join(p for p, _ in got) == text
+    assert max(lengths) <= 8
