@@ -215,28 +215,3 @@ def test_streaming_holds_back_split_characters_and_stop_prefixes(bundle):
     assert sent == text
     assert releasable("abc STO", 0, hold=3) == "abc "
 
-
-def test_streamed_text_is_decoded_token_by_token_and_equals_the_whole_decode(bundle):
-    """The streaming detokenizer: after every token its text is a prefix of the whole
-    output's decode holding every complete character, it ends equal to it (multi-byte
-    characters split over tokens, EOS skipped), and it decodes a few tokens at a time."""
-    from dwc.serving.http_answer import Detokenizer
-
-    tok = Engine.from_bundle(bundle, EngineConfig(num_blocks=16)).tokenizer
-    text = ("def f(x):\n    return x  # h\u00e9llo \U0001F600 \u4e16\u754c\n" * 20)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    lengths = []
-
-    class Counting:
-        def decode(self, part):
-            lengths.append(len(part))
-            return tok.decode(part)
-
-    eos = tok.eos_token_id
-    d = Detokenizer(Counting(), {eos})
-    for n, token in enumerate(ids, 1):
-        got = d.add(token)
-        whole = tok.decode(ids[:n])
-        assert whole.startswith(got) and len(whole.rstrip("\ufffd")) - len(got) <= 4
-        d.add(eos)
-    assert d.text == text and max(lengths) <= 8

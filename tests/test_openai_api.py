@@ -262,3 +262,23 @@ def test_logprob_pieces_decode_windows_and_join_like_whole_prefixes(bundle):
     got = pieces.add(ids[:5]) + pieces.add(ids[5:])
     assert got == want and "".join(p for p, _ in got) == text
     assert max(lengths) <= 8
+
+
+def test_streamed_text_joins_to_the_answer_with_and_without_a_stop_string(served, original):
+    """The streamed deltas (decoded token by token, held back where a stop string may
+    start) join to the non-streamed answer's text."""
+    url, _, _ = served
+    _, _, text, _ = original
+    body = {"prompt": text[300:420], "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    whole = post(url, body).json()["choices"][0]["text"]
+    for stop in ([], [whole[30:33]]):
+        want = post(url, body | {"stop": stop}).json()["choices"][0]["text"]
+        assert want == (whole[:whole.find(stop[0])] if stop else whole)
+        got = ""
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                          json=body | {"stop": stop, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:])["choices"]
+                    got += "".join(c["text"] for c in choices)
+        assert got == want
