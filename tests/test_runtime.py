@@ -150,7 +150,41 @@ def test_a_late_stop_string_ends_the_sequence_where_the_whole_text_would(bundle)
     seq = Sequence([1, 2], SamplingParams(max_tokens=2000, stop=["never", "x"]))
     seq.output_ids = ids * 6
     assert finish_reason(seq, ids[-1], set(), Counting(), 4096) is None
-    assert lengths == [4 * len("never") + 2]
+    assert lengths[0] == 4 * len("never") + 2 and max(lengths) <= lengths[0] + 3
+
+
+def test_stop_strings_spelled_in_byte_tokens_are_found_on_time():
+    """SentencePiece tokenizers with byte fallback (Llama-2, Mistral) spell unknown
+    characters as <0xNN> tokens and decode a run of them that starts inside a character
+    as U+FFFD throughout: the window moves back to the character's first byte, and the
+    sequence stops at the token where the whole text first holds the stop string."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from dwc.runtime.sequence import Sequence, finish_reason
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ("\u2581", "\u2581a", "a", "\u2581hello", "."):
+        vocab[piece] = len(vocab)
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>")
+
+    def spelled(text):
+        return [vocab[f"<0x{b:02X}>"] for b in text.encode()]
+
+    cases = [([vocab["\u2581hello"]] + spelled("\u4e16\u754c\u4f60\u597d") + [vocab["\u2581a"]],
+              "\u4f60\u597d"),
+             (spelled("\U0001F600\U0001F603\U0001F604\U0001F601\U0001F606"), "\U0001F604")]
+    for out, stop in cases:
+        want = next(n for n in range(1, len(out) + 1) if stop in tok.decode(out[:n]))
+        seq = Sequence([1], SamplingParams(max_tokens=100, stop=[stop]))
+        for n, token in enumerate(out, 1):
+            seq.output_ids.append(token)
+            if finish_reason(seq, token, {2}, tok, 4096):
+                break
+        assert n == want, (stop, n, want)
 
 
 def test_top_k_top_p_filtering():
