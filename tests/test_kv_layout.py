@@ -106,6 +106,14 @@ def test_on_a_smaller_gpu_the_runtime_keeps_the_plans_step_memory(bundle, monkey
     assert step > 0.1e9  # the graphs' logits and the step's activations are counted
     used = weights + GPU_WORKSPACE_BYTES + step + blocks * per_block
     assert used <= 0.9 * free < used + per_block
+    # Speculative decoding: the graphs cover 1 + K rows a sequence (64 x 5 = 320 rows of
+    # logits against 64), so fewer blocks fit.
+    few = EngineConfig(num_blocks=10 ** 7, max_num_seqs=64, max_num_batched_tokens=8192)
+    with pytest.warns(UserWarning):
+        plain, spec = (fit_blocks(model, None, few, "cuda", torch.bfloat16, k) for k in (0, 4))
+    extra = step_activation_bytes(info, 2, 1, True, 64, 8192, 320) - \
+        step_activation_bytes(info, 2, 1, True, 64, 8192, 64)
+    assert extra > 0 and plain - spec == pytest.approx(extra / per_block, abs=1)
 
 
 def test_fp8_kv_plan_has_calibrated_scales_and_is_measured(build_for, example):

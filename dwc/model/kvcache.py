@@ -16,13 +16,15 @@ def kv_bytes_per_token(info, itemsize: int) -> int:
 
 
 def step_activation_bytes(info, act_bytes: int, tp: int, gpu: bool, max_num_seqs: int,
-                          budget_tokens: int) -> int:
+                          budget_tokens: int, graph_rows: int | None = None) -> int:
     """Activations of one step of `budget_tokens` tokens (a few hidden-size and FFN-size
     buffers per token, 1/tp of the FFN's), the float32 logits of every sequence that
     samples, and on a GPU the logits each captured CUDA graph keeps (one buffer per
-    captured size: 1.4 GB at 512 for a 128k vocabulary) and the piecewise graphs' pool:
-    about one more step's activations, kept."""
-    graphed = sum(graph_sizes(min(max_num_seqs, MAX_GRAPH_TOKENS))) if gpu else 0
+    captured size up to `graph_rows`, by default max_num_seqs capped: 1.4 GB at 512 for a
+    128k vocabulary) and the piecewise graphs' pool: about one more step's activations,
+    kept."""
+    rows = min(max_num_seqs, MAX_GRAPH_TOKENS) if graph_rows is None else graph_rows
+    graphed = sum(graph_sizes(rows)) if gpu and rows else 0
     return budget_tokens * (6 * info.hidden_size + 3 * info.intermediate_size // tp) * \
         act_bytes * (2 if gpu and tp == 1 else 1) + (max_num_seqs + graphed) * info.vocab_size * 4
 

@@ -46,7 +46,7 @@ class Engine:
         ngram = c.speculative and c.speculative_method == "ngram"  # no draft model then
         k = _speculative_tokens(c, draft_dir, draft_k, ngram)
         draft_dir = draft_dir if k and not ngram else None
-        num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype)
+        num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype, k)
         graph, args = _runner_args(c, model_dir, num_blocks, k, device, fusion)
         self.tp = None  # rank 0 of a tensor-parallel group (parallel/workers.py)
         if c.tensor_parallel > 1:

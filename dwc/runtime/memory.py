@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
 from dwc.model.checkpoint import model_info
 from dwc.model.kvcache import GPU_WORKSPACE_BYTES, kv_bytes_per_token, step_activation_bytes
 
@@ -13,7 +14,7 @@ CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no p
 
 
 def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
-               dtype: torch.dtype) -> int:
+               dtype: torch.dtype, k: int = 0) -> int:
     """`c`: the EngineConfig. The planned number of blocks, scaled down (with a warning)
     to what fits here: on CPU a fixed budget, on a GPU 90% of the memory free before the
     weights load, less the weights' size on disk and what the kv-layout plan keeps for a
@@ -21,7 +22,9 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     batch limits): an H200 plan on an 80 GB H100 ran out of memory when only the weights
     were counted (2026-12-07). A block holds the target's K/V and the draft's.
     With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
-    the whole draft (which runs there unsplit)."""
+    the whole draft (which runs there unsplit). `k`: speculative tokens per sequence:
+    the decode graphs then cover 1 + k rows a sequence, and a draft model keeps logits
+    for graphs of its own."""
     import warnings
 
     from dwc.runtime.parallel.layout import kv_heads_per_rank
@@ -38,8 +41,11 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     per_block = per_token * c.block_size
     if device == "cuda":
         weights += sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
+        rows = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
         step = step_activation_bytes(info, dtype.itemsize, n, True, c.max_num_seqs,
-                                     c.max_num_batched_tokens)
+                                     c.max_num_batched_tokens, rows)
+        if draft_dir:  # the draft's decode graphs keep their own logits
+            step += sum(graph_sizes(rows)) * model_info(draft_dir).vocab_size * 4 if rows else 0
         budget = torch.cuda.mem_get_info()[0] * 0.9 - weights - GPU_WORKSPACE_BYTES - step
     else:
         budget = CPU_KV_BUDGET_BYTES
