@@ -35,8 +35,9 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
         kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / n
     folders = []
-    if draft_dir:
-        per_token += kv_bytes_per_token(model_info(draft_dir), dtype.itemsize)
+    draft = model_info(draft_dir) if draft_dir else None
+    if draft:
+        per_token += kv_bytes_per_token(draft, dtype.itemsize)
         folders.append(draft_dir)
     per_block = per_token * c.block_size
     if device == "cuda":
@@ -44,8 +45,8 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
         rows = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
         step = step_activation_bytes(info, dtype.itemsize, n, True, c.max_num_seqs,
                                      c.max_num_batched_tokens, rows)
-        if draft_dir:  # the draft's decode graphs keep their own logits
-            step += sum(graph_sizes(rows)) * model_info(draft_dir).vocab_size * 4 if rows else 0
+        if draft:  # the draft's decode graphs keep their own logits
+            step += sum(graph_sizes(rows)) * draft.vocab_size * 4
         budget = torch.cuda.mem_get_info()[0] * 0.9 - weights - GPU_WORKSPACE_BYTES - step
     else:
         budget = CPU_KV_BUDGET_BYTES
