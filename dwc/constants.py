@@ -75,6 +75,10 @@ SPEC_PROMPT_TOKENS = 64
 SPEC_NEW_TOKENS = 128
 SPEC_POSITION_STRIDE = 16
 SPEC_BOOTSTRAP = 1000
+# The EAGLE head's fused layers, as EAGLE-3 picks them: the outputs of layer 2, L // 2 and
+# L - 3 (dwc/model/eagle_head.py tap_layers).
+EAGLE_LOW_LAYER = 2
+EAGLE_HIGH_FROM_TOP = 3
 
 # Evaluation tasks (docs/QUALITY.md): the paired bootstrap of the accuracy difference,
 # its resamples and seed, and the confidence of its interval (90%: the interval form of

@@ -6,6 +6,9 @@ SCHEMA = "dwc.bundle/1"
 
 MODEL_DIR = "model"
 DRAFT_DIR = "draft"
+# An EAGLE head in draft/: its own weights and its config (dwc/model/eagle_head.py).
+EAGLE_WEIGHTS = "eagle.safetensors"
+EAGLE_CONFIG = "eagle.json"
 SERVE_DIR = "serve"
 REPORTS_DIR = "reports"
 README = "README.md"

@@ -66,7 +66,9 @@ def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
     if ngram or method == "ngram":
         config = replace(config or EngineConfig(), speculative_method="ngram", speculative=True)
     draft = manifest["draft"] if method and not ngram else None
-    draft_dir = Path(bundle) / mf.DRAFT_DIR if method == "draft_model" and not ngram else None
+    # A draft model or an EAGLE head (eagle.json) lives in draft/.
+    draft_dir = Path(bundle) / mf.DRAFT_DIR if method in ("draft_model", "eagle") and \
+        not ngram else None
     fusion = (manifest.get("fusion") or {}).get("plan")
     return (Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,
             fusion)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
 from dwc.model.checkpoint import model_info
+from dwc.model.eagle_head import is_eagle
 from dwc.model.kvcache import GPU_WORKSPACE_BYTES, kv_bytes_per_token, step_activation_bytes
 
 CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
@@ -35,7 +37,9 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
         kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / n
     folders = []
-    draft = model_info(draft_dir) if draft_dir else None
+    draft = model_info(draft_dir) if draft_dir and not is_eagle(draft_dir) else None
+    if is_eagle(draft_dir):  # an EAGLE head: one layer of the target's shape
+        draft = replace(info, num_layers=1)
     if draft:
         per_token += kv_bytes_per_token(draft, dtype.itemsize)
         folders.append(draft_dir)

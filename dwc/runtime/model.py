@@ -91,6 +91,10 @@ class Decoder:
         # replacements (use_kernels) on the GPU.
         self.proj = [{**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ},
                       **{n: getattr(layer.mlp, n) for n in MLP_PROJ}} for layer in self.layers]
+        # Layers whose outputs a step keeps for an EAGLE head (dwc/runtime/eagle.py):
+        # `tapped` [tokens, len(taps) * hidden] after each eager forward.
+        self.taps: tuple[int, ...] = ()
+        self.tapped: torch.Tensor | None = None
 
     def use_kernels(self, model_dir, device, plan: dict | None = None) -> int:
         """Swap compressed-tensors Linears for the GPU kernels, stacking q/k/v and
@@ -174,11 +178,18 @@ class Decoder:
         calls (head, between, tail) with each layer's attention core between them; the
         piecewise CUDA graphs (piecewise_graphs.py) replay the same pieces."""
         q, residual, cos, sin = self.head(batch.input_ids, batch.positions, batch.slots, cache)
+        kept = {}  # layer -> its output (the residual stream after it), for self.taps
         for i in range(len(self.layers)):
             attn = self.attend(i, q, batch, cache[i])
             if i + 1 < len(self.layers):
                 q, residual = self.between(i + 1, attn, residual, cos, sin, batch.slots, cache)
-        return self.logits(self.tail(attn, residual), batch.sample_rows)
+                if i in self.taps:
+                    kept[i] = residual
+        hidden = self.tail(attn, residual)
+        if self.taps:
+            kept[len(self.layers) - 1] = hidden
+            self.tapped = torch.cat([kept[i] for i in self.taps], -1)
+        return self.logits(hidden, batch.sample_rows)
 
     # The pieces. The residual stream is added inside the next norm (add_rms_norm), so a
     # fused kernel can do both. Every piece is row-independent: a row's output depends on

@@ -49,19 +49,21 @@ class ModelRunner:
     def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
                  weights_dir: Path | None = None, kv_dtype: str | None = None,
                  kv_scales: list | None = None, graph_tokens: int = 0,
-                 fusion: dict | None = None, tp=None, piecewise_tokens: int = 0):
+                 fusion: dict | None = None, tp=None, piecewise_tokens: int = 0,
+                 decoder_cls=Decoder):
         """`graph_tokens` > 0 (GPU only): capture CUDA graphs for kernel-only steps of up
         to that many tokens (see cuda_graphs.py); `piecewise_tokens` > 0 (GPU, one
         process): capture the other steps of up to that many tokens piecewise
         (piecewise_graphs.py). `fusion`: a fusion plan (fusion.py).
         `tp`: this process's tensor_parallel.Group; the runner keeps its rank's shard,
-        and rank 0's `run` hands each step to the other ranks."""
+        and rank 0's `run` hands each step to the other ranks. `decoder_cls`: the
+        Decoder (an EAGLE head's runner passes its own, dwc/runtime/eagle.py)."""
         self.device = device
         self.tp = tp
         self.hf_model = hf_model
         # Read once: a transformers config attribute costs microseconds, every step.
         self.max_context = int(hf_model.config.max_position_embeddings)
-        self.decoder = d = Decoder(hf_model, device)
+        self.decoder = d = decoder_cls(hf_model, device)
         # Tensor parallel: the kernels are built on the CPU; shard_decoder moves the shards.
         self.kernels = d.use_kernels(weights_dir, "cpu" if tp else device, fusion) \
             if device == "cuda" and weights_dir else 0
@@ -115,6 +117,8 @@ class ModelRunner:
         """The step as plain lists: what `execute` needs, and what rank 0 of a
         tensor-parallel group sends the other ranks (which hold no scheduler)."""
         g, tokens = self.graphs, sum(c.length for c in chunks)
+        if self.decoder.taps:  # the graphs do not keep the tapped layers: eager steps
+            return "eager", self._batch_lists(chunks, blocks)
         if g is not None and all(c.length <= KERNEL_MAX_CHUNK for c in chunks) and \
                 g.fits(tokens) and not prompt_rows(chunks):
             return "graph", self._kernel_rows(chunks, blocks)

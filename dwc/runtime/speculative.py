@@ -93,9 +93,10 @@ class SpecStats:
 
 
 class Proposer:
-    """What proposes draft tokens and verifies them: the draft model (Drafter) or
-    n-gram lookup in the sequence itself (ngram.py). `has_cache`: it keeps a KV cache
-    that mirrors the target's (blocks are shared only when both hold them)."""
+    """What proposes draft tokens and verifies them: the draft model (Drafter), an
+    EAGLE head (eagle.py) or n-gram lookup in the sequence itself (ngram.py).
+    `has_cache`: it keeps a KV cache that mirrors the target's (blocks are shared only
+    when both hold them)."""
 
     has_cache = False
     method = ""
@@ -112,6 +113,10 @@ class Proposer:
         """Fill each verification chunk's `lookahead` draft tokens (chunk.draft, and for
         a sampled request chunk.draft_probs, the distributions they were drawn from)."""
         raise NotImplementedError
+
+    def observe(self, chunks: list[Chunk], target: ModelRunner) -> None:
+        """After the target ran a step of `chunks`: what the proposer keeps of it (an
+        EAGLE head keeps the target's hidden states, eagle.py; the others nothing)."""
 
     def verify(self, chunks: list[Chunk], logits: list[torch.Tensor]) -> list[list[int]]:
         """The tokens each verification chunk yields, from the target's logits

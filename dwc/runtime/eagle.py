@@ -1,0 +1,179 @@
+"""Speculation with an EAGLE head (docs/SPECULATION.md, "eagle"; the head itself:
+dwc/model/eagle_head.py).
+
+The head is one decoder layer with its own paged KV cache (one layer's worth), laid out
+like the target's so it shares the block tables, as the draft model's does
+(speculative.py). Its entry at position p reads the token x_p and the target's feature
+g_{p-1} of the position before, so it can only be computed once the target has run
+position p - 1: it trails the target. Each step:
+
+  observe (after the target's step): the target's tapped layer outputs for every token
+      it computed ([tokens, 3 * hidden], Decoder.taps) become g = fc(...) per position,
+      kept on the sequence (`Features`) until the head has read them;
+  propose (before the next step): the head catches up on every chunk's positions from
+      `seq.draft_computed` to the chunk's first position (that one's x is known and g of
+      the one before is kept), then, for a verification chunk, drafts its lookahead as a
+      chain: each later step reads the head's own previous output o in place of g.
+
+The chain's entries are not kept: `draft_computed` stops at the chunk's first position
+plus one, so the next catch-up rewrites the accepted positions with the target's real
+features (what the head was trained on). A feature the head needs and the target did
+not compute in this engine (a prefix served from the cache) reads as zeros, as at
+position 0; that changes what is proposed, never what is accepted: verification is the
+lossless rule of speculative.py for every proposer.
+
+The target's tapped layers are kept by eager steps only: an engine with this proposer
+runs its target without CUDA graphs (ModelRunner.plan; docs/SPECULATION.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from dwc.runtime.block_manager import BlockManager
+from dwc.runtime.model import Decoder
+from dwc.runtime.model_runner import ModelRunner
+from dwc.runtime.sampler import distribution, draw
+from dwc.runtime.scheduler import Chunk
+from dwc.runtime.speculative import Proposer
+
+
+class HeadDecoder(Decoder):
+    """The runtime's Decoder over the head's one layer: its input is fuse(embedding,
+    feature) instead of the embedding, and it keeps the output hidden state of the rows
+    it returns logits for (the chain's next feature)."""
+
+    fuse: torch.nn.Module = None
+    features: torch.Tensor | None = None   # [tokens, hidden]: the feature before each row
+    out: torch.Tensor | None = None        # [rows, hidden]: o of the returned rows
+
+    def head(self, ids, positions, slots, cache, q_out=None):
+        e = self.embed(ids)                                               # [t, hidden]
+        # Timing a step (the compiler's cost ratio) runs without features: zeros then.
+        f = self.features if self.features is not None else torch.zeros_like(e)
+        h = self.fuse(torch.cat([e, f], -1))
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        q, residual = self._start(0, h, None, cos, sin, slots, cache[0], q_out)
+        return q, residual, cos, sin
+
+    def logits(self, hidden, rows) -> torch.Tensor:
+        self.out = hidden[rows]
+        return super().logits(hidden, rows)
+
+
+def head_runner(head, target, num_blocks: int, block_size: int, device: str,
+                dtype: torch.dtype) -> ModelRunner:
+    """A ModelRunner for the head (moved to `device` / `dtype`), over the target's
+    embedding, final norm, rotary tables and LM head (`target`: the transformers model
+    the target's runner holds)."""
+    head.to(device, dtype).eval().requires_grad_(False)
+    inner = target.model
+    view = SimpleNamespace(config=head.config, lm_head=target.lm_head, model=SimpleNamespace(
+        embed_tokens=inner.embed_tokens, layers=torch.nn.ModuleList([head.layer]),
+        norm=inner.norm, rotary_emb=inner.rotary_emb))
+    runner = ModelRunner(view, num_blocks, block_size, device, decoder_cls=HeadDecoder)
+    runner.decoder.fuse = head.fuse
+    return runner
+
+
+class Features:
+    """The target's g of a sequence's positions [base, base + len(rows)), until read."""
+
+    def __init__(self):
+        self.base, self.rows = 0, None
+
+    def put(self, start: int, rows: torch.Tensor) -> None:
+        """g of positions [start, start + len(rows)); later positions are dropped (a
+        rejected draft's rows are rewritten by the step that recomputes them)."""
+        if self.rows is None or not self.base <= start <= self.base + len(self.rows):
+            self.base, self.rows = start, rows
+        else:
+            self.rows = torch.cat([self.rows[:start - self.base], rows])
+
+    def take(self, lo: int, hi: int, like: torch.Tensor) -> torch.Tensor:
+        """g of positions [lo, hi) ([hi - lo, hidden], `like`'s width, dtype and
+        device); zeros where none is kept."""
+        out = like.new_zeros(hi - lo, like.shape[-1])
+        if self.rows is not None:
+            a, b = max(lo, self.base), min(hi, self.base + len(self.rows))
+            if a < b:
+                out[a - lo:b - lo] = self.rows[a - self.base:b - self.base]
+        return out
+
+    def drop_before(self, pos: int) -> None:
+        if self.rows is not None and pos > self.base:
+            self.rows = self.rows[pos - self.base:]
+            self.base = pos
+
+
+class EagleProposer(Proposer):
+    has_cache = True
+    method = "eagle"
+
+    def __init__(self, runner: ModelRunner, fc: torch.nn.Module, target: Decoder,
+                 taps: tuple[int, ...], k: int):
+        super().__init__(k)
+        self.runner, self.fc = runner, fc
+        target.taps = tuple(taps)  # the target's steps keep these layers' outputs
+
+    @classmethod
+    def load(cls, folder: Path, target_runner: ModelRunner, num_blocks: int,
+             block_size: int, k: int) -> "EagleProposer":
+        """The head in `folder` (draft/ of a bundle), beside the target's runner."""
+        from dwc.model.eagle_head import load_head
+
+        model = target_runner.hf_model
+        head = load_head(folder, model)
+        runner = head_runner(head, model, num_blocks, block_size, target_runner.device,
+                             target_runner.decoder.dtype)
+        return cls(runner, head.fc, target_runner.decoder, head.taps, k)
+
+    @torch.inference_mode()
+    def observe(self, chunks: list[Chunk], target: ModelRunner) -> None:
+        """Keep g of every position the target's step computed, per sequence."""
+        g = self.fc(target.decoder.tapped)                                 # [tokens, hidden]
+        offset = 0
+        for c in chunks:
+            state = c.seq.proposer = c.seq.proposer or Features()
+            state.put(c.start, g[offset:offset + c.length])
+            offset += c.length
+
+    @torch.inference_mode()
+    def propose(self, chunks: list[Chunk], blocks: BlockManager) -> None:
+        """Catch the head up to each chunk's first position, then draft each verification
+        chunk's `lookahead` tokens (chunk.draft / chunk.draft_probs)."""
+        catch_up, feats = [], []
+        like = self.fc.weight.new_zeros(0, self.fc.out_features)  # [0, hidden]
+        for c in chunks:
+            state = c.seq.proposer = c.seq.proposer or Features()
+            done, upto = min(c.seq.draft_computed, c.start), c.start + 1
+            catch_up.append(Chunk(c.seq, done, upto - done, logits=1 if c.lookahead else 0))
+            feats.append(state.take(done - 1, upto - 1, like))
+            state.drop_before(c.start)
+            c.seq.draft_computed = upto
+        d = self.runner.decoder
+        d.features = torch.cat(feats)
+        logits = self.runner.run(catch_up, blocks)
+        drafting = [c for c in chunks if c.lookahead]
+        while drafting:
+            greedy = logits.argmax(-1).tolist()  # one device sync for the greedy rows
+            for c, row, g in zip(drafting, logits, greedy):
+                if c.seq.params.temperature > 0:  # sampled: keep q for the accept rule
+                    q = distribution(row, c.seq.params)
+                    c.draft.append(draw(q, c.seq))
+                    c.draft_probs.append(q)
+                else:
+                    c.draft.append(g)
+            keep = [i for i, c in enumerate(drafting) if len(c.draft) < c.lookahead]
+            if keep:  # the chain: each row's own output o is its next feature
+                d.features = d.out[keep]
+                drafting = [drafting[i] for i in keep]
+                step = [Chunk(c.seq, c.end - 1 + len(c.draft), 1, logits=1, draft=c.draft)
+                        for c in drafting]
+                logits = self.runner.run(step, blocks)
+            else:
+                drafting = []
+        d.features = d.out = None
