@@ -35,9 +35,10 @@ class DecodeGraphs:
         self.max_tokens = max_tokens
         dev = cache[0].device
         n = self.max_tokens
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
+        # ids, positions and slots are rows of one buffer, so one copy fills them; its
+        # last column takes the writes of a step's unused feed entries (step_table).
+        self.inputs = torch.zeros(3, n + 1, dtype=torch.long, device=dev)
+        self.ids, self.positions, self.slots = self.inputs[0], self.inputs[1], self.inputs[2]
         self.tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
@@ -76,24 +77,50 @@ class DecodeGraphs:
             tables: list[list[int]], lens: list[int], rows: list[int],
             feed: Feed | None = None) -> torch.Tensor:
         """One step of len(ids) tokens (one kernel row each); logits of `rows`. `feed`
-        fills in pending input ids from the device (asynchronous scheduling). Inputs go
-        through one pinned host buffer and one copy, queued behind the GPU's work."""
+        fills in pending input ids from the device (asynchronous scheduling). Every
+        input, the padding rows and the feed's indices go through one pinned host table
+        and one copy, queued behind the GPU's work; the host's work per step is a few
+        launches (issue 18: host time per step)."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
-        width = max(map(len, tables))  # the kernel reads no entry past a row's context
-        padded = [t if len(t) == width else t + [0] * (width - len(t)) for t in tables]
-        table = np.empty((4 + width, n), dtype=np.int64)
-        table[:4] = (ids, positions, slots, lens)
-        table[4:] = np.array(padded, dtype=np.int64).T  # one conversion, not one per row
+        table = step_table(ids, positions, slots, tables, lens, size, self.scratch, self.page,
+                           feed, self.max_tokens)
         host = torch.from_numpy(table)
         dev = host.pin_memory().to(self.ids.device, non_blocking=True) if self.pinned else host
-        self.ids[:n].copy_(dev[0])
-        self.positions[:n].copy_(dev[1])
-        self.slots[:n].copy_(dev[2])
-        self.lens[:n].copy_(dev[3])
-        self.tables[:n, :width].copy_(dev[4:].T)
+        width = table.shape[0] - FIRST_TABLE_ROW
+        self.inputs[:, :size].copy_(dev[:3])
+        self.lens[:size].copy_(dev[3])
+        self.tables[:size, :width].copy_(dev[FIRST_TABLE_ROW:].T)
         if feed is not None:
-            feed.apply(self.ids)
-        self._pad_from(n)
+            self.ids.index_put_((dev[4],), feed.tokens[dev[5]])
         self.graphs[size].replay()
-        return self.outputs[size][to_device(rows, self.ids.device)]
+        out = self.outputs[size]
+        # Rows are increasing: as many as the tokens means every row (a decode step),
+        # a view then (read before the next replay: one stream keeps the order).
+        return out[:n] if len(rows) == n else out[to_device(rows, self.ids.device)]
+
+
+FIRST_TABLE_ROW = 6  # step_table's rows: ids, positions, slots, lens, feed dst, feed src
+
+
+def step_table(ids, positions, slots, tables, lens, size: int, scratch: int, page: int,
+               feed: Feed | None, dummy: int) -> np.ndarray:
+    """A graph step's inputs as one int64 array of `size` columns (the captured size):
+    ids, positions, slots, context lengths, the feed's destination and source rows, then
+    the block tables transposed. Columns past the step's tokens are padding rows: the
+    scratch block's first slot, context 1. Feed entries past the feed's length write
+    column `dummy` of the ids buffer, which no graph reads."""
+    n = len(ids)
+    width = max(map(len, tables))  # the kernel reads no entry past a row's context
+    padded = [t if len(t) == width else t + [0] * (width - len(t)) for t in tables]
+    table = np.zeros((FIRST_TABLE_ROW + width, size), dtype=np.int64)
+    table[:4, :n] = (ids, positions, slots, lens)
+    table[FIRST_TABLE_ROW:, :n] = np.array(padded, dtype=np.int64).T  # one conversion
+    table[2, n:] = scratch * page
+    table[3, n:] = 1
+    table[FIRST_TABLE_ROW, n:] = scratch
+    table[4] = dummy
+    if feed is not None:
+        table[4, :len(feed.dst)] = feed.dst
+        table[5, :len(feed.src)] = feed.src
+    return table

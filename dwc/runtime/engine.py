@@ -190,12 +190,12 @@ class Engine:
         and start their way to the host; the chunks' K/V count as computed."""
         feed = self.inflight.feed(chunks) if self.inflight else None
         logits = self.runner.run(chunks, self.blocks, feed)
-        sampled, page = [], self.blocks.block_size
-        for c in chunks:
-            seq = c.seq
-            seq.num_computed = c.end
-            if c.end // page > seq.num_sealed:  # a block may have filled (else a no-op)
-                self.blocks.seal_full_blocks(seq, min(seq.num_computed, seq.num_known))
+        sampled, page, seal = [], self.blocks.block_size, self.blocks.seal_full_blocks
+        for c in chunks:  # per sequence: a hot loop at large batches (issue 18)
+            seq, end = c.seq, c.end
+            seq.num_computed = end
+            if end // page > seq.num_sealed:  # a block may have filled (else a no-op)
+                seal(seq, min(end, seq.num_known))
             if c.logits:
                 seq.num_pending += 1
                 sampled.append(seq)
@@ -207,15 +207,17 @@ class Engine:
         flight, self.inflight = self.inflight, None
         if flight is None:
             return []
-        finished, page = [], self.blocks.block_size
+        finished, page, seal = [], self.blocks.block_size, self.blocks.seal_full_blocks
+        eos, tokenizer, context = self.eos_ids, self.tokenizer, self.runner.max_context
         for seq, token in zip(flight.seqs, flight.wait()):
-            if seq.status is Status.FINISHED:
+            status = seq.status
+            if status is Status.FINISHED:
                 continue
             seq.num_pending -= 1
             seq.output_ids.append(token)
-            if seq.status is Status.RUNNING and seq.num_computed // page > seq.num_sealed:
-                self.blocks.seal_full_blocks(seq, min(seq.num_computed, seq.num_known))
-            reason = self._finish_reason(seq, token)
+            if status is Status.RUNNING and seq.num_computed // page > seq.num_sealed:
+                seal(seq, min(seq.num_computed, seq.num_known))
+            reason = finish_reason(seq, token, eos, tokenizer, context)
             if reason:
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
