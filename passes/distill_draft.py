@@ -1,14 +1,16 @@
 """`distill-draft`: measure the ways to speculate and choose one (docs/SPECULATION.md).
 
-Candidates: a draft model and n-gram lookup in the text itself (no training), against
-not speculating. The draft model, with `draft: auto`, keeps the target's width,
+Candidates: a draft model, an EAGLE head (one decoder layer over the target's own hidden
+states, dwc/compiler/eagle.py) and n-gram lookup in the text itself (no training),
+against not speculating. The draft model, with `draft: auto`, keeps the target's width,
 tokenizer, embedding, final norm and LM head, and every (L / n)-th of its L decoder
 layers, n = max(1, L // 8) (Llama-3-8B: 4 of 32 layers), initialised from those weights
 and distilled from the optimized target's full next-token distribution (KL(target ||
 draft)) on the calibration windows plus text the target itself generates from
 calibration prompts (on-policy data, as DistillSpec recommends); `draft: <path>`
-measures an existing draft (same vocabulary required) instead. The `candidates` option
-narrows what is measured (`[ngram]`: no draft model is trained).
+measures an existing draft (same vocabulary required) instead. The EAGLE head is trained
+on the same windows against the optimized target's logits and last hidden state. The
+`candidates` option narrows what is measured (`[ngram]`: nothing is trained).
 
 Each candidate is measured at the same evaluation positions (dwc/compiler/speculation.py):
 acceptance for K = 1..max_k, tau, and the cost ratio c of a drafted token to a target
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dwc.compiler import speculation
+from dwc.compiler import eagle, speculation
 from dwc.config import option, positive
 from dwc.quality.data import token_windows
 from dwc.errors import BadInput, BuildFileError
@@ -37,9 +39,10 @@ from dwc.passes.base import Pass, PassResult
 from dwc.compiler.reports import json_bytes, line_chart
 
 DRAFT_DIR = "draft-model"
+HEAD_DIR = "eagle-head"
 ON_POLICY_BATCH = 128  # prompts the target continues at once
 INFO = "draft.json"
-CANDIDATES = ("draft_model", "ngram")
+CANDIDATES = ("draft_model", "eagle", "ngram")
 
 
 @dataclass
@@ -56,12 +59,22 @@ class DistillOptions:
     positions: int = option(256, help="evaluation positions where each candidate is measured "
                                       "(every 16th position of the evaluation windows)")
 
-    candidates: list[str] = option(["draft_model", "ngram"],
-                              help="methods measured (draft_model, ngram); the winner is chosen "
-                                   "among them and not speculating")
+    candidates: list[str] = option(["draft_model", "eagle", "ngram"],
+                              help="methods measured (draft_model, eagle, ngram); the winner is "
+                                   "chosen among them and not speculating")
+    eagle_steps: int = option(200, help="EAGLE head training steps")
+    eagle_lr: float = option(2e-3, help="EAGLE head AdamW peak learning rate")
+    eagle_hidden_weight: float = option(0.5, help="weight of the EAGLE head's hidden-state "
+                                                  "regression beside its KL to the target")
+    eagle_max_seconds: float = option(300.0, help="EAGLE head training stops after this "
+                                                  "many seconds, whatever eagle_steps says")
 
     def validate(self, path: str) -> None:
-        positive(self, path, "steps", "lr", "batch_size", "max_k", "positions", "windows")
+        positive(self, path, "steps", "lr", "batch_size", "max_k", "positions", "windows",
+                 "eagle_steps", "eagle_lr", "eagle_max_seconds")
+        if self.eagle_hidden_weight < 0:
+            raise BuildFileError(f"{path}.eagle_hidden_weight: {self.eagle_hidden_weight}: "
+                                 f"must be 0 or more")
         unknown = [c for c in self.candidates if c not in CANDIDATES]
         if unknown or not self.candidates:
             raise BuildFileError(f"{path}.candidates: {unknown or 'empty'}: choose from "
@@ -71,8 +84,9 @@ class DistillOptions:
 class DistillDraft(Pass):
     name = "distill-draft"
     description = ("Measure speculation on evaluation text: a draft model (the target's "
-                   "embedding, head and every 8th layer, distilled from its logits) and n-gram "
-                   "lookup, for K = 1..8; choose the method and K by projected speedup.")
+                   "embedding, head and every 8th layer, distilled from its logits), an EAGLE "
+                   "head (one layer over the target's hidden states) and n-gram lookup, for "
+                   "K = 1..8; choose the method and K by projected speedup.")
     reads = ("model", "reference", "tokenizer")
     writes = ("draft", "draft_model")
     Options = DistillOptions
@@ -88,15 +102,22 @@ class DistillDraft(Pass):
         e = ctx.build.evaluation
         starts = speculation.positions(target, token_windows(
             e.data, ctx.artifacts.tokenizer, e.samples, e.seq_len), options.positions, options.max_k)
-        measured, draft = [], None
-        if "draft_model" in options.candidates:
+        measured, draft, head, windows = [], None, None, None
+        wanted = _candidates(options, ctx)
+        if "draft_model" in wanted:
             if isinstance(setting, Path):
                 draft = load_existing(setting, ctx)
             else:
                 draft = make_draft(ctx.artifacts.reference, options.layers)
-                train(draft, target, training_windows(ctx, target, options), options, ctx)
+                windows = training_windows(ctx, target, options)
+                train(draft, target, windows, options, ctx)
             measured.append(measure(draft, target, starts, ctx, options))
-        if "ngram" in options.candidates:
+        if "eagle" in wanted:
+            head = eagle.EagleHead.for_target(target)
+            trained = eagle.train_head(head, target, windows or training_windows(
+                ctx, target, options), options, ctx)
+            measured.append(eagle.measure_head(head, target, starts, ctx, options, trained))
+        if "ngram" in wanted:
             measured.append(measure_ngram(starts, ctx, options))
         info = {**speculation.choose(measured), "note": NOTE}
         series = {f"{c['method']}: {name}": c["per_k"][key] for c in measured
@@ -105,21 +126,28 @@ class DistillDraft(Pass):
                          xlabel="K - 1 (drafted tokens minus one)", ylabel="")
         metrics = {k: info.get(k) for k in ("method", "k", "mean_accepted_tokens",
                                              "projected_speedup", "positions")}
-        chosen = draft if info["method"] == "draft_model" else None
+        chosen = {"draft_model": draft, "eagle": head}.get(info["method"])
         return PassResult(outputs={"draft": info, "draft_model": chosen}, metrics=metrics,
                           reports={"draft.json": json_bytes({**info, "per_candidate": measured}),
                                    "draft.png": png})
 
     def save(self, outputs, folder: Path) -> None:
-        if outputs["draft_model"] is not None:
-            outputs["draft_model"].save_pretrained(folder / DRAFT_DIR)
+        chosen = outputs["draft_model"]
+        if isinstance(chosen, eagle.EagleHead):
+            chosen.save(folder / HEAD_DIR)
+        elif chosen is not None:
+            chosen.save_pretrained(folder / DRAFT_DIR)
         (folder / INFO).write_bytes(json_bytes(outputs["draft"]))
 
     def load(self, folder: Path, ctx) -> dict:
         from transformers import AutoModelForCausalLM
 
+        from dwc.model.eagle_head import load_head
+
         info, model = json.loads((folder / INFO).read_text()), None
-        if (folder / DRAFT_DIR).is_dir():
+        if (folder / HEAD_DIR).is_dir():
+            model = load_head(folder / HEAD_DIR, ctx.artifacts.model).float()
+        elif (folder / DRAFT_DIR).is_dir():
             model = AutoModelForCausalLM.from_pretrained(folder / DRAFT_DIR).to(ctx.compute_device)
             model = model.eval()
         return {"draft": info, "draft_model": model}
@@ -128,6 +156,20 @@ class DistillDraft(Pass):
 NOTE = ("greedy acceptance at evaluation positions; speedup projected as tau / (1 + K c), "
         "not measured; the verification's K extra tokens are taken as free (batch 1, "
         "memory-bound); `tune` weighs speculation at the serving concurrency")
+
+
+def _candidates(options, ctx) -> list[str]:
+    """The methods to measure. An EAGLE head is served by dwc's runtime only (no other
+    engine reads its layout: docs/SPECULATION.md), so other backends leave it out."""
+    from dwc.formats.manifest import RUNTIME_BACKEND
+
+    if ctx.target.backend == RUNTIME_BACKEND:
+        return list(options.candidates)
+    wanted = [c for c in options.candidates if c != "eagle"]
+    if not wanted:
+        raise BuildFileError(f"passes.distill-draft.candidates: [eagle]: an EAGLE head is "
+                             f"served by dwc's runtime only, not by {ctx.target.backend}")
+    return wanted
 
 
 def make_draft(reference, layers: int):

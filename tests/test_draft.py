@@ -177,9 +177,10 @@ def test_vllm_serve_command_speculates_by_ngram(ngram_chosen, vllm_python):
 
 def test_unknown_candidate_is_refused(example, tmp_path):
     bf = write_buildfile(tmp_path, example, draft="auto", **{"passes": {"distill-draft": {
-        "candidates": ["eagle"]}}})
+        "candidates": ["medusa"]}}})
     result = dwc("build", bf, "-t", "cpu-bf16", "-o", tmp_path / "b")
-    assert_clean_error(result, 2, "distill-draft.candidates", "eagle", "draft_model, ngram")
+    assert_clean_error(result, 2, "distill-draft.candidates", "medusa",
+                       "draft_model, eagle, ngram")
 
 
 def test_candidate_table_and_intervals_from_accepted_counts():

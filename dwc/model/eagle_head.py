@@ -56,14 +56,17 @@ class EagleHead(torch.nn.Module):
     @classmethod
     def for_target(cls, target) -> "EagleHead":
         """A fresh head for `target` (a transformers causal LM): the layer initialised
-        from the target's top layer, fc and fuse as averages that pass the features on."""
+        from the target's top layer; fc passes the high layer's output on, so the
+        feature starts in the space of the head's own output (regressed to the target's
+        last layer), which later steps of a chain feed back in its place; fuse averages
+        the embedding and the feature."""
         layers = target.model.layers
         head = cls(target.config, type(layers[0]), tap_layers(len(layers)))
         head.layer.load_state_dict(layers[-1].state_dict())
         h, n = target.config.hidden_size, len(head.taps)
         with torch.no_grad():
             eye = torch.eye(h)
-            head.fc.weight.copy_(torch.cat([eye] * n, 1) / n)
+            head.fc.weight.copy_(torch.cat([torch.zeros(h, (n - 1) * h), eye], 1))
             head.fuse.weight.copy_(torch.cat([eye, eye], 1) / 2)
         return head.float().attach(target)
 
