@@ -142,15 +142,16 @@ class ModelRunner:
         tables, context lengths, and the rows whose logits are returned."""
         ids, positions, slots, tables, lens, rows = [], [], [], [], [], []
         page = blocks.block_size
-        for c in chunks:
+        for c in chunks:  # per sequence: a hot loop at large batches (issue 18)
             if c.length == 1 and not c.draft:  # a decode row (the common case)
                 seq, p = c.seq, c.start
-                k = seq.num_known
-                ids.append(PENDING if p >= k else seq.prompt_ids[p] if p < len(seq.prompt_ids)
-                           else seq.output_ids[p - len(seq.prompt_ids)])
+                n_prompt = len(seq.prompt_ids)
+                ids.append(PENDING if p >= n_prompt + len(seq.output_ids) else
+                           seq.prompt_ids[p] if p < n_prompt else seq.output_ids[p - n_prompt])
                 positions.append(p)
-                slots.append(seq.block_table[p // page] * page + p % page)
-                tables.append(seq.block_table)
+                table = seq.block_table
+                slots.append(table[p // page] * page + p % page)
+                tables.append(table)
                 lens.append(p + 1)
                 if c.logits:
                     rows.append(len(ids) - 1)
