@@ -289,3 +289,20 @@ def test_a_head_alone_is_refused_where_the_runtime_does_not_serve(example, tmp_p
                          **{"passes": {"distill-draft": {"candidates": ["eagle"]}}})
     result = dwc("build", bf, "-t", "h100-trtllm-fp8", "-o", tmp_path / "b")
     assert_clean_error(result, 2, "distill-draft.candidates: [eagle]", "tensorrt-llm")
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_a_head_is_token_identical_and_runs_eagerly(trained, example):
+    """On a GPU (float32, so greedy ties cannot differ): the same tokens with and without
+    the head; the engine captured no graphs (the head reads the target's tapped layers)."""
+    _, folder, _ = trained
+    model = example / "checkpoint"
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = Engine(model, EngineConfig(device="cuda", dtype="float32")).generate(
+        MORE_PROMPTS, params)
+    spec = Engine(model, EngineConfig(device="cuda", dtype="float32"), draft_dir=folder,
+                  draft_k=4)
+    assert spec.runner.graphs is None and spec.runner.pieces is None
+    outs = spec.generate(MORE_PROMPTS, params)
+    assert [o.output_ids for o in outs] == [o.output_ids for o in plain]
+    assert spec.speculation()["accepted"] > 0

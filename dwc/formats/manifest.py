@@ -34,7 +34,8 @@ VOLATILE_PASS_KEYS = ("seconds", "cached")
 
 def speculation(draft: dict | None) -> str | None:
     """How a bundle speculates, from its manifest's `draft`: "draft_model" (the model in
-    draft/), "ngram" (lookup in the text, no model), or None. `draft` is null when the
+    draft/), "eagle" (an EAGLE head in draft/), "ngram" (lookup in the text, no model),
+    or None. `draft` is null when the
     build left the measurement out, and names method "none" when not speculating won;
     bundles from before the measured choice had a draft model or nothing."""
     if not draft:
