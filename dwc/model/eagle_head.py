@@ -129,7 +129,8 @@ class EagleHead(torch.nn.Module):
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(torch.bfloat16).contiguous()
+                 for k, v in self.state_dict().items()}
         save_file(state, folder / mf.EAGLE_WEIGHTS)
         (folder / mf.EAGLE_CONFIG).write_text(json.dumps(
             {"taps": list(self.taps), "hidden_size": self.config.hidden_size,

@@ -7,9 +7,10 @@ like the target's so it shares the block tables, as the draft model's does
 g_{p-1} of the position before, so it can only be computed once the target has run
 position p - 1: it trails the target. Each step:
 
-  observe (after the target's step): the target's tapped layer outputs for every token
-      it computed ([tokens, 3 * hidden], Decoder.taps) become g = fc(...) per position,
-      kept on the sequence (`Features`) until the head has read them;
+  observe (after each target step, ModelRunner.observers): the target's tapped layer
+      outputs for every token it computed ([tokens, 3 * hidden], Decoder.taps) become
+      g = fc(...) per position, kept on the sequence (`Features`) until the head has
+      read them;
   propose (before the next step): the head catches up on every chunk's positions from
       `seq.draft_computed` to the chunk's first position (that one's x is known and g of
       the one before is kept), then, for a verification chunk, drafts its lookahead as a
@@ -113,11 +114,12 @@ class EagleProposer(Proposer):
     has_cache = True
     method = "eagle"
 
-    def __init__(self, runner: ModelRunner, fc: torch.nn.Module, target: Decoder,
+    def __init__(self, runner: ModelRunner, fc: torch.nn.Module, target: ModelRunner,
                  taps: tuple[int, ...], k: int):
         super().__init__(k)
-        self.runner, self.fc = runner, fc
-        target.taps = tuple(taps)  # the target's steps keep these layers' outputs
+        self.runner, self.fc, self.target = runner, fc, target.decoder
+        self.target.taps = tuple(taps)  # the target's steps keep these layers' outputs
+        target.observers = (self.observe,)
 
     @classmethod
     def load(cls, folder: Path, target_runner: ModelRunner, num_blocks: int,
@@ -129,12 +131,13 @@ class EagleProposer(Proposer):
         head = load_head(folder, model)
         runner = head_runner(head, model, num_blocks, block_size, target_runner.device,
                              target_runner.decoder.dtype)
-        return cls(runner, head.fc, target_runner.decoder, head.taps, k)
+        return cls(runner, head.fc, target_runner, head.taps, k)
 
     @torch.inference_mode()
-    def observe(self, chunks: list[Chunk], target: ModelRunner) -> None:
-        """Keep g of every position the target's step computed, per sequence."""
-        g = self.fc(target.decoder.tapped)                                 # [tokens, hidden]
+    def observe(self, chunks: list[Chunk]) -> None:
+        """After each target step (ModelRunner.observers): keep g of every position it
+        computed, per sequence."""
+        g = self.fc(self.target.tapped)                                    # [tokens, hidden]
         offset = 0
         for c in chunks:
             state = c.seq.proposer = c.seq.proposer or Features()

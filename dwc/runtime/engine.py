@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,10 +20,7 @@ from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import chunk_tokens
 from dwc.runtime.scheduler import Scheduler
-from dwc.runtime.ngram import NgramProposer
-from dwc.runtime.speculative import Drafter
-from dwc.runtime.eagle import EagleProposer
-from dwc.model.eagle_head import is_eagle
+from dwc.runtime.proposers import eager_config, make_proposer
 from dwc.runtime.host_tier import make_tier
 from dwc.runtime.sequence import Completion, SamplingParams, Sequence, Status, cut_at_stop, \
     eos_ids, finish_reason, raw_text
@@ -49,9 +45,7 @@ class Engine:
         ngram = c.speculative and c.speculative_method == "ngram"  # no draft model then
         k = _speculative_tokens(c, draft_dir, draft_k, ngram)
         draft_dir = draft_dir if k and not ngram else None
-        eagle = is_eagle(draft_dir)  # an EAGLE head: eager target steps (docs/SPECULATION.md)
-        if eagle:
-            self.config = c = replace(c, cuda_graphs=False)
+        self.config = c = eager_config(c, draft_dir)  # an EAGLE head: no CUDA graphs
         num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype, k)
         graph, args = _runner_args(c, model_dir, num_blocks, k, device, fusion)
         self.tp = None  # rank 0 of a tensor-parallel group (parallel/workers.py)
@@ -70,10 +64,8 @@ class Engine:
         except BaseException:
             self.close(force=True)
             raise
-        self.drafter = NgramProposer(k) if ngram and k else EagleProposer.load(
-            draft_dir, self.runner, num_blocks, c.block_size, k) if eagle else Drafter(ModelRunner(
-            load_hf_model(draft_dir, device, dtype), num_blocks, c.block_size, device,
-            graph_tokens=graph, fusion=fusion), k) if draft_dir else None
+        self.drafter = make_proposer(k, ngram, draft_dir, self.runner, num_blocks,
+                                     c.block_size, device, dtype, graph, fusion)
         self.blocks = BlockManager(num_blocks, c.block_size)
         if c.kv_host_gib > 0:
             runners = [self.runner] + ([self.drafter.runner] if draft_dir else [])
@@ -229,8 +221,6 @@ class Engine:
         if self.drafter:
             self.drafter.propose(chunks, self.blocks)
         logits = self.runner.run(chunks, self.blocks)
-        if self.drafter:
-            self.drafter.observe(chunks, self.runner)
         new_tokens = chunk_tokens(chunks, logits, self.drafter)
         if logprobs.wanted(chunks):  # before _advance: it reads the tokens' positions
             logprobs.record(chunks, logits, new_tokens)

@@ -46,18 +46,18 @@ class ModelRunner:
     "fp8_e4m3", K and V are stored in FP8 E4M3 divided by the per-layer `kv_scales`
     ([(k_scale, v_scale)] per layer; 1.0 when not given)."""
 
+    observers: tuple = ()  # called with each step's chunks after it ran
+
     def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
                  weights_dir: Path | None = None, kv_dtype: str | None = None,
-                 kv_scales: list | None = None, graph_tokens: int = 0,
-                 fusion: dict | None = None, tp=None, piecewise_tokens: int = 0,
-                 decoder_cls=Decoder):
+                 kv_scales: list | None = None, graph_tokens: int = 0, fusion: dict | None = None,
+                 tp=None, piecewise_tokens: int = 0, decoder_cls=Decoder):
         """`graph_tokens` > 0 (GPU only): capture CUDA graphs for kernel-only steps of up
         to that many tokens (see cuda_graphs.py); `piecewise_tokens` > 0 (GPU, one
         process): capture the other steps of up to that many tokens piecewise
-        (piecewise_graphs.py). `fusion`: a fusion plan (fusion.py).
-        `tp`: this process's tensor_parallel.Group; the runner keeps its rank's shard,
-        and rank 0's `run` hands each step to the other ranks. `decoder_cls`: the
-        Decoder (an EAGLE head's runner passes its own, dwc/runtime/eagle.py)."""
+        (piecewise_graphs.py). `fusion`: a fusion plan (fusion.py). `decoder_cls`: an EAGLE
+        head's own (eagle.py). `tp`: this process's tensor_parallel.Group; the runner
+        keeps its rank's shard, and rank 0's `run` hands each step to the other ranks."""
         self.device = device
         self.tp = tp
         self.hf_model = hf_model
@@ -111,7 +111,10 @@ class ModelRunner:
         if self.tp is not None:
             assert feed is None, "tensor-parallel ranks take their inputs from the host"
             self.tp.send_step(step)
-        return self.execute(step, feed)
+        out = self.execute(step, feed)
+        for observe in self.observers:  # an EAGLE head keeps the tapped layers (eagle.py)
+            observe(chunks)
+        return out
 
     def plan(self, chunks: list[Chunk], blocks: BlockManager) -> tuple[str, tuple]:
         """The step as plain lists: what `execute` needs, and what rank 0 of a

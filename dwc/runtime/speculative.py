@@ -114,10 +114,6 @@ class Proposer:
         a sampled request chunk.draft_probs, the distributions they were drawn from)."""
         raise NotImplementedError
 
-    def observe(self, chunks: list[Chunk], target: ModelRunner) -> None:
-        """After the target ran a step of `chunks`: what the proposer keeps of it (an
-        EAGLE head keeps the target's hidden states, eagle.py; the others nothing)."""
-
     def verify(self, chunks: list[Chunk], logits: list[torch.Tensor]) -> list[list[int]]:
         """The tokens each verification chunk yields, from the target's logits
         ([K + 1, V] per chunk): greedy chunks in closed form off one argmax of them all."""
