@@ -68,7 +68,9 @@ class EagleHead(torch.nn.Module):
             eye = torch.eye(h)
             head.fc.weight.copy_(torch.cat([torch.zeros(h, (n - 1) * h), eye], 1))
             head.fuse.weight.copy_(torch.cat([eye, eye], 1) / 2)
-        return head.float().attach(target)
+        # On the target's device: a build on a GPU machine trains there (the shared
+        # embedding, norm and LM head stay the target's).
+        return head.float().to(target.device).attach(target)
 
     def attach(self, target) -> "EagleHead":
         inner = target.model
@@ -111,14 +113,15 @@ class EagleHead(torch.nn.Module):
         cache = DynamicCache(config=self.config)
         n = len(ids)
         feats = self.features(tapped[None].float())
-        o = self.forward(ids[None], feats, torch.arange(n)[None], cache=cache)[:, -1:]
+        dev = ids.device
+        o = self.forward(ids[None], feats, torch.arange(n, device=dev)[None], cache=cache)[:, -1:]
         out = []
         for j in range(k):
             token = int(self.logits(o[0, -1]).argmax())
             out.append(token)
             if j + 1 < k:
-                pos = torch.tensor([[n + j]])
-                o = self.forward(torch.tensor([[token]]), o, pos, cache=cache)
+                pos = torch.tensor([[n + j]], device=dev)
+                o = self.forward(torch.tensor([[token]], device=dev), o, pos, cache=cache)
         return out
 
     # -- files ---------------------------------------------------------------------------
