@@ -118,34 +118,41 @@ def measure_head(head: EagleHead, target, starts: list, ctx, options, trained: d
     propose = _Drafts(head, target, starts)
     with ctx.reporter.progress("measuring the EAGLE head", len(starts)) as advance:
         accepted = speculation.accepted_counts(propose, starts, options.max_k, advance)
-    info = speculation.candidate("eagle", accepted, options.max_k, cost_ratio(head, target, ctx))
+    info = speculation.candidate("eagle", accepted, options.max_k,
+                                 *cost_ratio(head, target, ctx))
     return {**info, "params": sum(p.numel() for p in head.parameters()),
             "taps": list(head.taps), "training": trained}
 
 
-def cost_ratio(head: EagleHead, target, ctx) -> float:
-    """A head step over a target step: timed in dwc's runtime on the GPU, else the ratio
-    of weight bytes read per token (the head's own weights, the final norm and the LM
-    head, in bf16, over the target's; the embedding reads one row on both sides)."""
+def cost_ratio(head: EagleHead, target, ctx) -> tuple[float, float]:
+    """(a head step, a verification step) over a plain target step. On the GPU both are
+    timed in dwc's runtime: the target keeps the head's tapped layers only in eager
+    steps, so with the head it runs without CUDA graphs (docs/SPECULATION.md), and its
+    verification step costs an eager step over a graph step. Elsewhere: the ratio of
+    weight bytes read per token (the head's own weights, the final norm and the LM head,
+    in bf16, over the target's; the embedding reads one row on both sides), and 1."""
     if torch.cuda.is_available() and str(target.device).startswith("cuda"):
-        return _timed_ratio(head, target, ctx)
+        return _timed_ratios(head, target, ctx)
     quantized = ctx.artifacts.quantized
     target_bytes = quantized.summary["weight_bytes"] if quantized is not None else \
         sum(p.numel() * p.element_size() for p in target.parameters())
     s = head.shared
     shared = s.lm_head.weight.numel() + s.norm.weight.numel()
-    return 2 * (sum(p.numel() for p in head.parameters()) + shared) / target_bytes
+    return 2 * (sum(p.numel() for p in head.parameters()) + shared) / target_bytes, 1.0
 
 
-def _timed_ratio(head: EagleHead, target, ctx) -> float:
-    """Batch-1 decode steps of the bf16 head over the target's, in dwc's ModelRunner."""
+def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:
+    """Batch-1 decode steps in dwc's ModelRunner: the bf16 head's and the target's eager
+    one over the target's graph step (its kernels and KV cache dtype)."""
     from dwc.perf.calibration import decode_step_seconds
     from dwc.runtime.eagle import head_runner
     from dwc.runtime.model_runner import ModelRunner
 
     quantized = ctx.artifacts.quantized
     kv = ctx.target.kv_cache_dtype if ctx.target.kv_cache_dtype == "fp8_e4m3" else None
-    target_runner = ModelRunner(target, 64, 16, "cuda",
-                                quantized.folder if quantized is not None else None, kv)
+    folder = quantized.folder if quantized is not None else None
+    eager = decode_step_seconds(ModelRunner(target, 64, 16, "cuda", folder, kv))
+    graph = decode_step_seconds(ModelRunner(target, 64, 16, "cuda", folder, kv,
+                                            graph_tokens=1))
     runner = head_runner(head, target, 64, 16, "cuda", torch.bfloat16)
-    return decode_step_seconds(runner) / decode_step_seconds(target_runner)
+    return decode_step_seconds(runner) / graph, eager / graph
