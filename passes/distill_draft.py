@@ -153,9 +153,10 @@ class DistillDraft(Pass):
         return {"draft": info, "draft_model": model}
 
 
-NOTE = ("greedy acceptance at evaluation positions; speedup projected as tau / (1 + K c), "
+NOTE = ("greedy acceptance at evaluation positions; speedup projected as tau / (v + K c), "
         "not measured; the verification's K extra tokens are taken as free (batch 1, "
-        "memory-bound); `tune` weighs speculation at the serving concurrency")
+        "memory-bound), v is 1 but for the EAGLE head on a GPU (the target's eager step "
+        "over its graph step); `tune` weighs speculation at the serving concurrency")
 
 
 def _candidates(options, ctx) -> list[str]:

@@ -16,6 +16,7 @@ output (relative to that output's mean square), EAGLE's feature regression.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -154,5 +155,14 @@ def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:
     eager = decode_step_seconds(ModelRunner(target, 64, 16, "cuda", folder, kv))
     graph = decode_step_seconds(ModelRunner(target, 64, 16, "cuda", folder, kv,
                                             graph_tokens=1))
-    runner = head_runner(head, target, 64, 16, "cuda", torch.bfloat16)
+    # A copy of the head's own modules (not the target's it shares): head_runner converts
+    # in place, and the head stays float32. It runs in the target's dtype, as
+    # EagleProposer.load serves it.
+    shared, head.shared = head.shared, None
+    try:
+        twin = copy.deepcopy(head)
+    finally:
+        head.shared = shared
+    dtype = target.model.embed_tokens.weight.dtype
+    runner = head_runner(twin, target, 64, 16, "cuda", dtype)
     return decode_step_seconds(runner) / graph, eager / graph

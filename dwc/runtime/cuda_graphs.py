@@ -96,7 +96,8 @@ class DecodeGraphs:
         self.graphs[size].replay()
         out = self.outputs[size]
         # Rows are increasing: as many as the tokens means every row (a decode step),
-        # a view then (read before the next replay: one stream keeps the order).
+        # a view then. It is valid until the next replay of any size (the sizes share
+        # one memory pool); every caller reads it first (one stream keeps the order).
         return out[:n] if len(rows) == n else out[to_device(rows, self.ids.device)]
 
 
