@@ -1,7 +1,7 @@
 """(CPU, here) The engine's host time per decode step, with the model replaced by a stub
 that returns logits at once: what scheduling, input building, feeding and collecting
 cost per step at a batch (issue 18's "host time per step at batch 256 under 1 ms").
-Treats every step as a graph step (the GPU's decode path). Prints the time and a
+Treats every step as a graph step (the GPU's decode path, replays stubbed). Prints the time and a
 cProfile of 100 steps. `stop`: every request has a stop string (one that never occurs).
 
     .venv/bin/python benchmarks/host_cpu.py 256 [stop]
@@ -10,15 +10,16 @@ import time, torch, cProfile, pstats, sys
 from dwc.runtime.engine import Engine, EngineConfig
 from dwc.runtime.sequence import SamplingParams
 eng = Engine("examples/stdlib-coder/checkpoint", EngineConfig(device="cpu", num_blocks=8192, max_num_seqs=512, max_num_batched_tokens=8192))
-V = eng.runner.hf_model.config.vocab_size
-def fake_execute(step, feed=None):
-    kind, lists = step
-    rows = lists[5] if kind == "graph" else lists[4]
-    return torch.zeros(len(rows), V)
-eng.runner.execute = fake_execute
-# pretend to be the GPU graph path: plan as graph
-from dwc.runtime import model_runner
-eng.runner.graphs = type("G", (), {"fits": lambda self, n: n <= 512})()
+# The GPU's decode path with the replays stubbed: real DecodeGraphs input handling (the
+# host table, the feed, advancing the last step), outputs of 8 logits (an argmax on the
+# GPU is one launch; over the real vocabulary on this CPU it would dominate).
+from dwc.runtime.cuda_graphs import DecodeGraphs
+g = DecodeGraphs(None, [torch.zeros(1)], eng.blocks.block_size, 64, len(eng.blocks.blocks), 512)
+g._pad_from(0)
+for size in g.sizes:
+    g.graphs[size] = type("Replay", (), {"replay": lambda self: None})()
+    g.outputs[size] = torch.zeros(size, 8)
+eng.runner.graphs = g
 B = int(sys.argv[1])
 stop = ["\u2603 never"] if sys.argv[2:] == ["stop"] else []
 seqs = [eng.add([10 + (i * 7 + j) % 4000 for j in range(128)], SamplingParams(max_tokens=400, ignore_eos=True, stop=stop)) for i in range(B)]

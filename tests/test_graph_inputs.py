@@ -5,11 +5,15 @@ checked on the CPU with the replay replaced."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from dwc.runtime.cuda_graphs import DecodeGraphs, step_table
-from dwc.runtime.inflight import Feed
-from dwc.runtime.scheduler import PENDING
+from dwc.runtime.inflight import Feed, InFlight
+from dwc.runtime.model_runner import ModelRunner
+from dwc.runtime.scheduler import PENDING, Chunk
+from dwc.runtime.sequence import SamplingParams, Sequence
 
 PAGE, SCRATCH, MAX_TOKENS, WIDTH = 16, 99, 8, 6
 
@@ -75,3 +79,72 @@ def test_table_layout_and_unused_feed_entries():
     assert t[4].tolist() == [1, MAX_TOKENS, MAX_TOKENS, MAX_TOKENS]
     assert t[5].tolist() == [0, 0, 0, 0]
     assert t[6:].T.tolist() == [[1, 2], [3, 0], [SCRATCH, 0], [SCRATCH, 0]]
+
+
+def _decode_step(seqs, tokens):
+    """Each sequence's pending token as one decode chunk, and the step in flight that
+    sampled them (`tokens`, one row a sequence) with the feed it gives the chunks."""
+    chunks = [Chunk(s, s.num_known, 1, logits=1) for s in seqs]
+    flight = InFlight(list(seqs), tokens, tokens, None)
+    return chunks, flight, flight.feed(chunks)
+
+
+def _full(chunks, feed):
+    """A fresh DecodeGraphs' buffers after the whole-table path (run)."""
+    g = graphs()
+    g.run(*ModelRunner._kernel_rows(chunks, SimpleNamespace(block_size=PAGE)), feed=feed)
+    return g
+
+
+def test_advancing_a_decode_step_on_the_device_matches_the_whole_table():
+    g = graphs()
+    seqs = []
+    for prompt, table in ((14, [10]), (15, [20]), (31, [30, 31])):
+        s = Sequence(list(range(1, prompt + 1)), SamplingParams())
+        s.block_table, s.num_pending = list(table), 1
+        seqs.append(s)
+    tokens = torch.tensor([5, 6, 7])
+    chunks, _, feed = _decode_step(seqs, tokens)
+    g.run(*ModelRunner._kernel_rows(chunks, SimpleNamespace(block_size=PAGE)), feed=feed)
+    g.remember(chunks)
+    next_block = 40
+    for step in range(1, 20):  # every sequence enters a new block on the way
+        for s, t in zip(seqs, tokens.tolist()):
+            s.output_ids.append(t)
+            if s.num_known % PAGE == 0:
+                s.block_table.append(next_block)
+                next_block += 1
+        tokens = torch.tensor([step * 3 + 5, step * 3 + 6, step * 3 + 7])
+        chunks, flight, feed = _decode_step(seqs, tokens)
+        assert feed.dst == feed.src == [0, 1, 2]
+        out = g.advance(chunks, flight)
+        assert out is not None, step
+        ref = _full(chunks, feed)
+        for name in ("ids", "positions", "slots", "lens"):
+            assert getattr(g, name)[:3].tolist() == getattr(ref, name)[:3].tolist(), (step, name)
+        for row, s in enumerate(seqs):
+            used = s.num_known // PAGE + 1
+            assert g.tables[row, :used].tolist() == s.block_table[:used], (step, row)
+    assert next_block > 42  # all three crossed a block boundary
+
+
+def test_a_step_that_does_not_continue_the_last_one_is_not_advanced():
+    g = graphs()
+    seqs = []
+    for prompt in (3, 4):
+        s = Sequence(list(range(1, prompt + 1)), SamplingParams())
+        s.block_table, s.num_pending = [1], 1
+        seqs.append(s)
+    chunks, _, feed = _decode_step(seqs, torch.tensor([5, 6]))
+    g.run(*ModelRunner._kernel_rows(chunks, SimpleNamespace(block_size=PAGE)), feed=feed)
+    g.remember(chunks)
+    for s in seqs:
+        s.output_ids.append(9)
+    swapped, flight, _ = _decode_step(seqs[::-1], torch.tensor([1, 2]))
+    assert g.advance(swapped, flight) is None and g.last is None  # another row order
+    g.remember(chunks)
+    chunks, flight, _ = _decode_step(seqs, torch.tensor([1, 2]))
+    other = InFlight(seqs[::-1], flight.tokens, flight.tokens, None)
+    assert g.advance(chunks, other) is None  # the rows sampled in another order
+    g.remember(_decode_step(seqs[:1], torch.tensor([1]))[0])
+    assert g.advance(chunks, flight) is None  # another batch

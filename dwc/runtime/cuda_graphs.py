@@ -14,11 +14,13 @@ the longest context; the kernel reads only the entries a row's context length co
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
 from dwc.constants import graph_sizes
-from dwc.runtime.inflight import Feed, to_device
+from dwc.runtime.inflight import Feed, InFlight, to_device
 from dwc.runtime.model import Batch, DecodeGroup, Decoder
 
 
@@ -45,6 +47,9 @@ class DecodeGraphs:
         self.pinned = dev.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.order = list(range(n))
+        # The last step's sequences and positions when it was decode rows only (advance).
+        self.last: tuple[list, np.ndarray] | None = None
 
     def capture(self) -> None:
         """Capture every size, largest first, sharing one memory pool."""
@@ -99,6 +104,54 @@ class DecodeGraphs:
         # a view then. It is valid until the next replay of any size (the sizes share
         # one memory pool); every caller reads it first (one stream keeps the order).
         return out[:n] if len(rows) == n else out[to_device(rows, self.ids.device)]
+
+
+    # -- a decode step that continues the last one (issue 18: host time per step) -------
+
+    def remember(self, chunks) -> None:
+        """After a step through `run`: keep its sequences and positions when every chunk
+        was one decode row returning logits, so the next step may `advance`."""
+        self.last = None
+        if all(c.length == 1 and c.logits == 1 for c in chunks):
+            starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
+            self.last = ([c.seq for c in chunks], starts)
+
+    def advance(self, chunks, flight: InFlight) -> torch.Tensor | None:
+        """The step after a decode step of the same sequences in the same order, each one
+        position on (the common case at steady state): every row's input is the token
+        the step in flight sampled in the same row (`flight`, launched by this runner's
+        last step), so its inputs are the last step's advanced on the device, with no
+        per-row lists on the host; a block table changes only where a row enters a new
+        block. None (nothing done) when the step is not such a step."""
+        last, self.last = self.last, None
+        n = len(chunks)
+        if last is None or len(last[0]) != n or len(flight.seqs) != n:
+            return None
+        seqs = [c.seq for c in chunks]
+        if not all(map(operator.is_, seqs, last[0])) or \
+                not all(map(operator.is_, seqs, flight.seqs)) or \
+                not all(c.length == 1 and c.logits == 1 for c in chunks):
+            return None
+        starts = np.fromiter((c.start for c in chunks), np.int64, n)
+        if not np.array_equal(starts, last[1] + 1):
+            return None
+        page = self.page
+        self.positions[:n] += 1
+        self.lens[:n] += 1
+        self.ids[:n].copy_(flight.tokens)
+        entering = np.flatnonzero(starts % page == 0).tolist()  # rows entering a block
+        if entering:
+            cols = [int(starts[i]) // page for i in entering]
+            ids = [seqs[i].block_table[j] for i, j in zip(entering, cols)]
+            update = to_device(entering + cols + ids, self.ids.device).view(3, -1)
+            self.tables[update[0], update[1]] = update[2].to(self.tables.dtype)
+        pos = self.positions[:n]
+        block = self.tables[:n].gather(1, (pos // page).unsqueeze(1)).squeeze(1)
+        self.slots[:n] = block * page + pos % page
+        size = next(s for s in self.sizes if s >= n)
+        self.graphs[size].replay()
+        self.last = (seqs, starts)
+        return self.outputs[size][:n]
 
 
 FIRST_TABLE_ROW = 6  # step_table's rows: ids, positions, slots, lens, feed dst, feed src

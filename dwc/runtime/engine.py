@@ -180,8 +180,7 @@ class Engine:
     def _launch(self, chunks) -> InFlight:
         """Run a step without waiting for it: greedy tokens are picked on the device
         and start their way to the host; the chunks' K/V count as computed."""
-        feed = self.inflight.feed(chunks) if self.inflight else None
-        logits = self.runner.run(chunks, self.blocks, feed)
+        logits = self.runner.run(chunks, self.blocks, self.inflight)
         sampled, page, seal = [], self.blocks.block_size, self.blocks.seal_full_blocks
         for c in chunks:  # per sequence: a hot loop at large batches (issue 18)
             seq, end = c.seq, c.end

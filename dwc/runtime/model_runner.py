@@ -8,7 +8,7 @@ import torch
 
 from dwc.constants import KERNEL_MAX_CHUNK, piecewise_sizes
 from dwc.runtime.block_manager import BlockManager
-from dwc.runtime.inflight import Feed, to_device
+from dwc.runtime.inflight import Feed, InFlight, to_device
 from dwc.runtime.logprobs import prompt_rows
 from dwc.runtime.kernels.prefill_tiles import PrefillGroup, block_q_for, tile_table
 from dwc.runtime.model import Batch, DecodeGroup, Decoder, PromptGroup
@@ -100,18 +100,28 @@ class ModelRunner:
             self.pieces.capture()
 
 
-    def run(self, chunks: list[Chunk], blocks: BlockManager, feed: Feed | None = None
+    def run(self, chunks: list[Chunk], blocks: BlockManager, flight: InFlight | None = None
             ) -> torch.Tensor:
         """Run one step; logits [sum of chunk.logits, vocab]: each chunk's last
-        `chunk.logits` rows, in chunk order. `feed`: the ids of pending input tokens
-        (asynchronous scheduling, inflight.py; one process only)."""
-        step = self.plan(chunks, blocks)
-        if feed is None and PENDING in step[1][0]:  # its id would index the embedding
-            raise RuntimeError("a pending token reached the model runner without its feed")
-        if self.tp is not None:
-            assert feed is None, "tensor-parallel ranks take their inputs from the host"
-            self.tp.send_step(step)
-        out = self.execute(step, feed)
+        `chunk.logits` rows, in chunk order. `flight`: the step still in flight, whose
+        sampled ids are this step's pending input tokens (asynchronous scheduling,
+        inflight.py; one process only)."""
+        g = self.graphs
+        out = g.advance(chunks, flight) if g is not None and flight is not None and \
+            self.tp is None and not self.decoder.taps else None
+        if out is None:  # not the last decode step advanced on the device (cuda_graphs.py)
+            feed = flight.feed(chunks) if flight is not None else None
+            step = self.plan(chunks, blocks)
+            if feed is None and PENDING in step[1][0]:  # its id would index the embedding
+                raise RuntimeError("a pending token reached the model runner without its feed")
+            if self.tp is not None:
+                assert feed is None, "tensor-parallel ranks take their inputs from the host"
+                self.tp.send_step(step)
+            out = self.execute(step, feed)
+            if g is not None and step[0] == "graph":
+                g.remember(chunks)  # what the next step may advance from
+            elif g is not None:
+                g.last = None
         for observe in self.observers:  # an EAGLE head keeps the tapped layers (eagle.py)
             observe(chunks)
         return out
