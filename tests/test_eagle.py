@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +307,33 @@ def test_gpu_engine_with_a_head_is_token_identical_and_runs_eagerly(trained, exa
     outs = spec.generate(MORE_PROMPTS, params)
     assert [o.output_ids for o in outs] == [o.output_ids for o in plain]
     assert spec.speculation()["accepted"] > 0
+
+
+def test_a_head_on_another_shape_is_lossless(example, tmp_path):
+    """Qwen2 (q/k/v biases, head_dim 32, tied embeddings, 6 layers): the head is made,
+    trained and served the same way, and greedy output stays token-identical."""
+    from types import SimpleNamespace
+
+    from dwc.compiler.eagle import train_head
+    from dwc.compiler.ui import Reporter
+    from dwc.model.eagle_head import EagleHead
+    from dwc.model.loading import load_tokenizer
+    from dwc.passes.distill_draft import DistillOptions
+    from dwc.quality.data import token_windows
+    from tests.qwen2_shape import cached_qwen2_shape
+
+    root = Path(__file__).resolve().parents[1]
+    model = cached_qwen2_shape(example, root / "build" / "test-fixtures")
+    target = load_target(model)
+    head = EagleHead.for_target(target)
+    windows = token_windows(example / "calib.txt", load_tokenizer(model), 32, 128)
+    info = train_head(head, target, windows, DistillOptions(eagle_steps=30),
+                      SimpleNamespace(reporter=Reporter(quiet=True)))
+    assert info["loss_last"] < info["loss_first"]
+    head.save(tmp_path)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = Engine(model, EngineConfig(device="cpu")).generate(PROMPTS, params)
+    engine = eagle_engine(model, tmp_path, k=3)
+    spec = engine.generate(PROMPTS, params)
+    assert [o.output_ids for o in spec] == [o.output_ids for o in plain]
+    assert engine.speculation()["method"] == "eagle" and engine.speculation()["drafted"] > 0
