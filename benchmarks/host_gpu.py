@@ -29,34 +29,16 @@ from pathlib import Path
 
 import torch
 
-import dwc
-from dwc.runtime import inflight
-from dwc.runtime.engine import Engine, EngineConfig
-from dwc.runtime.fusion import DEFAULT_PLAN
-from dwc.runtime.sequence import SamplingParams
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import dwc  # noqa: E402
+from dwc.runtime.engine import Engine, EngineConfig  # noqa: E402
+from dwc.runtime.fusion import DEFAULT_PLAN  # noqa: E402
+from dwc.runtime.sequence import SamplingParams  # noqa: E402
+from throughput_gpu import WaitClock  # noqa: E402
+
 CHECKPOINT = ROOT / "examples" / "stdlib-coder" / "checkpoint"
-
-
-class WaitClock:
-    """Seconds the engine spends waiting for the GPU in `InFlight.wait`."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self._wait = inflight.InFlight.wait
-        clock = self
-
-        def timed(flight):
-            t0 = time.perf_counter()
-            try:
-                return clock._wait(flight)
-            finally:
-                clock.seconds += time.perf_counter() - t0
-        inflight.InFlight.wait = timed
-
-    def close(self):
-        inflight.InFlight.wait = self._wait
 
 
 def prompt(i: int) -> list[int]:

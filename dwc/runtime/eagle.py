@@ -37,9 +37,8 @@ import torch
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.model import Decoder
 from dwc.runtime.model_runner import ModelRunner
-from dwc.runtime.sampler import distribution, draw
 from dwc.runtime.scheduler import Chunk
-from dwc.runtime.speculative import Proposer
+from dwc.runtime.speculative import Proposer, append_drafts
 
 
 class HeadDecoder(Decoder):
@@ -162,14 +161,7 @@ class EagleProposer(Proposer):
         logits = self.runner.run(catch_up, blocks)
         drafting = [c for c in chunks if c.lookahead]
         while drafting:
-            greedy = logits.argmax(-1).tolist()  # one device sync for the greedy rows
-            for c, row, g in zip(drafting, logits, greedy):
-                if c.seq.params.temperature > 0:  # sampled: keep q for the accept rule
-                    q = distribution(row, c.seq.params)
-                    c.draft.append(draw(q, c.seq))
-                    c.draft_probs.append(q)
-                else:
-                    c.draft.append(g)
+            append_drafts(drafting, logits)
             keep = [i for i, c in enumerate(drafting) if len(c.draft) < c.lookahead]
             if keep:  # the chain: each row's own output o is its next feature
                 d.features = d.out[keep]

@@ -37,9 +37,9 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
         kv_heads_per_rank(info.num_kv_heads, n) // info.num_kv_heads
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / n
     folders = []
-    draft = model_info(draft_dir) if draft_dir and not is_eagle(draft_dir) else None
-    if is_eagle(draft_dir):  # an EAGLE head: one layer of the target's shape
-        draft = replace(info, num_layers=1)
+    # An EAGLE head's cache is one layer of the target's shape.
+    draft = None if draft_dir is None else replace(info, num_layers=1) \
+        if is_eagle(draft_dir) else model_info(draft_dir)
     if draft:
         per_token += kv_bytes_per_token(draft, dtype.itemsize)
         folders.append(draft_dir)

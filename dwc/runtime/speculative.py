@@ -168,14 +168,7 @@ class Drafter(Proposer):
         logits = self.runner.run(catch_up, blocks)
         drafting = [c for c in chunks if c.lookahead]
         while drafting:
-            greedy = logits.argmax(-1).tolist()  # one device sync for the greedy rows
-            for c, row, g in zip(drafting, logits, greedy):
-                if c.seq.params.temperature > 0:  # sampled: keep q for the accept rule
-                    q = distribution(row, c.seq.params)
-                    c.draft.append(draw(q, c.seq))
-                    c.draft_probs.append(q)
-                else:
-                    c.draft.append(g)
+            append_drafts(drafting, logits)
             drafting = [c for c in drafting if len(c.draft) < c.lookahead]
             if drafting:  # the token just drafted, at position end - 1 + len(draft)
                 step = [Chunk(c.seq, c.end - 1 + len(c.draft), 1, logits=1, draft=c.draft)
@@ -183,3 +176,16 @@ class Drafter(Proposer):
                 logits = self.runner.run(step, blocks)
                 for c in drafting:
                     c.seq.draft_computed += 1
+
+
+def append_drafts(drafting: list[Chunk], logits: torch.Tensor) -> None:
+    """Each drafting chunk's next draft token from its row of `logits`: the argmax, or
+    for a sampled request a draw from its distribution q, kept for the accept rule."""
+    greedy = logits.argmax(-1).tolist()  # one device sync for the greedy rows
+    for c, row, g in zip(drafting, logits, greedy):
+        if c.seq.params.temperature > 0:
+            q = distribution(row, c.seq.params)
+            c.draft.append(draw(q, c.seq))
+            c.draft_probs.append(q)
+        else:
+            c.draft.append(g)
