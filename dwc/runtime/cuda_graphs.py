@@ -112,9 +112,8 @@ class DecodeGraphs:
         """After a step through `run`: keep its sequences and positions when every chunk
         was one decode row returning logits, so the next step may `advance`."""
         self.last = None
-        if all(c.length == 1 and c.logits == 1 for c in chunks):
-            starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
-            self.last = ([c.seq for c in chunks], starts)
+        if decode_rows(chunks):
+            self.last = (list(map(_seq, chunks)), np.array(list(map(_start, chunks))))
 
     def advance(self, chunks, flight: InFlight) -> torch.Tensor | None:
         """The step after a decode step of the same sequences in the same order, each one
@@ -127,12 +126,11 @@ class DecodeGraphs:
         n = len(chunks)
         if last is None or len(last[0]) != n or len(flight.seqs) != n:
             return None
-        seqs = [c.seq for c in chunks]
-        if not all(map(operator.is_, seqs, last[0])) or \
-                not all(map(operator.is_, seqs, flight.seqs)) or \
-                not all(c.length == 1 and c.logits == 1 for c in chunks):
+        # Sequences compare by identity (Sequence has eq=False): C-level list compares.
+        seqs = list(map(_seq, chunks))
+        if seqs != last[0] or seqs != flight.seqs or not decode_rows(chunks):
             return None
-        starts = np.fromiter((c.start for c in chunks), np.int64, n)
+        starts = np.array(list(map(_start, chunks)))
         if not np.array_equal(starts, last[1] + 1):
             return None
         page = self.page
@@ -152,6 +150,17 @@ class DecodeGraphs:
         self.graphs[size].replay()
         self.last = (seqs, starts)
         return self.outputs[size][:n]
+
+
+_seq, _start = operator.attrgetter("seq"), operator.attrgetter("start")
+_length, _logits = operator.attrgetter("length"), operator.attrgetter("logits")
+
+
+def decode_rows(chunks) -> bool:
+    """Whether every chunk is one decode row returning its logits. A chunk has at least
+    one token and at most that many logits, so the sums say it without a Python loop."""
+    n = len(chunks)
+    return sum(map(_length, chunks)) == n and sum(map(_logits, chunks)) == n
 
 
 FIRST_TABLE_ROW = 6  # step_table's rows: ids, positions, slots, lens, feed dst, feed src

@@ -174,8 +174,9 @@ class Engine:
         draft, tensor parallelism, or logprobs (recorded on the host from the logits)."""
         return (self.config.async_scheduling and self.drafter is None
                 and self.runner.tp is None  # the runner's own group: a test may swap it in
-                and all(c.seq.params.temperature <= 0 for c in chunks if c.logits)
-                and not logprobs.wanted(chunks))
+                and (self.scheduler.num_unplain == 0  # no need to look at each chunk
+                     or all(c.seq.params.temperature <= 0 for c in chunks if c.logits)
+                     and not logprobs.wanted(chunks)))
 
     def _launch(self, chunks) -> InFlight:
         """Run a step without waiting for it: greedy tokens are picked on the device
@@ -183,7 +184,7 @@ class Engine:
         logits = self.runner.run(chunks, self.blocks, self.inflight)
         sampled, page, seal = [], self.blocks.block_size, self.blocks.seal_full_blocks
         for c in chunks:  # per sequence: a hot loop at large batches (issue 18)
-            seq, end = c.seq, c.end
+            seq, end = c.seq, c.start + c.length - c.lookahead  # c.end, inlined
             seq.num_computed = end
             if end // page > seq.num_sealed:  # a block may have filled (else a no-op)
                 seal(seq, min(end, seq.num_known))
@@ -205,13 +206,18 @@ class Engine:
             if status is Status.FINISHED:
                 continue
             seq.num_pending -= 1
-            seq.output_ids.append(token)
+            out = seq.output_ids
+            out.append(token)
             if status is Status.RUNNING and seq.num_computed // page > seq.num_sealed:
                 seal(seq, min(seq.num_computed, seq.num_known))
-            reason = finish_reason(seq, token, eos, tokenizer, context)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                finished.append(seq)
+            p = seq.params
+            # finish_reason's cheap conditions first: most tokens end nothing.
+            if token in eos or p.stop or len(out) >= p.max_tokens or \
+                    len(seq.prompt_ids) + len(out) >= context:
+                reason = finish_reason(seq, token, eos, tokenizer, context)
+                if reason:
+                    self.scheduler.finish(seq, reason)
+                    finished.append(seq)
         return finished
 
     def _step_sync(self, chunks) -> list[Sequence]:

@@ -17,7 +17,6 @@ request's max_tokens.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from dwc.runtime.block_manager import BlockManager
 from dwc.runtime.sequence import Sequence, Status
@@ -25,15 +24,26 @@ from dwc.runtime.sequence import Sequence, Status
 PENDING = -1  # the id of a token still on the device (Chunk.token_ids)
 
 
-@dataclass
 class Chunk:
-    seq: Sequence
-    start: int      # first token position computed in this step
-    length: int     # tokens computed in this step, draft tokens included
-    logits: int = 0  # how many of its last rows' logits the step returns
-    lookahead: int = 0  # draft tokens it verifies (the last `lookahead` of `length`)
-    draft: list[int] = field(default_factory=list)         # tokens after seq.tokens
-    draft_probs: list = field(default_factory=list)        # the draft's q for each
+    """One sequence's share of a step. A plain class with slots: the scheduler makes one
+    per running sequence a step, a hot path at large batches (issue 18)."""
+
+    __slots__ = ("seq", "start", "length", "logits", "lookahead", "draft", "draft_probs")
+
+    def __init__(self, seq: Sequence, start: int, length: int, logits: int = 0,
+                 lookahead: int = 0, draft: list[int] | None = None,
+                 draft_probs: list | None = None):
+        self.seq = seq
+        self.start = start      # first token position computed in this step
+        self.length = length    # tokens computed in this step, draft tokens included
+        self.logits = logits    # how many of its last rows' logits the step returns
+        self.lookahead = lookahead  # draft tokens it verifies (the last `lookahead` of `length`)
+        self.draft = [] if draft is None else draft  # tokens after seq.tokens
+        self.draft_probs = [] if draft_probs is None else draft_probs  # the draft's q for each
+
+    def __repr__(self) -> str:
+        return (f"Chunk(seq={self.seq.id}, start={self.start}, length={self.length}, "
+                f"logits={self.logits}, lookahead={self.lookahead}, draft={self.draft})")
 
     def token_ids(self) -> list[int]:
         """(prompt + output + pending + draft)[start:start + length], without building
@@ -61,6 +71,12 @@ def chunk_for(seq: Sequence, n: int, lookahead: int = 0) -> Chunk:
                  lookahead=lookahead)
 
 
+def is_plain(params) -> bool:
+    """Greedy without logprobs: its tokens can be picked on the device."""
+    return params.temperature <= 0 and params.logprobs is None and \
+        params.prompt_logprobs is None
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  num_speculative: int = 0, proposer=None):
@@ -74,9 +90,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        # Sequences here that are sampled or want logprobs: while none is, every step
+        # may overlap (engine.py) without a look at each chunk.
+        self.num_unplain = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.num_unplain += not is_plain(seq.params)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -115,9 +135,8 @@ class Scheduler:
         host's hottest loop at large batches (issue 18: host time per step), so it reads
         each sequence's fields once."""
         page, spec, running = self.blocks.block_size, self.num_speculative, Status.RUNNING
+        append = chunks.append
         for seq in list(self.running):
-            if budget == 0:
-                break
             if seq.status is not running:
                 continue  # preempted earlier in this loop
             out = len(seq.output_ids) + seq.num_pending
@@ -125,14 +144,22 @@ class Scheduler:
                 continue  # its last token is pending: it finishes when that arrives
             start = seq.num_computed
             left = len(seq.prompt_ids) + out - start
-            n = left if left < budget else budget
-            k = self._lookahead(seq, budget) if spec and left == 1 else 0
-            total = start + n + k
-            # Most decode steps stay inside the last block: no block-manager call then.
-            if total > len(seq.block_table) * page and not self._make_room(seq, total):
-                continue
-            chunks.append(Chunk(seq, start, n + k, 1 + k if n == left else 0, k))
-            budget -= n + k
+            if left == 1 and not spec:  # a decode step (the common case)
+                if start >= len(seq.block_table) * page and not self._make_room(seq, start + 1):
+                    continue  # it enters a block and none was free (it was preempted)
+                append(Chunk(seq, start, 1, 1))
+                budget -= 1
+            else:
+                n = left if left < budget else budget
+                k = self._lookahead(seq, budget) if spec and left == 1 else 0
+                total = start + n + k
+                # Most steps stay inside the last block: no block-manager call then.
+                if total > len(seq.block_table) * page and not self._make_room(seq, total):
+                    continue
+                append(Chunk(seq, start, n + k, 1 + k if n == left else 0, k))
+                budget -= n + k
+            if budget == 0:
+                break
         return budget
 
     def _lookahead(self, seq: Sequence, budget: int) -> int:
@@ -162,10 +189,11 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence (done, stopped or aborted) and return its blocks."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        for queue in (self.running, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
+                self.num_unplain -= not is_plain(seq.params)
+                break
         self.blocks.release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -29,7 +29,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's lists find and remove it by `is`
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
