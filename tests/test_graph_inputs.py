@@ -148,3 +148,65 @@ def test_a_step_that_does_not_continue_the_last_one_is_not_advanced():
     assert g.advance(chunks, other) is None  # the rows sampled in another order
     g.remember(_decode_step(seqs[:1], torch.tensor([1]))[0])
     assert g.advance(chunks, flight) is None  # another batch
+
+
+def _fresh(prompts, tables):
+    seqs = []
+    for prompt, table in zip(prompts, tables):
+        s = Sequence(list(range(1, prompt + 1)), SamplingParams())
+        s.block_table, s.num_pending = list(table), 1
+        seqs.append(s)
+    return seqs
+
+
+def test_rows_of_sequences_that_left_are_gathered_out_and_padded():
+    """A step whose sequences are the last step's with some left out (finished or
+    preempted) still advances: the others' rows move up in order and the rows they
+    leave behind write only the scratch block (a freed block may be reused at once)."""
+    g = graphs()
+    seqs = _fresh((14, 15, 31, 40), ([10], [20], [30, 31], [50, 51, 52]))
+    tokens = torch.tensor([5, 6, 7, 8])
+    chunks, _, feed = _decode_step(seqs, tokens)
+    g.run(*ModelRunner._kernel_rows(chunks, SimpleNamespace(block_size=PAGE)), feed=feed)
+    g.remember(chunks)
+    next_block, leave = 60, {3: 1, 7: 2}  # step: the row that leaves before it
+    for step in range(1, 12):
+        for s, t in zip(seqs, tokens.tolist()):
+            s.output_ids.append(t)
+            if s.num_known % PAGE == 0:
+                s.block_table.append(next_block)
+                next_block += 1
+        sampled = list(seqs)  # the step in flight sampled a row for each
+        if step in leave:
+            seqs.pop(leave[step])
+        before = len(sampled)
+        chunks = [Chunk(s, s.num_known, 1, logits=1) for s in seqs]
+        flight = InFlight(sampled, tokens, tokens, None)
+        feed = flight.feed(chunks)
+        out = g.advance(chunks, flight)
+        assert out is not None and len(out) == len(seqs), step
+        ref = _full(chunks, feed)
+        n = len(seqs)
+        for name in ("ids", "positions", "slots", "lens"):
+            assert getattr(g, name)[:n].tolist() == getattr(ref, name)[:n].tolist(), (step, name)
+        for row, s in enumerate(seqs):
+            used = s.num_known // PAGE + 1
+            assert g.tables[row, :used].tolist() == s.block_table[:used], (step, row)
+        assert g.slots[n:before].tolist() == [SCRATCH * PAGE] * (before - n), step
+        assert g.lens[n:before].tolist() == [1] * (before - n), step
+        assert g.tables[n:before, 0].tolist() == [SCRATCH] * (before - n), step
+        tokens = torch.arange(n) + 10 * step
+    assert len(seqs) == 2 and next_block > 60
+
+
+def test_a_step_with_a_sequence_the_last_did_not_have_is_not_advanced():
+    g = graphs()
+    seqs = _fresh((3, 4, 5), ([1], [2], [3]))
+    chunks, _, feed = _decode_step(seqs[:2], torch.tensor([5, 6]))
+    g.run(*ModelRunner._kernel_rows(chunks, SimpleNamespace(block_size=PAGE)), feed=feed)
+    g.remember(chunks)
+    for s in seqs[:2]:
+        s.output_ids.append(9)
+    mixed = [Chunk(s, s.num_known, 1, logits=1) for s in (seqs[0], seqs[2])]
+    flight = InFlight(seqs[:2], torch.tensor([1, 2]), torch.tensor([1, 2]), None)
+    assert g.advance(mixed, flight) is None

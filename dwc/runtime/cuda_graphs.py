@@ -69,11 +69,12 @@ class DecodeGraphs:
                       DecodeGroup(None, self.tables[:n], self.lens[:n], self.page))
         return self.decoder.forward(batch, self.cache)
 
-    def _pad_from(self, n: int) -> None:
-        """Rows n.. become padding: the scratch block's first slot, context 1."""
-        self.slots[n:] = self.scratch * self.page
-        self.tables[n:, 0] = self.scratch
-        self.lens[n:] = 1
+    def _pad_from(self, n: int, end: int | None = None) -> None:
+        """Rows n..end (default: all after n) become padding: the scratch block's first
+        slot, context 1."""
+        self.slots[n:end] = self.scratch * self.page
+        self.tables[n:end, 0] = self.scratch
+        self.lens[n:end] = 1
 
     def fits(self, tokens: int) -> bool:
         return tokens <= self.max_tokens
@@ -116,27 +117,37 @@ class DecodeGraphs:
             self.last = (list(map(_seq, chunks)), np.array(list(map(_start, chunks))))
 
     def advance(self, chunks, flight: InFlight) -> torch.Tensor | None:
-        """The step after a decode step of the same sequences in the same order, each one
-        position on (the common case at steady state): every row's input is the token
-        the step in flight sampled in the same row (`flight`, launched by this runner's
-        last step), so its inputs are the last step's advanced on the device, with no
-        per-row lists on the host; a block table changes only where a row enters a new
-        block. None (nothing done) when the step is not such a step."""
+        """The step after a decode step of the same sequences in the same order, less
+        any that finished or were preempted, each one position on (the common case at
+        steady state): every row's input is the token the step in flight sampled for
+        its sequence (`flight`, launched by this runner's last step), so its inputs are
+        the last step's rows advanced (and, when rows left, gathered) on the device,
+        with no per-row lists on the host; a block table changes only where a row
+        enters a block. None (nothing done) when the step is not such a step."""
         last, self.last = self.last, None
-        n = len(chunks)
-        if last is None or len(last[0]) != n or len(flight.seqs) != n:
+        if last is None or not decode_rows(chunks) or flight.seqs != last[0]:
             return None
         # Sequences compare by identity (Sequence has eq=False): C-level list compares.
-        seqs = list(map(_seq, chunks))
-        if seqs != last[0] or seqs != flight.seqs or not decode_rows(chunks):
-            return None
+        seqs, n = list(map(_seq, chunks)), len(chunks)
+        kept = None if seqs == last[0] else kept_rows(seqs, last[0])
+        if kept == []:
+            return None  # not the same sequences in the same order
         starts = np.array(list(map(_start, chunks)))
-        if not np.array_equal(starts, last[1] + 1):
+        if not np.array_equal(starts, (last[1] if kept is None else last[1][kept]) + 1):
             return None
+        if kept is None:
+            self.positions[:n] += 1
+            self.lens[:n] += 1
+            self.ids[:n].copy_(flight.tokens)
+        else:  # rows of sequences that left: the others move up, their rows pad
+            rows = to_device(kept, self.ids.device)
+            self.positions[:n] = self.positions[rows] + 1
+            self.lens[:n] = self.lens[rows] + 1
+            self.tables[:n] = self.tables[rows]
+            self.ids[:n] = flight.tokens[rows]
+            self.positions[n:len(last[0])] = 0
+            self._pad_from(n, len(last[0]))
         page = self.page
-        self.positions[:n] += 1
-        self.lens[:n] += 1
-        self.ids[:n].copy_(flight.tokens)
         entering = np.flatnonzero(starts % page == 0).tolist()  # rows entering a block
         if entering:
             cols = [int(starts[i]) // page for i in entering]
@@ -150,6 +161,20 @@ class DecodeGraphs:
         self.graphs[size].replay()
         self.last = (seqs, starts)
         return self.outputs[size][:n]
+
+
+def kept_rows(seqs: list, last: list) -> list[int]:
+    """The rows of `last` that `seqs` are, when `seqs` is `last` with some left out and
+    the order kept; else [] (an empty step is never advanced)."""
+    rows, j, n = [], 0, len(last)
+    for seq in seqs:
+        while j < n and last[j] is not seq:
+            j += 1
+        if j == n:
+            return []
+        rows.append(j)
+        j += 1
+    return rows
 
 
 _seq, _start = operator.attrgetter("seq"), operator.attrgetter("start")
