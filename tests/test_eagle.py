@@ -292,10 +292,49 @@ def test_a_head_alone_is_refused_where_the_runtime_does_not_serve(example, tmp_p
     assert_clean_error(result, 2, "distill-draft.candidates: [eagle]", "tensorrt-llm")
 
 
+def test_piecewise_steps_keep_the_tapped_layers(trained, example):
+    """The piecewise graphs' pieces (run uncaptured here, through the same static
+    buffers the GPU's replays use) copy out the tapped layers: with them the head drafts
+    exactly what it drafts over eager steps (the same accepted count), losslessly."""
+    from dwc.runtime.piecewise_graphs import PiecewiseGraphs
+
+    _, folder, _ = trained
+    model = example / "checkpoint"
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = MORE_PROMPTS[:6]
+    eager = eagle_engine(model, folder, max_num_batched_tokens=64)
+    want = eager.generate(prompts, params)
+    spec = eagle_engine(model, folder, max_num_batched_tokens=64)
+    r = spec.runner
+    page = r.block_size
+    r.cache = [torch.cat([c, torch.zeros_like(c[:, :page])], dim=1) for c in r.cache]
+    pieces = PiecewiseGraphs(r.decoder, r.cache, len(spec.blocks.blocks) * page, [8, 24, 64])
+    pieces.uncaptured()
+    r.pieces, used, run = pieces, [], pieces.run
+    pieces.run = lambda batch: used.append(1) or run(batch)
+    outs = spec.generate(prompts, params)
+    assert used  # the steps with prompt tokens went through the pieces
+    assert [o.output_ids for o in outs] == [o.output_ids for o in want]
+    assert spec.speculation()["accepted"] == eager.speculation()["accepted"] > 0
+
+
+def test_graphs_captured_without_the_taps_are_dropped(trained, example):
+    """A target runner whose graphs were captured before a head asked for its layers
+    (not an Engine's, which passes the taps first) runs eagerly rather than without them."""
+    from dwc.runtime.eagle import EagleProposer
+
+    _, folder, _ = trained
+    eng = Engine(example / "checkpoint", EngineConfig(device="cpu"))
+    eng.runner.graphs = eng.runner.pieces = object()  # stand-ins for captured graphs
+    EagleProposer.load(folder, eng.runner, 16, 16, 2)
+    assert eng.runner.graphs is None and eng.runner.pieces is None
+
+
 @pytest.mark.gpu
-def test_gpu_engine_with_a_head_is_token_identical_and_runs_eagerly(trained, example):
+def test_gpu_engine_with_a_head_keeps_its_graphs_and_is_token_identical(trained, example):
     """On a GPU (float32, so greedy ties cannot differ): the same tokens with and without
-    the head; the engine captured no graphs (the head reads the target's tapped layers)."""
+    the head; the engine captured its decode and piecewise graphs with the tapped layers,
+    and its drafts are those of an eager engine (the same accepted count)."""
     _, folder, _ = trained
     model = example / "checkpoint"
     params = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -303,10 +342,14 @@ def test_gpu_engine_with_a_head_is_token_identical_and_runs_eagerly(trained, exa
         MORE_PROMPTS, params)
     spec = Engine(model, EngineConfig(device="cuda", dtype="float32"), draft_dir=folder,
                   draft_k=4)
-    assert spec.runner.graphs is None and spec.runner.pieces is None
+    assert spec.runner.graphs is not None and spec.runner.pieces is not None
+    assert spec.runner.graphs.tapped  # kept by every captured size
     outs = spec.generate(MORE_PROMPTS, params)
     assert [o.output_ids for o in outs] == [o.output_ids for o in plain]
-    assert spec.speculation()["accepted"] > 0
+    eager = Engine(model, EngineConfig(device="cuda", dtype="float32", cuda_graphs=False),
+                   draft_dir=folder, draft_k=4)
+    eager.generate(MORE_PROMPTS, params)
+    assert spec.speculation()["accepted"] == eager.speculation()["accepted"] > 0
 
 
 def test_a_head_on_another_shape_is_lossless(example, tmp_path):

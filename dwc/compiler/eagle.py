@@ -126,12 +126,12 @@ def measure_head(head: EagleHead, target, starts: list, ctx, options, trained: d
 
 
 def cost_ratio(head: EagleHead, target, ctx) -> tuple[float, float]:
-    """(a head step, a verification step) over a plain target step. On the GPU both are
-    timed in dwc's runtime: the target keeps the head's tapped layers only in eager
-    steps, so with the head it runs without CUDA graphs (docs/SPECULATION.md), and its
-    verification step costs an eager step over a graph step. Elsewhere: the ratio of
-    weight bytes read per token (the head's own weights, the final norm and the LM head,
-    in bf16, over the target's; the embedding reads one row on both sides), and 1."""
+    """(a head step, a verification step) over a plain target step. On the GPU the head's
+    step is timed in dwc's runtime against the target's graph step; the target keeps the
+    head's tapped layers in its CUDA graphs (docs/SPECULATION.md), so a verification
+    step costs a plain one (1). Elsewhere: the ratio of weight bytes read per token (the
+    head's own weights, the final norm and the LM head, in bf16, over the target's; the
+    embedding reads one row on both sides), and 1."""
     if torch.cuda.is_available() and str(target.device).startswith("cuda"):
         return _timed_ratios(head, target, ctx)
     quantized = ctx.artifacts.quantized
@@ -143,8 +143,8 @@ def cost_ratio(head: EagleHead, target, ctx) -> tuple[float, float]:
 
 
 def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:
-    """Batch-1 decode steps in dwc's ModelRunner: the bf16 head's and the target's eager
-    one over the target's graph step (its kernels and KV cache dtype)."""
+    """Batch-1 decode steps in dwc's ModelRunner: the head's (in the target's dtype) over
+    the target's graph step (its kernels and KV cache dtype), and 1."""
     from dwc.perf.calibration import decode_step_seconds
     from dwc.runtime.eagle import head_runner
     from dwc.runtime.model_runner import ModelRunner
@@ -152,7 +152,6 @@ def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:
     quantized = ctx.artifacts.quantized
     kv = ctx.target.kv_cache_dtype if ctx.target.kv_cache_dtype == "fp8_e4m3" else None
     folder = quantized.folder if quantized is not None else None
-    eager = decode_step_seconds(ModelRunner(target, 64, 16, "cuda", folder, kv))
     graph = decode_step_seconds(ModelRunner(target, 64, 16, "cuda", folder, kv,
                                             graph_tokens=1))
     # A copy of the head's own modules (not the target's it shares): head_runner converts
@@ -165,4 +164,4 @@ def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:
         head.shared = shared
     dtype = target.model.embed_tokens.weight.dtype
     runner = head_runner(twin, target, 64, 16, "cuda", dtype)
-    return decode_step_seconds(runner) / graph, eager / graph
+    return decode_step_seconds(runner) / graph, 1.0

@@ -145,6 +145,11 @@ def is_eagle(folder: Path | None) -> bool:
     return folder is not None and (Path(folder) / mf.EAGLE_CONFIG).is_file()
 
 
+def eagle_taps(folder: Path) -> tuple[int, ...]:
+    """The target layers the head saved in `folder` reads."""
+    return tuple(int(t) for t in json.loads((Path(folder) / mf.EAGLE_CONFIG).read_text())["taps"])
+
+
 def load_head(folder: Path, target) -> EagleHead:
     """The head saved in `folder`, attached to `target` (the model it was trained on)."""
     from safetensors.torch import load_file

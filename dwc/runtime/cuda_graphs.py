@@ -47,6 +47,7 @@ class DecodeGraphs:
         self.pinned = dev.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.tapped: dict[int, torch.Tensor] = {}  # size -> the decoder's tapped layers
         self.order = list(range(n))
         # The last step's sequences and positions when it was decode rows only (advance).
         self.last: tuple[list, np.ndarray] | None = None
@@ -61,6 +62,8 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = self._forward(size)
+            if self.decoder.taps:  # made inside the graph: its replays refill it
+                self.tapped[size] = self.decoder.tapped
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
@@ -78,6 +81,13 @@ class DecodeGraphs:
 
     def fits(self, tokens: int) -> bool:
         return tokens <= self.max_tokens
+
+    def _replay(self, size: int, n: int) -> None:
+        """Replay `size`; an EAGLE head's tapped layers of the n real rows are then the
+        decoder's (valid, like the logits, until the next replay)."""
+        self.graphs[size].replay()
+        if size in self.tapped:
+            self.decoder.tapped = self.tapped[size][:n]
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             tables: list[list[int]], lens: list[int], rows: list[int],
@@ -99,7 +109,7 @@ class DecodeGraphs:
         self.tables[:size, :width].copy_(dev[FIRST_TABLE_ROW:].T)
         if feed is not None:
             self.ids.index_put_((dev[4],), feed.tokens[dev[5]])
-        self.graphs[size].replay()
+        self._replay(size, n)
         out = self.outputs[size]
         # Rows are increasing: as many as the tokens means every row (a decode step),
         # a view then. It is valid until the next replay of any size (the sizes share
@@ -158,7 +168,7 @@ class DecodeGraphs:
         block = self.tables[:n].gather(1, (pos // page).unsqueeze(1)).squeeze(1)
         self.slots[:n] = block * page + pos % page
         size = next(s for s in self.sizes if s >= n)
-        self.graphs[size].replay()
+        self._replay(size, n)
         self.last = (seqs, starts)
         return self.outputs[size][:n]
 

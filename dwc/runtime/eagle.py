@@ -117,6 +117,10 @@ class EagleProposer(Proposer):
                  taps: tuple[int, ...], k: int):
         super().__init__(k)
         self.runner, self.fc, self.target = runner, fc, target.decoder
+        if self.target.taps != tuple(taps) and (target.graphs or target.pieces):
+            # Graphs captured without these taps cannot keep them: the target runs
+            # eagerly (an Engine passes the taps to the runner before capture instead).
+            target.graphs = target.pieces = None
         self.target.taps = tuple(taps)  # the target's steps keep these layers' outputs
         target.observers = (self.observe,)
 

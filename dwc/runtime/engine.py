@@ -20,7 +20,7 @@ from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.sampler import chunk_tokens
 from dwc.runtime.scheduler import Scheduler
-from dwc.runtime.proposers import eager_config, make_proposer
+from dwc.runtime.proposers import draft_taps, make_proposer
 from dwc.runtime.host_tier import make_tier
 from dwc.runtime.sequence import Completion, SamplingParams, Sequence, Status, cut_at_stop, \
     eos_ids, finish_reason, raw_text
@@ -45,9 +45,9 @@ class Engine:
         ngram = c.speculative and c.speculative_method == "ngram"  # no draft model then
         k = _speculative_tokens(c, draft_dir, draft_k, ngram)
         draft_dir = draft_dir if k and not ngram else None
-        self.config = c = eager_config(c, draft_dir)  # an EAGLE head: no CUDA graphs
         num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype, k)
         graph, args = _runner_args(c, model_dir, num_blocks, k, device, fusion)
+        args["taps"] = draft_taps(draft_dir)  # an EAGLE head's: kept by the graphs too
         self.tp = None  # rank 0 of a tensor-parallel group (parallel/workers.py)
         if c.tensor_parallel > 1:
             from dwc.runtime.parallel import workers

@@ -92,7 +92,8 @@ class Decoder:
         self.proj = [{**{n: getattr(layer.self_attn, n) for n in ATTN_PROJ},
                       **{n: getattr(layer.mlp, n) for n in MLP_PROJ}} for layer in self.layers]
         # Layers whose outputs a step keeps for an EAGLE head (dwc/runtime/eagle.py):
-        # `tapped` [tokens, len(taps) * hidden] after each eager forward.
+        # `tapped` [tokens, len(taps) * hidden] after each step (eager, or replayed by the
+        # graphs, which keep them when the taps were set before capture).
         self.taps: tuple[int, ...] = ()
         self.tapped: torch.Tensor | None = None
 

@@ -51,19 +51,23 @@ class ModelRunner:
     def __init__(self, hf_model, num_blocks: int, block_size: int, device: str = "cpu",
                  weights_dir: Path | None = None, kv_dtype: str | None = None,
                  kv_scales: list | None = None, graph_tokens: int = 0, fusion: dict | None = None,
-                 tp=None, piecewise_tokens: int = 0, decoder_cls=Decoder):
+                 tp=None, piecewise_tokens: int = 0, decoder_cls=Decoder,
+                 taps: tuple[int, ...] = ()):
         """`graph_tokens` > 0 (GPU only): capture CUDA graphs for kernel-only steps of up
         to that many tokens (see cuda_graphs.py); `piecewise_tokens` > 0 (GPU, one
         process): capture the other steps of up to that many tokens piecewise
         (piecewise_graphs.py). `fusion`: a fusion plan (fusion.py). `decoder_cls`: an EAGLE
         head's own (eagle.py). `tp`: this process's tensor_parallel.Group; the runner
-        keeps its rank's shard, and rank 0's `run` hands each step to the other ranks."""
+        keeps its rank's shard, and rank 0's `run` hands each step to the other ranks.
+        `taps`: layers whose outputs every step keeps for an EAGLE head (eagle.py), set
+        before the graphs are captured so that they keep them too."""
         self.device = device
         self.tp = tp
         self.hf_model = hf_model
         # Read once: a transformers config attribute costs microseconds, every step.
         self.max_context = int(hf_model.config.max_position_embeddings)
         self.decoder = d = decoder_cls(hf_model, device)
+        d.taps = tuple(taps)
         # Tensor parallel: the kernels are built on the CPU; shard_decoder moves the shards.
         self.kernels = d.use_kernels(weights_dir, "cpu" if tp else device, fusion) \
             if device == "cuda" and weights_dir else 0
@@ -108,7 +112,7 @@ class ModelRunner:
         inflight.py; one process only)."""
         g = self.graphs
         out = g.advance(chunks, flight) if g is not None and flight is not None and \
-            self.tp is None and not self.decoder.taps else None
+            self.tp is None else None
         if out is None:  # not the last decode step advanced on the device (cuda_graphs.py)
             feed = flight.feed(chunks) if flight is not None else None
             step = self.plan(chunks, blocks)
@@ -130,8 +134,6 @@ class ModelRunner:
         """The step as plain lists: what `execute` needs, and what rank 0 of a
         tensor-parallel group sends the other ranks (which hold no scheduler)."""
         g, tokens = self.graphs, sum(c.length for c in chunks)
-        if self.decoder.taps:  # the graphs do not keep the tapped layers: eager steps
-            return "eager", self._batch_lists(chunks, blocks)
         if g is not None and all(c.length <= KERNEL_MAX_CHUNK for c in chunks) and \
                 g.fits(tokens) and not prompt_rows(chunks):
             return "graph", self._kernel_rows(chunks, blocks)

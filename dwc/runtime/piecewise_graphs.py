@@ -42,6 +42,10 @@ class PiecewiseGraphs:
         self.slots = torch.full((n,), scratch_slot, dtype=torch.long, device=dev)
         self.q = torch.zeros(shape, dtype=decoder.dtype, device=dev)
         self.attn = torch.zeros(shape, dtype=decoder.dtype, device=dev)
+        # An EAGLE head's tapped layers (Decoder.taps), copied out by the pieces that make
+        # them: the pool's memory of one piece is reused by later ones.
+        taps = len(decoder.taps) * decoder.embed.weight.shape[-1] if decoder.taps else 0
+        self.tapped = torch.zeros(n, taps, dtype=decoder.dtype, device=dev) if taps else None
         self.pieces: dict[int, list] = {}   # size -> one callable per piece (a replay)
         self.hidden: dict[int, torch.Tensor] = {}  # size -> the last piece's output
         self._kept: dict[int, tuple] = {}   # size -> rotary tables every piece reads
@@ -108,6 +112,10 @@ class PiecewiseGraphs:
                                     self.cache, self.q[:n])
         else:
             residual = d.tail(self.attn[:n], residual)
+        if k and k - 1 in d.taps:  # piece k leaves layer k - 1's output (Decoder.forward)
+            h = residual.shape[-1]
+            j = d.taps.index(k - 1)
+            self.tapped[:n, j * h:(j + 1) * h].copy_(residual)
         return residual, cos, sin
 
     @torch.inference_mode()
@@ -130,4 +138,6 @@ class PiecewiseGraphs:
             piece()
             d.attend(i, q, batch, self.cache[i], out=attn)
         last()
+        if self.tapped is not None:
+            d.tapped = self.tapped[:n]
         return d.logits(self.hidden[size], batch.sample_rows)

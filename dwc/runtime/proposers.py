@@ -3,20 +3,19 @@ an EAGLE head or a draft model (docs/SPECULATION.md, "Serving")."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
-from dwc.model.eagle_head import is_eagle
+from dwc.model.eagle_head import eagle_taps, is_eagle
 from dwc.runtime.eagle import EagleProposer
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
 from dwc.runtime.ngram import NgramProposer
 from dwc.runtime.speculative import Drafter
 
 
-def eager_config(c, draft_dir: Path | None):
-    """The engine's config: an EAGLE head reads the target's tapped layers, which the
-    CUDA graphs do not keep, so its engine captures none."""
-    return replace(c, cuda_graphs=False) if is_eagle(draft_dir) else c
+def draft_taps(draft_dir: Path | None) -> tuple[int, ...]:
+    """The target layers an EAGLE head in `draft_dir` reads (none for another draft):
+    the target's runner keeps them in every step, its CUDA graphs included."""
+    return eagle_taps(draft_dir) if is_eagle(draft_dir) else ()
 
 
 def make_proposer(k: int, ngram: bool, draft_dir: Path | None, target: ModelRunner,
