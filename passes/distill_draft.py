@@ -155,8 +155,8 @@ class DistillDraft(Pass):
 
 NOTE = ("greedy acceptance at evaluation positions; speedup projected as tau / (v + K c), "
         "not measured; the verification's K extra tokens are taken as free (batch 1, "
-        "memory-bound), v is 1 but for the EAGLE head on a GPU (the target's eager step "
-        "over its graph step); `tune` weighs speculation at the serving concurrency")
+        "memory-bound), v (a verification step over a plain one) is 1; `tune` weighs "
+        "speculation at the serving concurrency")
 
 
 def _candidates(options, ctx) -> list[str]:
@@ -276,24 +276,24 @@ def cost_ratio(draft, target, ctx) -> float:
     hardware that will serve them), else weight bytes read per token."""
     if torch.cuda.is_available() and str(target.device).startswith("cuda"):
         return _timed_ratio(draft, target, ctx)
-    quantized = ctx.artifacts.quantized
-    target_bytes = quantized.summary["weight_bytes"] if quantized is not None else \
-        sum(p.numel() * p.element_size() for p in target.parameters())
     # Decode reads every weight but the embedding (one row); the draft runs in bf16.
     embed = draft.model.embed_tokens.weight.numel()
     draft_bytes = 2 * (sum(p.numel() for p in draft.parameters()) - embed)
-    return draft_bytes / target_bytes
+    return draft_bytes / speculation.target_bytes(target, ctx)
 
 
 def _timed_ratio(draft, target, ctx) -> float:
     """Batch-1 decode steps of the bf16 draft over those of the target with its GPU
-    kernels and KV cache dtype, both in dwc's ModelRunner."""
+    kernels and KV cache dtype, both in dwc's ModelRunner and CUDA graphs, as they
+    serve."""
     from dwc.perf.calibration import decode_step_seconds
     from dwc.runtime.model_runner import ModelRunner
 
     quantized = ctx.artifacts.quantized
     kv = ctx.target.kv_cache_dtype if ctx.target.kv_cache_dtype == "fp8_e4m3" else None
     target_runner = ModelRunner(target, 64, 16, "cuda",
-                                quantized.folder if quantized is not None else None, kv)
-    draft_runner = ModelRunner(copy.deepcopy(draft).to(torch.bfloat16), 64, 16, "cuda")
+                                quantized.folder if quantized is not None else None, kv,
+                                graph_tokens=1)
+    draft_runner = ModelRunner(copy.deepcopy(draft).to(torch.bfloat16), 64, 16, "cuda",
+                               graph_tokens=1)
     return decode_step_seconds(draft_runner) / decode_step_seconds(target_runner)

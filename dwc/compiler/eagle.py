@@ -134,12 +134,10 @@ def cost_ratio(head: EagleHead, target, ctx) -> tuple[float, float]:
     embedding reads one row on both sides), and 1."""
     if torch.cuda.is_available() and str(target.device).startswith("cuda"):
         return _timed_ratios(head, target, ctx)
-    quantized = ctx.artifacts.quantized
-    target_bytes = quantized.summary["weight_bytes"] if quantized is not None else \
-        sum(p.numel() * p.element_size() for p in target.parameters())
     s = head.shared
     shared = s.lm_head.weight.numel() + s.norm.weight.numel()
-    return 2 * (sum(p.numel() for p in head.parameters()) + shared) / target_bytes, 1.0
+    head_bytes = 2 * (sum(p.numel() for p in head.parameters()) + shared)
+    return head_bytes / speculation.target_bytes(target, ctx), 1.0
 
 
 def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:

@@ -130,3 +130,12 @@ def choose(candidates: list[dict]) -> dict:
 
 def _rounded(x: torch.Tensor) -> list[float]:
     return [round(float(v), 4) for v in x]
+
+
+def target_bytes(target, ctx) -> int:
+    """Weight bytes the target reads per decode step, for a CPU build's cost ratios: the
+    quantized weights' when the build quantized it, else its parameters'."""
+    quantized = ctx.artifacts.quantized
+    if quantized is not None:
+        return quantized.summary["weight_bytes"]
+    return sum(p.numel() * p.element_size() for p in target.parameters())
