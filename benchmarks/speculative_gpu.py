@@ -6,11 +6,15 @@
    stdlib files.
 2. `dwc build -t h200-fp8` with `draft: auto`: calibration, FP8 quantization, the
    distill-draft pass on the GPU (its measured tau, c and K), the KV plan, evaluation.
-3. The bundle in dwc's runtime with and without its draft, greedy, 128-token prompts from
-   the evaluation text and 256 new tokens, at batch 1, 8 and 32: output tokens/s, the
-   speedup, and the acceptance the runtime measured (the same greedy tokens both ways is
-   checked too). One sampled run (temperature 0.8) at batch 1 reports its acceptance.
-4. A K sweep at batch 1 (measured speedup for K = 2, 4, 6, 8).
+   The pass measures every candidate (draft model, EAGLE head, n-gram) and ships the
+   winner; when that is not the head, a second build with `candidates=[eagle]` ships one
+   (calibration and quantization come from the pass cache).
+3. The bundles in dwc's runtime without speculation and with each candidate (the chosen
+   one, the head, n-gram lookup forced with `ngram=True`), greedy, 128-token prompts
+   from the evaluation text and 256 new tokens, at batch 1, 8 and 32: output tokens/s,
+   the speedup, and the acceptance the runtime measured (the same greedy tokens as
+   without speculation is checked too). Sampled runs (temperature 0.8) at batch 1.
+4. With `--k-sweep`: the chosen method's measured speedup at batch 1 for K = 2, 4, 6, 8.
 5. The Llama-3-8B shape: c measured in dwc's runtime (batch-1 decode step of a 0.45B
    draft shape over the 8B's, random bf16 weights), c from weight bytes read per token,
    and the projected speedup tau / (1 + K c) with the tau measured on the trained pair.
@@ -135,7 +139,8 @@ def train_target(text: dict, out: Path, seconds: float) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
-def build(folder: Path, text: dict, steps: int) -> dict:
+def build(folder: Path, text: dict, steps: int, name: str = "bundle",
+          candidates: str | None = None) -> dict:
     # Calibration text for the draft's distillation: held-out stdlib files and 4 MB of
     # the target's training text (what the target knows is what the draft must learn).
     (folder / "calib.txt").write_text(("\n".join(text["calib"]) + "\n".join(text["train"]))[:4_600_000])
@@ -146,8 +151,9 @@ def build(folder: Path, text: dict, steps: int) -> dict:
         "evaluation: {data: ./eval.txt, samples: 32, seq_len: 512, max_ppl_increase_pct: 2.0}\n"
         "draft: auto\noptimization: auto\n")
     t0 = time.time()
+    only = ["--set", f"distill-draft.candidates={candidates}"] if candidates else []
     run = subprocess.run([sys.executable, "-m", "dwc", "build", str(folder / "model.yaml"),
-                          "-t", "h200-fp8", "-o", str(folder / "bundle"), "--json",
+                          "-t", "h200-fp8", "-o", str(folder / name), "--json", *only,
                           "--set", f"distill-draft.steps={steps}",
                           "--set", "distill-draft.batch_size=16",
                           "--set", "distill-draft.windows=4096",
@@ -157,7 +163,7 @@ def build(folder: Path, text: dict, steps: int) -> dict:
                          capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(f"build failed ({run.returncode}): {run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-    manifest = json.loads((folder / "bundle" / "manifest.json").read_text())
+    manifest = json.loads((folder / name / "manifest.json").read_text())
     return {"seconds": round(time.time() - t0, 1), "draft": manifest["draft"],
             "quality": manifest["quality"],
             "passes": {p["name"]: p.get("seconds") for p in manifest["passes"]}}
@@ -185,36 +191,50 @@ def timed(engine: Engine, groups: list, params: SamplingParams) -> tuple[float, 
     return round(sum(speeds) / len(speeds), 1), outs, engine.speculation()
 
 
-def measure(bundle: Path, prompts: list, n_out: int) -> dict:
+def measure(bundle: Path, head_bundle: Path | None, prompts: list, n_out: int,
+            k_sweep: bool) -> dict:
+    """Each speculating engine against the engine without speculation, same prompts."""
     results = {}
     greedy = SamplingParams(max_tokens=n_out, ignore_eos=True)
     # The engines live at once: each gets a fixed cache (131k tokens), not 90% of the GPU.
     plan = json.loads((bundle / "manifest.json").read_text())["kv_cache"]
     config = EngineConfig.from_plan(plan, num_blocks=8192, max_num_seqs=64)
     engines = {"off": Engine.from_bundle(bundle, config, speculative=False),
-               "on": Engine.from_bundle(bundle, config)}
+               "chosen": Engine.from_bundle(bundle, config),
+               "ngram": Engine.from_bundle(bundle, config, ngram=True)}
+    if head_bundle is not None:
+        engines["eagle"] = Engine.from_bundle(head_bundle, config)
     for eng in engines.values():  # warm-up: kernels compiled, allocator primed
         eng.generate([prompts[0][:32]] * 2, SamplingParams(max_tokens=24, ignore_eos=True))
+    results["graphs"] = {k: e.runner.graphs is not None for k, e in engines.items()}
     for batch in (1, 8, 32):
         # batch 1: four prompts one after another; larger batches: one batch.
         groups = [[p] for p in prompts[:4]] if batch == 1 else [prompts[:batch]]
         off, off_out, _ = timed(engines["off"], groups, greedy)
-        on, on_out, spec = timed(engines["on"], groups, greedy)
-        same = sum(a == b for a, b in zip(on_out, off_out))
-        results[f"batch{batch}"] = {"dwc_tok_s_no_draft": off, "dwc_tok_s_draft": on,
-                                    "speedup": round(on / off, 3), "runtime_speculation": spec,
-                                    "greedy_identical": f"{same}/{len(on_out)}"}
-        if batch == 1:
-            base = {"no_draft_tok_s": off}
+        row = {"dwc_tok_s_no_draft": off}
+        for name, eng in engines.items():
+            if name == "off":
+                continue
+            on, on_out, spec = timed(eng, groups, greedy)
+            same = sum(a == b for a, b in zip(on_out, off_out))
+            row[name] = {"tok_s": on, "speedup": round(on / off, 3), "runtime_speculation": spec,
+                         "greedy_identical": f"{same}/{len(on_out)}"}
+        results[f"batch{batch}"] = row
     sampled = SamplingParams(max_tokens=n_out, temperature=0.8, ignore_eos=True, seed=0)
     groups = [[p] for p in prompts[:2]]
     s_off, _, _ = timed(engines["off"], groups, sampled)
-    s_on, _, spec = timed(engines["on"], groups, sampled)
-    results["batch1_sampled_t0.8"] = {"dwc_tok_s_no_draft": s_off, "dwc_tok_s_draft": s_on,
-                                      "speedup": round(s_on / s_off, 3),
-                                      "runtime_speculation": spec}
+    row = {"dwc_tok_s_no_draft": s_off}
+    for name in ("chosen", "eagle"):
+        if name in engines:
+            s_on, _, spec = timed(engines[name], groups, sampled)
+            row[name] = {"tok_s": s_on, "speedup": round(s_on / s_off, 3),
+                         "runtime_speculation": spec}
+    results["batch1_sampled_t0.8"] = row
+    base = results["batch1"]["dwc_tok_s_no_draft"]
     del engines
     torch.cuda.empty_cache()
+    if not k_sweep:
+        return results
     # K against measured speed at batch 1 (the pass chose K from tau / (1 + K c)).
     sweep = {}
     for k in (2, 4, 6, 8):
@@ -222,7 +242,7 @@ def measure(bundle: Path, prompts: list, n_out: int) -> dict:
             plan, num_blocks=2048, max_num_seqs=8, num_speculative_tokens=k))
         eng.generate([prompts[0][:32]], SamplingParams(max_tokens=24, ignore_eos=True))
         tok_s, _, spec = timed(eng, [[p] for p in prompts[:4]], greedy)
-        sweep[k] = {"tok_s": tok_s, "speedup": round(tok_s / base["no_draft_tok_s"], 3),
+        sweep[k] = {"tok_s": tok_s, "speedup": round(tok_s / base, 3),
                     "tau": spec["mean_accepted_tokens"]}
         del eng
         torch.cuda.empty_cache()
@@ -289,6 +309,8 @@ def main() -> int:
     ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--extra-corpus-mb", type=float, default=60)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-spec"))
+    ap.add_argument("--k-sweep", action="store_true")
+    ap.add_argument("--no-8b", action="store_true", help="skip the 8B shape's measured c")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -302,32 +324,49 @@ def main() -> int:
     print("target", result["target"], flush=True)
     result["build"] = build(args.work, text, args.distill_steps)
     print("build", json.dumps(result["build"])[:600], flush=True)
+    head_bundle = None
+    if result["build"]["draft"]["method"] != "eagle":
+        result["build_eagle"] = build(args.work, text, args.distill_steps, "bundle-eagle", "[eagle]")
+        print("build (head)", json.dumps(result["build_eagle"])[:400], flush=True)
+        head_bundle = args.work / "bundle-eagle"
+    (args.out / "speculative.json").write_text(json.dumps(result, indent=1))
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     prompts = eval_prompts(args.work, tok, 32)
-    result["results"] = measure(args.work / "bundle", prompts, 256)
-    result["c_8b"] = measured_c_8b()
-    result["projection_8b"] = projection_8b(result["build"]["draft"]["per_k"]["tau"],
-                                            result["c_8b"]["cost_ratio"])
+    result["results"] = measure(args.work / "bundle", head_bundle, prompts, 256, args.k_sweep)
     (args.out / "speculative.json").write_text(json.dumps(result, indent=1))
     d = result["build"]["draft"]
+    if not args.no_8b and d.get("per_k"):
+        result["c_8b"] = measured_c_8b()
+        result["projection_8b"] = projection_8b(d["per_k"]["tau"], result["c_8b"]["cost_ratio"])
+        (args.out / "speculative.json").write_text(json.dumps(result, indent=1))
     print(f"\ntarget {result['target']['params'] / 1e6:.0f}M params, held-out ppl "
-          f"{result['target']['heldout_ppl']}; draft {d['params'] / 1e6:.0f}M, K={d['k']}, "
-          f"pass tau {d['mean_accepted_tokens']}, c {d['cost_ratio']}")
-    print(f"{'run':<22}{'no draft':>10}{'draft':>10}{'speedup':>9}{'tau':>7}{'alpha':>7}  same")
+          f"{result['target']['heldout_ppl']}; chosen {d['method']} K={d['k']}, pass tau "
+          f"{d['mean_accepted_tokens']}, c {d['cost_ratio']}")
+    for c in d.get("candidates", []):
+        print(f"  candidate {c.get('method')}: K={c.get('k')} tau "
+              f"{c.get('mean_accepted_tokens')} c {c.get('cost_ratio')} "
+              f"projected {c.get('projected_speedup')}")
+    print(f"graphs: {result['results']['graphs']}")
+    print(f"{'run':<22}{'engine':<8}{'tok/s':>9}{'off':>9}{'speedup':>9}{'tau':>7}  same")
     for name, r in result["results"].items():
-        if name == "batch1_k_sweep":
+        if name in ("batch1_k_sweep", "graphs"):
             continue
-        s = r["runtime_speculation"] or {}
-        print(f"{name:<22}{r['dwc_tok_s_no_draft']:>10}{r['dwc_tok_s_draft']:>10}"
-              f"{r['speedup']:>9}{s.get('mean_accepted_tokens')!s:>7}"
-              f"{s.get('acceptance_rate')!s:>7}  {r.get('greedy_identical', '-')}")
-    print("batch 1 by K: " + ", ".join(f"K={k} {v['speedup']}x (tau {v['tau']})"
-                                       for k, v in result["results"]["batch1_k_sweep"].items()))
-    print(f"8B shape in dwc's runtime: step {result['c_8b']['step_ms']} ms, "
-          f"c = {result['c_8b']['cost_ratio']}")
-    for name, p in result["projection_8b"].items():
-        print(f"8B projection, {name}: c={p['cost_ratio']} K={p['best_k']} "
-              f"speedup {p['projected_speedup']}")
+        for eng, v in r.items():
+            if eng == "dwc_tok_s_no_draft":
+                continue
+            s = v["runtime_speculation"] or {}
+            print(f"{name:<22}{eng:<8}{v['tok_s']:>9}{r['dwc_tok_s_no_draft']:>9}"
+                  f"{v['speedup']:>9}{s.get('mean_accepted_tokens')!s:>7}  "
+                  f"{v.get('greedy_identical', '-')}")
+    if "batch1_k_sweep" in result["results"]:
+        print("batch 1 by K: " + ", ".join(f"K={k} {v['speedup']}x (tau {v['tau']})"
+                                           for k, v in result["results"]["batch1_k_sweep"].items()))
+    if "c_8b" in result:
+        print(f"8B shape in dwc's runtime: step {result['c_8b']['step_ms']} ms, "
+              f"c = {result['c_8b']['cost_ratio']}")
+        for name, p in result["projection_8b"].items():
+            print(f"8B projection, {name}: c={p['cost_ratio']} K={p['best_k']} "
+                  f"speedup {p['projected_speedup']}")
     return 0
 
 
