@@ -61,12 +61,22 @@ def test_steps_overlap_and_tokens_arrive_one_step_later(bundle):
     assert len(seq.output_ids) == 5 and seq.num_pending == 0
 
 
-def test_sampled_requests_fall_back_and_stay_reproducible(bundle):
-    """A step with a sampled request collects the step in flight and runs synchronously;
-    seeded sampling gives what it gives without overlap."""
-    params = [SamplingParams(max_tokens=20, temperature=0.8, seed=i) if i % 2 else
+@pytest.mark.parametrize("kw", [dict(), dict(num_blocks=10, block_size=8)],
+                         ids=["roomy", "preempting"])
+def test_sampled_requests_overlap_and_stay_reproducible(bundle, kw):
+    """Seeded sampled requests (top-k / top-p too) beside greedy ones: their steps
+    overlap (drawn on the device), and give the tokens they give without overlap."""
+    params = [SamplingParams(max_tokens=20, temperature=0.8, seed=i, top_k=40 * (i % 3),
+                             top_p=0.9 if i % 4 == 1 else 1.0) if i % 2 else
               SamplingParams(max_tokens=20) for i in range(len(PROMPTS))]
-    assert run(engine(bundle, True), params) == run(engine(bundle, False), params)
+    overlapped = engine(bundle, True, **kw)
+    seq = overlapped.add(PROMPTS[0], params[1])
+    overlapped.step()
+    assert overlapped.inflight is not None  # launched, not collected: it overlaps
+    overlapped.abort(seq)
+    while overlapped.has_work():
+        overlapped.step()
+    assert run(overlapped, params) == run(engine(bundle, False, **kw), params)
 
 
 def test_abort_while_a_token_is_in_flight(bundle):
@@ -93,6 +103,18 @@ def test_same_tokens_with_and_without_overlap_on_the_gpu(bundle, kw):
     params = mixed_params()
     runs = [Engine.from_bundle(bundle, EngineConfig(device="cuda", dtype="float32",
                                                     async_scheduling=overlap, **kw))
+            for overlap in (False, True)]
+    assert run(runs[1], params) == run(runs[0], params)
+
+
+@pytest.mark.gpu
+def test_seeded_sampling_overlaps_with_the_same_tokens_on_the_gpu(bundle):
+    """The device sampler on the GPU: per-request CUDA generators, top-k / top-p sorts,
+    the draws fed into the next captured step."""
+    params = [SamplingParams(max_tokens=24, temperature=0.9, seed=i, top_k=20 * (i % 3),
+                             top_p=0.85 if i % 2 else 1.0) for i in range(len(PROMPTS))]
+    runs = [Engine.from_bundle(bundle, EngineConfig(device="cuda", dtype="float32",
+                                                    async_scheduling=overlap))
             for overlap in (False, True)]
     assert run(runs[1], params) == run(runs[0], params)
 

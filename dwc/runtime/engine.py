@@ -18,7 +18,7 @@ from dwc.runtime.config import EngineConfig, from_bundle
 from dwc.runtime.inflight import InFlight
 from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
-from dwc.runtime.sampler import chunk_tokens
+from dwc.runtime.sampler import chunk_tokens, sample_tensor
 from dwc.runtime.scheduler import Scheduler
 from dwc.runtime.proposers import draft_taps, make_proposer
 from dwc.runtime.host_tier import make_tier
@@ -153,8 +153,8 @@ class Engine:
     def step(self) -> list[Sequence]:
         """Schedule, (draft,) run, sample or verify; returns the sequences that finished.
 
-        Asynchronously (inflight.py) when every sampling request in the step is greedy
-        and nothing needs the tokens on the host first: the step is launched, then the
+        Asynchronously (inflight.py) when its tokens can be picked on the device (no
+        draft, logprobs or tensor parallelism): the step is launched, then the
         previous one collected, so the host's work overlaps the GPU's. Otherwise the
         previous step is collected first and this one runs synchronously."""
         chunks = self.scheduler.schedule()
@@ -170,17 +170,17 @@ class Engine:
         return finished
 
     def _overlappable(self, chunks) -> bool:
-        """Overlap needs every sampled token to be a device argmax: no sampled request,
+        """Overlap needs every token picked on the device (sampler.sample_tensor): no
         draft, tensor parallelism, or logprobs (recorded on the host from the logits)."""
         return (self.config.async_scheduling and self.drafter is None
                 and self.runner.tp is None  # the runner's own group: a test may swap it in
-                and (self.scheduler.num_unplain == 0  # no need to look at each chunk
-                     or all(c.seq.params.temperature <= 0 for c in chunks if c.logits)
-                     and not logprobs.wanted(chunks)))
+                and (self.scheduler.num_logprobs == 0  # no need to look at each chunk
+                     or not logprobs.wanted(chunks)))
 
     def _launch(self, chunks) -> InFlight:
-        """Run a step without waiting for it: greedy tokens are picked on the device
-        and start their way to the host; the chunks' K/V count as computed."""
+        """Run a step without waiting for it: its tokens are picked on the device
+        (argmax, or sampler.sample_tensor's draws) and start their way to the host; the
+        chunks' K/V count as computed."""
         logits = self.runner.run(chunks, self.blocks, self.inflight)
         sampled, page, seal = [], self.blocks.block_size, self.blocks.seal_full_blocks
         for c in chunks:  # per sequence: a hot loop at large batches (issue 18)
@@ -191,7 +191,9 @@ class Engine:
             if c.logits:
                 seq.num_pending += 1
                 sampled.append(seq)
-        return InFlight.start(logits.argmax(-1), sampled)
+        tokens = sample_tensor(logits, sampled) if self.scheduler.num_sampled else \
+            logits.argmax(-1)
+        return InFlight.start(tokens, sampled)
 
     def _collect(self) -> list[Sequence]:
         """Wait for the step in flight (if any) and append its tokens; returns the

@@ -1,19 +1,63 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Next-token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+A step's tokens are drawn on the logits' device for all rows at once, with no host
+sync (`sample_tensor`), so sampled requests overlap like greedy ones (inflight.py):
+each row's logits are scaled by its temperature, filtered by its top-k / top-p, and the
+token is argmax(p / E) with E ~ Exp(1) drawn per vocabulary entry -- the exponential
+race, an exact draw from p. A seeded request draws its row of E from its own generator,
+so its tokens do not depend on the batch it shares (docs/RUNTIME.md, "Sampling")."""
 
 from __future__ import annotations
 
 import torch
 
+from dwc.runtime.inflight import to_device
 from dwc.runtime.sequence import SamplingParams, Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [len(seqs), vocab] float32 -> one token id per sequence."""
-    greedy = logits.argmax(-1).tolist()  # one device sync for every greedy request
-    if all(seq.params.temperature <= 0 for seq in seqs):
-        return greedy  # no per-row tensor views: they cost microseconds each at batch 256
-    return [g if seq.params.temperature <= 0 else draw(distribution(row, seq.params), seq)
-            for row, seq, g in zip(logits, seqs, greedy)]
+    return sample_tensor(logits, seqs).tolist()  # one device sync
+
+
+def sample_tensor(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token id per row of logits [len(seqs), vocab], on their device, without
+    waiting for it: the argmax for greedy requests, a draw for sampled ones."""
+    greedy = logits.argmax(-1)
+    params = [seq.params for seq in seqs]
+    if all(p.temperature <= 0 for p in params):
+        return greedy
+    dev, vocab = logits.device, logits.shape[-1]
+    temps = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], dev,
+                      torch.float32)
+    x = logits.float() / temps[:, None]
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        x = filter_rows(x, [p.top_k for p in params], [p.top_p for p in params])
+    probs = torch.softmax(x, dim=-1)
+    race = torch.empty_like(probs).exponential_()
+    for i, seq in enumerate(seqs):  # seeded requests: their own stream, row by row
+        if params[i].seed is not None and params[i].temperature > 0:
+            race[i].exponential_(generator=generator(seq, dev))
+    drawn = (probs / race).argmax(-1)
+    is_greedy = to_device([p.temperature <= 0 for p in params], dev, torch.bool)
+    return torch.where(is_greedy, greedy, drawn)
+
+
+def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """filter_logits for every row of [n, vocab] at once, with each row's own top_k
+    (0: off) and top_p (1: off): one sort, and the same ties kept."""
+    n, vocab = logits.shape
+    dev = logits.device
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    k = to_device([t if 0 < t < vocab else vocab for t in top_k], dev)
+    kth = ordered.gather(1, (k - 1)[:, None])
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    p = to_device(top_p, dev, torch.float32)
+    probs = torch.softmax(ordered, dim=-1)
+    before = probs.cumsum(-1) - probs  # the mass before each entry
+    drop = (before >= p[:, None]) & (p < 1.0)[:, None]
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

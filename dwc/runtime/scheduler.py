@@ -71,10 +71,10 @@ def chunk_for(seq: Sequence, n: int, lookahead: int = 0) -> Chunk:
                  lookahead=lookahead)
 
 
-def is_plain(params) -> bool:
-    """Greedy without logprobs: its tokens can be picked on the device."""
-    return params.temperature <= 0 and params.logprobs is None and \
-        params.prompt_logprobs is None
+def wants_logprobs(params) -> bool:
+    """Logprobs are recorded on the host from a step's logits: such a step cannot
+    overlap the next (engine.py)."""
+    return params.logprobs is not None or params.prompt_logprobs is not None
 
 
 class Scheduler:
@@ -90,13 +90,17 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
-        # Sequences here that are sampled or want logprobs: while none is, every step
-        # may overlap (engine.py) without a look at each chunk.
-        self.num_unplain = 0
+        # Sequences here that are sampled / want logprobs: while none is, the engine
+        # need not look at each chunk for them (a hot path at large batches).
+        self.num_sampled = self.num_logprobs = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-        self.num_unplain += not is_plain(seq.params)
+        self._count(seq, 1)
+
+    def _count(self, seq: Sequence, sign: int) -> None:
+        self.num_sampled += sign * (seq.params.temperature > 0)
+        self.num_logprobs += sign * wants_logprobs(seq.params)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -192,7 +196,7 @@ class Scheduler:
         for queue in (self.running, self.waiting):
             if seq in queue:
                 queue.remove(seq)
-                self.num_unplain -= not is_plain(seq.params)
+                self._count(seq, -1)
                 break
         self.blocks.release(seq)
         seq.status = Status.FINISHED
