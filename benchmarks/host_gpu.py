@@ -6,7 +6,8 @@ CUDA graphs and asynchronous scheduling, so its decode step costs the GPU a frac
 a millisecond and the host sets the pace: the wall time per step is the host's. For each
 batch (128-token prompts) the script reports the wall ms per decode step with overlap,
 the ms spent waiting for the GPU (the rest is host time), the replayed graph alone, and
-a cProfile of 100 steps at the largest batch. Run it twice in one call to compare an
+a cProfile of 100 steps at the largest batch, and batch 128 with sampled requests
+(temperature 0.8, top-p 0.95). Run it twice in one call to compare an
 earlier tree (`PYTHONPATH=.ab/base`, made by `git archive <commit> | tar -x -C .ab/base`):
 
     DWC_COMMIT=<hash> python3 benchmarks/host_gpu.py --out $OUT
@@ -45,11 +46,14 @@ def prompt(i: int) -> list[int]:
     return [10 + (i * 131 + j) % 4000 for j in range(128)]
 
 
-def decode_steps(engine: Engine, batch: int, steps: int, profile: bool = False) -> dict:
+def decode_steps(engine: Engine, batch: int, steps: int, profile: bool = False,
+                 temperature: float = 0.0) -> dict:
     """`steps` decode steps at `batch` after the prompts are in: wall and wait ms per
-    step (and the cProfile text when `profile`)."""
-    seqs = [engine.add(prompt(i), SamplingParams(max_tokens=steps + 30, ignore_eos=True))
-            for i in range(batch)]
+    step (and the cProfile text when `profile`); `temperature` > 0: sampled requests
+    (top-p 0.95, unseeded), as an OpenAI client sends by default."""
+    params = SamplingParams(max_tokens=steps + 30, ignore_eos=True, temperature=temperature,
+                            top_p=0.95 if temperature > 0 else 1.0)
+    seqs = [engine.add(prompt(i), params) for i in range(batch)]
     while any(s.num_computed < 130 for s in seqs):
         engine.step()
     for _ in range(5):
@@ -96,6 +100,8 @@ def main() -> int:
     ap.add_argument("--tag", default="head")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 128, 256])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--sampled-batch", type=int, nargs="*", default=[128],
+                    help="batches also run with sampled requests (temperature 0.8)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     engine = Engine(CHECKPOINT, EngineConfig(num_blocks=8192, max_num_seqs=256,
@@ -108,6 +114,10 @@ def main() -> int:
         run = decode_steps(engine, batch, args.steps)
         run["replay_only_ms"] = replay_ms(engine, batch)
         report["runs"][f"bs{batch}"] = run
+    for batch in args.sampled_batch:
+        run = decode_steps(engine, batch, min(args.steps, 50), temperature=0.8)
+        run["replay_only_ms"] = replay_ms(engine, batch)
+        report["runs"][f"bs{batch}-sampled"] = run
     top = max(args.batch)
     prof = decode_steps(engine, top, 100, profile=True)
     (args.out / f"host_gpu_cprofile_{args.tag}_bs{top}.txt").write_text(prof["profile"])
@@ -116,7 +126,7 @@ def main() -> int:
     print(f"host per decode step ({args.tag}, {report['commit']}): batch | wall ms | wait ms"
           " | host ms | graph replay ms")
     for key, run in report["runs"].items():
-        print(f"{key:>6} | {run['wall_ms']:7.3f} | {run['wait_ms']:7.3f} | {run['host_ms']:7.3f}"
+        print(f"{key:>12} | {run['wall_ms']:7.3f} | {run['wait_ms']:7.3f} | {run['host_ms']:7.3f}"
               f" | {run['replay_only_ms']:7.3f}")
     return 0
 
