@@ -159,7 +159,8 @@ def build(folder: Path, text: dict, steps: int, name: str = "bundle",
                           "--set", "distill-draft.windows=4096",
                           "--set", "distill-draft.on_policy=512",
                           "--set", "distill-draft.on_policy_tokens=256",
-                          "--set", "distill-draft.positions=192"],
+                          "--set", "distill-draft.positions=192",
+                          "--set", "distill-draft.eagle_max_seconds=90"],
                          capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(f"build failed ({run.returncode}): {run.stdout[-3000:]}\n{run.stderr[-3000:]}")
