@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dwc.constants import MAX_GRAPH_TOKENS, NGRAM_K
+
 
 @dataclass
 class EngineConfig:
@@ -72,3 +74,24 @@ def from_bundle(bundle: Path, config: EngineConfig | None, speculative: bool,
     fusion = (manifest.get("fusion") or {}).get("plan")
     return (Path(bundle) / mf.MODEL_DIR, config, draft_dir, draft["k"] if draft else 0,
             fusion)
+
+
+def speculative_tokens(c: EngineConfig, draft_dir, draft_k: int, ngram: bool) -> int:
+    """K: the config's, else the bundle's measured choice, else (n-gram lookup asked for
+    at serving time) NGRAM_K."""
+    if not c.speculative or not (draft_dir or ngram):
+        return 0
+    return c.num_speculative_tokens or draft_k or NGRAM_K
+
+
+def runner_args(c: EngineConfig, model_dir: Path, num_blocks: int, k: int, device: str,
+                 fusion: dict | None) -> tuple[int, dict]:
+    """(tokens the decode graphs cover, the ModelRunner's keyword arguments). Graphs
+    cover steps of up to max_num_seqs sequences of 1 + K tokens (capped); gloo's
+    collectives (tensor parallelism sharing a GPU) cannot be captured, NCCL's can."""
+    gloo = c.tensor_parallel > 1 and c.tensor_parallel_backend == "gloo"
+    graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs and not gloo else 0
+    pieces = c.max_num_batched_tokens if c.cuda_graphs and c.piecewise_graphs else 0
+    return graph, dict(num_blocks=num_blocks, block_size=c.block_size, device=device,
+                       weights_dir=model_dir, kv_dtype=c.kv_dtype, kv_scales=c.kv_scales,
+                       graph_tokens=graph, fusion=fusion, piecewise_tokens=pieces)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from dwc.constants import MAX_GRAPH_TOKENS, NGRAM_K
 from dwc.errors import BadInput
 from dwc.runtime import logprobs
 from dwc.runtime.block_manager import BlockManager
-from dwc.runtime.config import EngineConfig, from_bundle
+from dwc.runtime.config import EngineConfig, from_bundle, runner_args, speculative_tokens
 from dwc.runtime.inflight import InFlight
 from dwc.runtime.memory import fit_blocks
 from dwc.runtime.model_runner import ModelRunner, load_hf_model
@@ -43,10 +42,10 @@ class Engine:
         dtype = getattr(torch, c.dtype or ("bfloat16" if device == "cuda" else "float32"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         ngram = c.speculative and c.speculative_method == "ngram"  # no draft model then
-        k = _speculative_tokens(c, draft_dir, draft_k, ngram)
+        k = speculative_tokens(c, draft_dir, draft_k, ngram)
         draft_dir = draft_dir if k and not ngram else None
         num_blocks = fit_blocks(model_dir, draft_dir, c, device, dtype, k)
-        graph, args = _runner_args(c, model_dir, num_blocks, k, device, fusion)
+        graph, args = runner_args(c, model_dir, num_blocks, k, device, fusion)
         args["taps"] = draft_taps(draft_dir)  # an EAGLE head's: kept by the graphs too
         self.tp = None  # rank 0 of a tensor-parallel group (parallel/workers.py)
         if c.tensor_parallel > 1:
@@ -285,23 +284,3 @@ class Engine:
             self.step()
         return [Completion(s.prompt_ids, s.output_ids, self.text(s), s.finish_reason) for s in seqs]
 
-
-def _speculative_tokens(c: EngineConfig, draft_dir, draft_k: int, ngram: bool) -> int:
-    """K: the config's, else the bundle's measured choice, else (n-gram lookup asked for
-    at serving time) NGRAM_K."""
-    if not c.speculative or not (draft_dir or ngram):
-        return 0
-    return c.num_speculative_tokens or draft_k or NGRAM_K
-
-
-def _runner_args(c: EngineConfig, model_dir: Path, num_blocks: int, k: int, device: str,
-                 fusion: dict | None) -> tuple[int, dict]:
-    """(tokens the decode graphs cover, the ModelRunner's keyword arguments). Graphs
-    cover steps of up to max_num_seqs sequences of 1 + K tokens (capped); gloo's
-    collectives (tensor parallelism sharing a GPU) cannot be captured, NCCL's can."""
-    gloo = c.tensor_parallel > 1 and c.tensor_parallel_backend == "gloo"
-    graph = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs and not gloo else 0
-    pieces = c.max_num_batched_tokens if c.cuda_graphs and c.piecewise_graphs else 0
-    return graph, dict(num_blocks=num_blocks, block_size=c.block_size, device=device,
-                       weights_dir=model_dir, kv_dtype=c.kv_dtype, kv_scales=c.kv_scales,
-                       graph_tokens=graph, fusion=fusion, piecewise_tokens=pieces)

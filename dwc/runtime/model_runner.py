@@ -90,16 +90,22 @@ class ModelRunner:
         scales = kv_scales if fp8 and kv_scales else [(1.0, 1.0)] * len(d.layers)
         d.kv_scales = [tuple(float(x) for x in pair) for pair in scales]
         self.block_size = block_size
+        self._capture(num_blocks, graph_tokens if graphs else 0,
+                      piecewise_tokens if pieces else 0)
+
+    def _capture(self, num_blocks: int, graph_tokens: int, piecewise_tokens: int) -> None:
+        """The decode graphs and the piecewise graphs (none for 0 tokens)."""
+        d, page = self.decoder, self.block_size
         self.graphs = None
-        if graphs:
+        if graph_tokens:
             from dwc.runtime.cuda_graphs import DecodeGraphs
 
-            width = -(-min(self.max_context, num_blocks * block_size) // block_size)
-            self.graphs = DecodeGraphs(d, self.cache, block_size, width, num_blocks, graph_tokens)
+            width = -(-min(self.max_context, num_blocks * page) // page)
+            self.graphs = DecodeGraphs(d, self.cache, page, width, num_blocks, graph_tokens)
             self.graphs.capture()
         self.pieces = None
-        if pieces:
-            self.pieces = PiecewiseGraphs(d, self.cache, num_blocks * block_size,
+        if piecewise_tokens:
+            self.pieces = PiecewiseGraphs(d, self.cache, num_blocks * page,
                                           piecewise_sizes(piecewise_tokens))
             self.pieces.capture()
 
