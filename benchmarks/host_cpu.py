@@ -2,9 +2,10 @@
 that returns logits at once: what scheduling, input building, feeding and collecting
 cost per step at a batch (issue 18's "host time per step at batch 256 under 1 ms").
 Treats every step as a graph step (the GPU's decode path, replays stubbed). Prints the time and a
-cProfile of 100 steps. `stop`: every request has a stop string (one that never occurs).
+cProfile of 100 steps. `stop`: every request has a stop string (one that never occurs);
+`sampled`: every request samples (temperature 0.8, top-p 0.95).
 
-    .venv/bin/python benchmarks/host_cpu.py 256 [stop]
+    .venv/bin/python benchmarks/host_cpu.py 256 [stop|sampled]
 """
 import time, torch, cProfile, pstats, sys
 from dwc.runtime.engine import Engine, EngineConfig
@@ -23,7 +24,8 @@ for size in g.sizes:
 eng.runner.graphs = g
 B = int(sys.argv[1])
 stop = ["\u2603 never"] if sys.argv[2:] == ["stop"] else []
-seqs = [eng.add([10 + (i * 7 + j) % 4000 for j in range(128)], SamplingParams(max_tokens=400, ignore_eos=True, stop=stop)) for i in range(B)]
+temp = 0.8 if sys.argv[2:] == ["sampled"] else 0.0
+seqs = [eng.add([10 + (i * 7 + j) % 4000 for j in range(128)], SamplingParams(max_tokens=400, ignore_eos=True, stop=stop, temperature=temp, top_p=0.95 if temp else 1.0)) for i in range(B)]
 while any(s.num_computed < 128 for s in seqs): eng.step()
 for _ in range(5): eng.step()
 t = time.perf_counter(); N = 100
