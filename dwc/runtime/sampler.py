@@ -38,7 +38,9 @@ def sample_tensor(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for i, seq in enumerate(seqs):  # seeded requests: their own stream, row by row
         if params[i].seed is not None and params[i].temperature > 0:
             race[i].exponential_(generator=generator(seq, dev))
-    drawn = (probs / race).argmax(-1)
+    # CUDA's exponential_ excludes 0; the CPU's may return it, and p / 0 would be inf
+    # (NaN for a filtered token, which argmax would pick): one in 2^24 draws.
+    drawn = (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
     is_greedy = to_device([p.temperature <= 0 for p in params], dev, torch.bool)
     return torch.where(is_greedy, greedy, drawn)
 
