@@ -47,10 +47,14 @@ def test_each_row_follows_its_own_distribution():
             assert chi_square(counts, expected, n) > 3 * CHI2_999[5]
 
 
-def test_batched_filtering_is_filter_logits_row_by_row():
+@pytest.mark.parametrize("ties", [False, True])
+def test_batched_filtering_is_filter_logits_row_by_row(ties):
+    """Also with many ties (a top-p boundary inside a tie is cut by index, both ways)."""
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(64, 50, generator=g)
     logits[::7, :10] = 1.0  # ties at the k-th value are kept, as filter_logits keeps them
+    if ties:
+        logits = torch.randint(0, 4, (64, 50), generator=g).float()
     ks = [0, 1, 5, 10, 49, 50, 60, 3] * 8
     ps = [1.0, 0.5, 0.9, 0.99, 0.1, 1.0, 0.3, 0.75] * 8
     batched = filter_rows(logits, ks, ps)

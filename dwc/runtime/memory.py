@@ -9,7 +9,7 @@ import torch
 
 from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
 from dwc.model.checkpoint import model_info
-from dwc.model.eagle_head import is_eagle
+from dwc.model.eagle_head import eagle_taps, is_eagle
 from dwc.model.kvcache import GPU_WORKSPACE_BYTES, kv_bytes_per_token, step_activation_bytes
 
 CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
@@ -26,7 +26,7 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
     the whole draft (which runs there unsplit). `k`: speculative tokens per sequence:
     the decode graphs then cover 1 + k rows a sequence, and a draft model keeps logits
-    for graphs of its own."""
+    for graphs of its own (an EAGLE head: the target's graphs keep its tapped layers)."""
     import warnings
 
     from dwc.runtime.parallel.layout import kv_heads_per_rank
@@ -49,7 +49,10 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
         rows = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
         step = step_activation_bytes(info, dtype.itemsize, n, True, c.max_num_seqs,
                                      c.max_num_batched_tokens, rows)
-        if draft:  # the draft's decode graphs keep their own logits
+        if draft and is_eagle(draft_dir):  # the target's graphs keep the head's layers
+            hidden = len(eagle_taps(draft_dir)) * info.hidden_size * dtype.itemsize
+            step += (sum(graph_sizes(rows)) + c.max_num_batched_tokens) * hidden
+        elif draft:  # the draft's decode graphs keep their own logits
             step += sum(graph_sizes(rows)) * draft.vocab_size * 4
         budget = torch.cuda.mem_get_info()[0] * 0.9 - weights - GPU_WORKSPACE_BYTES - step
     else:

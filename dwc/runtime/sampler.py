@@ -50,7 +50,7 @@ def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     (0: off) and top_p (1: off): one sort, and the same ties kept."""
     n, vocab = logits.shape
     dev = logits.device
-    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     k = to_device([t if 0 < t < vocab else vocab for t in top_k], dev)
     kth = ordered.gather(1, (k - 1)[:, None])
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))
@@ -92,7 +92,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        # Stable: top-p cuts ties at its boundary by index, as filter_rows does.
+        sorted_logits, order = torch.sort(logits, descending=True, stable=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before it
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))

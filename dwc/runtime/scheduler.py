@@ -141,6 +141,8 @@ class Scheduler:
         page, spec, running = self.blocks.block_size, self.num_speculative, Status.RUNNING
         append = chunks.append
         for seq in list(self.running):
+            if budget <= 0:
+                break
             if seq.status is not running:
                 continue  # preempted earlier in this loop
             out = len(seq.output_ids) + seq.num_pending
@@ -162,8 +164,6 @@ class Scheduler:
                     continue
                 append(Chunk(seq, start, n + k, 1 + k if n == left else 0, k))
                 budget -= n + k
-            if budget == 0:
-                break
         return budget
 
     def _lookahead(self, seq: Sequence, budget: int) -> int:
