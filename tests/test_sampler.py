@@ -57,7 +57,7 @@ def test_batched_filtering_is_filter_logits_row_by_row(ties):
         logits = torch.randint(0, 4, (64, 50), generator=g).float()
     ks = [0, 1, 5, 10, 49, 50, 60, 3] * 8
     ps = [1.0, 0.5, 0.9, 0.99, 0.1, 1.0, 0.3, 0.75] * 8
-    batched = filter_rows(logits, ks, ps)
+    batched = filter_rows(logits, torch.tensor(ks), torch.tensor(ps))
     for i in range(64):
         one = filter_logits(logits[i], ks[i], ps[i])
         assert torch.equal(torch.isfinite(batched[i]), torch.isfinite(one)), i

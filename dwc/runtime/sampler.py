@@ -27,12 +27,15 @@ def sample_tensor(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [seq.params for seq in seqs]
     if all(p.temperature <= 0 for p in params):
         return greedy
-    dev, vocab = logits.device, logits.shape[-1]
-    temps = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], dev,
-                      torch.float32)
-    x = logits.float() / temps[:, None]
-    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
-        x = filter_rows(x, [p.top_k for p in params], [p.top_p for p in params])
+    dev = logits.device
+    # Every row's settings in one host-to-device copy: temperature (1 for a greedy row),
+    # top_k, top_p, and whether the row is greedy.
+    rows = to_device([x for p in params for x in (p.temperature if p.temperature > 0 else 1.0,
+                                                   p.top_k, p.top_p, p.temperature <= 0)],
+                     dev, torch.float32).view(-1, 4)
+    x = logits.float() / rows[:, 0:1]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        x = filter_rows(x, rows[:, 1].long(), rows[:, 2])
     probs = torch.softmax(x, dim=-1)
     race = torch.empty_like(probs).exponential_()
     for i, seq in enumerate(seqs):  # seeded requests: their own stream, row by row
@@ -41,23 +44,21 @@ def sample_tensor(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     # CUDA's exponential_ excludes 0; the CPU's may return it, and p / 0 would be inf
     # (NaN for a filtered token, which argmax would pick): one in 2^24 draws.
     drawn = (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
-    is_greedy = to_device([p.temperature <= 0 for p in params], dev, torch.bool)
-    return torch.where(is_greedy, greedy, drawn)
+    return torch.where(rows[:, 3] > 0, greedy, drawn)
 
 
-def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+def filter_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """filter_logits for every row of [n, vocab] at once, with each row's own top_k
-    (0: off) and top_p (1: off): one sort, and the same ties kept."""
-    n, vocab = logits.shape
-    dev = logits.device
+    ([n] long, 0: off) and top_p ([n] float, 1: off), on the logits' device: one sort,
+    the same ties kept."""
+    vocab = logits.shape[-1]
     ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    k = to_device([t if 0 < t < vocab else vocab for t in top_k], dev)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     kth = ordered.gather(1, (k - 1)[:, None])
     ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    p = to_device(top_p, dev, torch.float32)
     probs = torch.softmax(ordered, dim=-1)
     before = probs.cumsum(-1) - probs  # the mass before each entry
-    drop = (before >= p[:, None]) & (p < 1.0)[:, None]
+    drop = (before >= top_p[:, None]) & (top_p < 1.0)[:, None]
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
