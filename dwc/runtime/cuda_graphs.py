@@ -145,13 +145,16 @@ class DecodeGraphs:
         starts = np.array(list(map(_start, chunks)))
         if not np.array_equal(starts, (last[1] if kept is None else last[1][kept]) + 1):
             return None
+        # Within a block a row's next slot is its last one plus one; positions and slots
+        # are rows 1 and 2 of `inputs`, so one add moves both (few launches: each costs
+        # the host about 10 us on a GPU machine).
         if kept is None:
-            self.positions[:n] += 1
+            self.inputs[1:, :n] += 1
             self.lens[:n] += 1
             self.ids[:n].copy_(flight.tokens)
         else:  # rows of sequences that left: the others move up, their rows pad
             rows = to_device(kept, self.ids.device)
-            self.positions[:n] = self.positions[rows] + 1
+            self.inputs[1:, :n] = self.inputs[1:, rows] + 1
             self.lens[:n] = self.lens[rows] + 1
             self.tables[:n] = self.tables[rows]
             self.ids[:n] = flight.tokens[rows]
@@ -159,14 +162,13 @@ class DecodeGraphs:
             self._pad_from(n, len(last[0]))
         page = self.page
         entering = np.flatnonzero(starts % page == 0).tolist()  # rows entering a block
-        if entering:
+        if entering:  # its new block's id in the table, its slot the block's first
             cols = [int(starts[i]) // page for i in entering]
             ids = [seqs[i].block_table[j] for i, j in zip(entering, cols)]
-            update = to_device(entering + cols + ids, self.ids.device).view(3, -1)
+            update = to_device(entering + cols + ids + [b * page for b in ids],
+                               self.ids.device).view(4, -1)
             self.tables[update[0], update[1]] = update[2].to(self.tables.dtype)
-        pos = self.positions[:n]
-        block = self.tables[:n].gather(1, (pos // page).unsqueeze(1)).squeeze(1)
-        self.slots[:n] = block * page + pos % page
+            self.slots[update[0]] = update[3]
         size = next(s for s in self.sizes if s >= n)
         self._replay(size, n)
         self.last = (seqs, starts)
