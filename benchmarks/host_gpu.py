@@ -83,6 +83,12 @@ def decode_steps(engine: Engine, batch: int, steps: int, profile: bool = False,
     return out
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time, with every wall time kept."""
+    runs = sorted(runs, key=lambda r: r["wall_ms"])
+    return dict(runs[len(runs) // 2], all_wall_ms=[r["wall_ms"] for r in runs])
+
+
 def replay_ms(engine: Engine, batch: int) -> float:
     graphs = engine.runner.graphs
     g = graphs.graphs[next(s for s in graphs.sizes if s >= batch)]
@@ -102,6 +108,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--sampled-batch", type=int, nargs="*", default=[128],
                     help="batches also run with sampled requests (temperature 0.8)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each batch this many times, report the median")
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     engine = Engine(CHECKPOINT, EngineConfig(num_blocks=8192, max_num_seqs=256,
@@ -111,17 +120,19 @@ def main() -> int:
               "dwc": str(Path(dwc.__file__).parent), "model": "examples/stdlib-coder (21M)",
               "runs": {}}
     for batch in args.batch:
-        run = decode_steps(engine, batch, args.steps)
+        run = median_run([decode_steps(engine, batch, args.steps) for _ in range(args.repeat)])
         run["replay_only_ms"] = replay_ms(engine, batch)
         report["runs"][f"bs{batch}"] = run
     for batch in args.sampled_batch:
-        run = decode_steps(engine, batch, min(args.steps, 50), temperature=0.8)
+        run = median_run([decode_steps(engine, batch, min(args.steps, 50), temperature=0.8)
+                          for _ in range(args.repeat)])
         run["replay_only_ms"] = replay_ms(engine, batch)
         report["runs"][f"bs{batch}-sampled"] = run
-    top = max(args.batch)
-    prof = decode_steps(engine, top, 100, profile=True)
-    (args.out / f"host_gpu_cprofile_{args.tag}_bs{top}.txt").write_text(prof["profile"])
-    print(prof["profile"][:4000])
+    if not args.no_profile:
+        top = max(args.batch)
+        prof = decode_steps(engine, top, 100, profile=True)
+        (args.out / f"host_gpu_cprofile_{args.tag}_bs{top}.txt").write_text(prof["profile"])
+        print(prof["profile"][:4000])
     (args.out / f"host_gpu_{args.tag}.json").write_text(json.dumps(report, indent=1))
     print(f"host per decode step ({args.tag}, {report['commit']}): batch | wall ms | wait ms"
           " | host ms | graph replay ms")
