@@ -153,10 +153,9 @@ class DistillDraft(Pass):
         return {"draft": info, "draft_model": model}
 
 
-NOTE = ("greedy acceptance at evaluation positions; speedup projected as tau / (v + K c), "
+NOTE = ("greedy acceptance at evaluation positions; speedup projected as tau / (1 + K c), "
         "not measured; the verification's K extra tokens are taken as free (batch 1, "
-        "memory-bound), v (a verification step over a plain one) is 1; `tune` weighs "
-        "speculation at the serving concurrency")
+        "memory-bound); `tune` weighs speculation at the serving concurrency")
 
 
 def _candidates(options, ctx) -> list[str]:

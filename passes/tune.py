@@ -208,7 +208,7 @@ def _figures(ctx, plan: dict, draft: bool) -> ModelFigures:
         params=sum(p.numel() for p in ctx.artifacts.model.parameters()),
         kv_bytes_per_token=plan["bytes_per_token"],
         tau=d["mean_accepted_tokens"] if d else 1.0,
-        step_cost=d.get("verify_cost", 1.0) + d["k"] * d["cost_ratio"] if d else 1.0)
+        step_cost=1 + d["k"] * d["cost_ratio"] if d else 1.0)
 
 
 def _candidate(machine, figures, seqs: int, draft: bool, slo, prompt: int, output: int) -> dict:

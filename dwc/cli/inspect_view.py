@@ -146,6 +146,5 @@ def _speculation(d: dict | None) -> str:
     size = f"{d['params']:,} parameters, " if "params" in d else ""
     ci = d.get("tau_ci95")
     tau = f"tau {d['mean_accepted_tokens']}" + (f" [{ci[0]}, {ci[1]}]" if ci else "")
-    verify = f", verify {d['verify_cost']}" if d.get("verify_cost", 1.0) != 1.0 else ""
-    return (f"{method} ({size}K={d['k']}, {tau}, c {d['cost_ratio']}{verify}, "
+    return (f"{method} ({size}K={d['k']}, {tau}, c {d['cost_ratio']}, "
             f"projected {d.get('projected_speedup', '?')}x)")

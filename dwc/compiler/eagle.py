@@ -119,30 +119,28 @@ def measure_head(head: EagleHead, target, starts: list, ctx, options, trained: d
     propose = _Drafts(head, target, starts)
     with ctx.reporter.progress("measuring the EAGLE head", len(starts)) as advance:
         accepted = speculation.accepted_counts(propose, starts, options.max_k, advance)
-    info = speculation.candidate("eagle", accepted, options.max_k,
-                                 *cost_ratio(head, target, ctx))
+    info = speculation.candidate("eagle", accepted, options.max_k, cost_ratio(head, target, ctx))
     return {**info, "params": sum(p.numel() for p in head.parameters()),
             "taps": list(head.taps), "training": trained}
 
 
-def cost_ratio(head: EagleHead, target, ctx) -> tuple[float, float]:
-    """(a head step, a verification step) over a plain target step. On the GPU the head's
-    step is timed in dwc's runtime against the target's graph step; the target keeps the
-    head's tapped layers in its CUDA graphs (docs/SPECULATION.md), so a verification
-    step costs a plain one (1). Elsewhere: the ratio of weight bytes read per token (the
-    head's own weights, the final norm and the LM head, in bf16, over the target's; the
-    embedding reads one row on both sides), and 1."""
+def cost_ratio(head: EagleHead, target, ctx) -> float:
+    """A head step over a target step. On the GPU the head's step is timed in dwc's
+    runtime against the target's graph step (the target keeps the head's tapped layers
+    in its CUDA graphs, docs/SPECULATION.md). Elsewhere: the ratio of weight bytes read
+    per token (the head's own weights, the final norm and the LM head, in bf16, over the
+    target's; the embedding reads one row on both sides)."""
     if torch.cuda.is_available() and str(target.device).startswith("cuda"):
-        return _timed_ratios(head, target, ctx)
+        return _timed_ratio(head, target, ctx)
     s = head.shared
     shared = s.lm_head.weight.numel() + s.norm.weight.numel()
     head_bytes = 2 * (sum(p.numel() for p in head.parameters()) + shared)
-    return head_bytes / speculation.target_bytes(target, ctx), 1.0
+    return head_bytes / speculation.target_bytes(target, ctx)
 
 
-def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:
+def _timed_ratio(head: EagleHead, target, ctx) -> float:
     """Batch-1 decode steps in dwc's ModelRunner: the head's (in the target's dtype) over
-    the target's graph step (its kernels and KV cache dtype), and 1."""
+    the target's graph step (its kernels and KV cache dtype)."""
     from dwc.perf.calibration import decode_step_seconds
     from dwc.runtime.eagle import head_runner
     from dwc.runtime.model_runner import ModelRunner
@@ -162,4 +160,4 @@ def _timed_ratios(head: EagleHead, target, ctx) -> tuple[float, float]:
         head.shared = shared
     dtype = target.model.embed_tokens.weight.dtype
     runner = head_runner(twin, target, 64, 16, "cuda", dtype)
-    return decode_step_seconds(runner) / graph, 1.0
+    return decode_step_seconds(runner) / graph

@@ -68,44 +68,38 @@ def accepted_counts(propose: Propose, starts: list, max_k: int, advance) -> list
     return accepted
 
 
-def candidate(method: str, accepted: list[int], max_k: int, cost: float,
-              verify_cost: float = 1.0) -> dict:
+def candidate(method: str, accepted: list[int], max_k: int, cost: float) -> dict:
     """The candidate's table over K = 1..max_k, its best K, and the intervals there.
-    Projected speedup: tau / (verify_cost + K * cost), where `verify_cost` is a
-    verification step over a plain target step (1: the same, memory-bound at batch 1;
-    more when the method makes the target run without CUDA graphs, the EAGLE head on a
-    GPU today) and `cost` a draft step over a plain target step."""
+    Projected speedup: tau / (1 + K * cost), `cost` a draft step over a target step (a
+    verification step costs a plain one: memory-bound at batch 1)."""
     a = torch.tensor(accepted, dtype=torch.float64)
     ks = torch.arange(1, max_k + 1, dtype=torch.float64)
     tau = 1 + torch.minimum(a[:, None], ks).mean(0)                        # [K]
     reached = torch.stack([(a >= k - 1).sum() for k in ks]).clamp(min=1)
     alpha = torch.stack([(a >= k).sum() for k in ks]) / reached
-    speedup = tau / (verify_cost + ks * cost)
+    speedup = tau / (1 + ks * cost)
     best = int(speedup.argmax())
     k = best + 1
-    boot_tau, stability = _bootstrap(a, ks, cost, best, verify_cost)
+    boot_tau, stability = _bootstrap(a, ks, cost, best)
     lo, hi = (float(x) for x in torch.quantile(boot_tau, torch.tensor([0.025, 0.975],
                                                                        dtype=torch.float64)))
     return {"method": method, "k": k, "mean_accepted_tokens": round(float(tau[best]), 4),
             "tau_ci95": [round(lo, 4), round(hi, 4)],
             "acceptance_rate": round(float(alpha[:k].mean()), 4),
-            "cost_ratio": round(cost, 4), "verify_cost": round(verify_cost, 4),
-            "projected_speedup": round(float(speedup[best]), 4),
-            "speedup_ci95": [round(lo / (verify_cost + k * cost), 4),
-                             round(hi / (verify_cost + k * cost), 4)],
+            "cost_ratio": round(cost, 4), "projected_speedup": round(float(speedup[best]), 4),
+            "speedup_ci95": [round(lo / (1 + k * cost), 4), round(hi / (1 + k * cost), 4)],
             "k_stability": round(stability, 4), "positions": len(accepted),
             "per_k": {"k": [int(x) for x in ks], "alpha": _rounded(alpha),
                       "tau": _rounded(tau), "speedup": _rounded(speedup)}}
 
 
-def _bootstrap(a: torch.Tensor, ks: torch.Tensor, cost: float, best: int,
-               verify_cost: float = 1.0):
+def _bootstrap(a: torch.Tensor, ks: torch.Tensor, cost: float, best: int):
     """tau at the best K over resampled positions, and the share of resamples whose own
     best K is the same one."""
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(len(a), (SPEC_BOOTSTRAP, len(a)), generator=gen)
     taus = 1 + torch.minimum(a[idx][..., None], ks).mean(1)                # [B, K]
-    again = (taus / (verify_cost + ks * cost)).argmax(1) == best
+    again = (taus / (1 + ks * cost)).argmax(1) == best
     return taus[:, best], float(again.double().mean())
 
 

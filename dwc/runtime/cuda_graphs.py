@@ -48,7 +48,6 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.tapped: dict[int, torch.Tensor] = {}  # size -> the decoder's tapped layers
-        self.order = list(range(n))
         # The last step's sequences and positions when it was decode rows only (advance).
         self.last: tuple[list, np.ndarray] | None = None
 
