@@ -157,6 +157,8 @@ class Engine:
         previous one collected, so the host's work overlaps the GPU's. Otherwise the
         previous step is collected first and this one runs synchronously."""
         chunks = self.scheduler.schedule()
+        if self.blocks.tier is not None:
+            self.blocks.tier.flush()  # the host tier's copies, before any kernel reads them
         for hook in self.schedule_hooks:  # measurement code watching the steps
             hook(chunks)
         if chunks and not self._overlappable(chunks):

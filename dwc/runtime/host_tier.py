@@ -5,14 +5,25 @@ block's K/V go to a bounded pool in host memory (pinned when the cache is on a G
 the block's key; a later request whose prefix misses the device cache but hits the pool
 gets a device block back with a copy, instead of recomputing that part of the prefill.
 
+The block manager's calls only do the bookkeeping and queue the copy; the engine calls
+`flush` once a step, after scheduling and before launching, which moves the queued blocks
+in batches: a pool slot holds one block of every cache side by side (one row of bytes),
+so a block crosses the bus in one copy (or one per run of adjacent slots), and a batch is
+gathered from (scattered into) each cache with one indexing kernel, instead of a copy per
+block and layer (an 8k-token context of a 32-layer model is 512 blocks: about 33,000
+copies were as slow as recomputing the prefill).
+
 The copies are issued on the device's current stream without waiting (non_blocking from
-and into pinned memory): a copy out is ordered before the kernels that later overwrite
-the block, a copy in before the kernels that read it, and a pool slot reused for another
-block is written after every earlier copy out of it, all by stream order, so the host
-never waits and no event is needed. The pool is inclusive: a restored block stays in it
-(a second eviction of the same content costs no copy) and the least recently used entry
-makes room when it is full. Every model's cache is copied (the target's and a draft's:
-their blocks are shared), all layers.
+and into pinned memory): stream order puts a copy out before the kernels that later
+overwrite the block, a copy in before the kernels that read it, a pool slot's later
+writes after its earlier reads, and a batch's reuse of the staging buffer after the last
+batch's copies, so the host never waits and no event is needed. A flush runs every copy
+out before any copy in; the two orders differ only where a copy out reads a block a
+queued copy in writes or writes a slot a queued copy in reads, and `save` flushes first
+in those cases. The pool is inclusive: a restored block stays in it (a second eviction of
+the same content costs no copy) and the least recently used entry makes room when it is
+full. Every model's cache is copied (the target's and a draft's: their blocks are shared),
+all layers.
 """
 
 from __future__ import annotations
@@ -21,6 +32,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+STAGING_BYTES = 64 << 20  # the device buffer a batch passes through (GPU_WORKSPACE_BYTES)
+ALIGN = 16                # each cache's bytes start aligned within a pool row (copies)
 
 
 @dataclass
@@ -43,46 +57,55 @@ class HostTier:
             raise ValueError("a host tier needs room for at least one block")
         self.caches = caches
         self.block_size = block_size
-        pin = caches[0].is_cuda
-        self.pools = [torch.empty((capacity_blocks, 2, block_size, *c.shape[2:]), dtype=c.dtype,
-                                  pin_memory=pin) for c in caches]
+        self.offsets, self.row_bytes = _row_layout(caches, block_size)
         self.block_bytes = block_bytes(caches, block_size)
+        self.pool = torch.empty((capacity_blocks, self.row_bytes), dtype=torch.uint8,
+                                pin_memory=caches[0].is_cuda)
         self.capacity = capacity_blocks
+        self.batch_rows = max(1, STAGING_BYTES // self.row_bytes)
+        self.staging: torch.Tensor | None = None  # made at the first flush, on the device
         self.entries: OrderedDict[tuple, tuple[int, int]] = OrderedDict()  # key -> (slot, key_id)
         self.free_slots = list(range(capacity_blocks - 1, -1, -1))
+        self.outs: list[tuple[int, int]] = []    # queued (device block, slot) copies out
+        self.ins: list[tuple[int, int]] = []     # queued (slot, device block) copies in
+        self.in_blocks: set[int] = set()
+        self.in_slots: set[int] = set()
         self.stats = TierStats()
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def save(self, block_id: int, key: tuple, key_id: int) -> None:
-        """Copy a device block that is about to be reused into the pool (once per key)."""
+        """Queue a copy of a device block that is about to be reused into the pool (once
+        per key)."""
         if key in self.entries:
             self.entries.move_to_end(key)
             return
+        if block_id in self.in_blocks or (not self.free_slots and
+                                          self.entries[next(iter(self.entries))][0]
+                                          in self.in_slots):
+            self.flush()  # this copy out must follow a queued copy in (module docstring)
         if not self.free_slots:
             _, (slot, _) = self.entries.popitem(last=False)
             self.free_slots.append(slot)
             self.stats.evicted += 1
         slot = self.free_slots.pop()
-        start = block_id * self.block_size
-        for pool, cache in zip(self.pools, self.caches):
-            pool[slot].copy_(cache[:, start:start + self.block_size], non_blocking=True)
+        self.outs.append((block_id, slot))
         self.entries[key] = (slot, key_id)
         self.stats.saved += 1
         self.stats.bytes_out += self.block_bytes
 
     def restore(self, key: tuple, block_id: int) -> int | None:
-        """Copy the pool's block for `key` into device block `block_id`; returns the key's
-        id (the device block takes it, so its children's keys still match), or None when
-        the pool does not hold the key."""
+        """Queue a copy of the pool's block for `key` into device block `block_id`;
+        returns the key's id (the device block takes it, so its children's keys still
+        match), or None when the pool does not hold the key."""
         entry = self.entries.get(key)
         if entry is None:
             return None
         slot, key_id = entry
-        start = block_id * self.block_size
-        for pool, cache in zip(self.pools, self.caches):
-            cache[:, start:start + self.block_size].copy_(pool[slot], non_blocking=True)
+        self.ins.append((slot, block_id))
+        self.in_blocks.add(block_id)
+        self.in_slots.add(slot)
         self.entries.move_to_end(key)
         self.stats.restored += 1
         self.stats.hit_tokens += self.block_size
@@ -97,6 +120,92 @@ class HostTier:
         self.entries.move_to_end(key)
         return True
 
+    def flush(self) -> None:
+        """Issue the queued copies: every copy out, then every copy in, in batches."""
+        outs, ins, self.outs, self.ins = self.outs, self.ins, [], []
+        self.in_blocks.clear()
+        self.in_slots.clear()
+        for i in range(0, len(outs), self.batch_rows):
+            self._copy_out(outs[i:i + self.batch_rows])
+        for i in range(0, len(ins), self.batch_rows):
+            self._copy_in(ins[i:i + self.batch_rows])
+
+    # -- the copies ---------------------------------------------------------------------
+
+    def _copy_out(self, batch: list[tuple[int, int]]) -> None:
+        rows = self._staging(len(batch))
+        ids = self._index([b for b, _ in batch])
+        for cache, view in zip(self.caches, self._views(rows)):
+            view.copy_(_blocks(cache, self.block_size).index_select(1, ids).transpose(0, 1))
+        for row, slot, n in _runs([s for _, s in batch]):
+            self.pool[slot:slot + n].copy_(rows[row:row + n], non_blocking=True)
+
+    def _copy_in(self, batch: list[tuple[int, int]]) -> None:
+        rows = self._staging(len(batch))
+        for row, slot, n in _runs([s for s, _ in batch]):
+            rows[row:row + n].copy_(self.pool[slot:slot + n], non_blocking=True)
+        ids = self._index([b for _, b in batch])
+        for cache, view in zip(self.caches, self._views(rows)):
+            _blocks(cache, self.block_size).index_copy_(1, ids, view.transpose(0, 1))
+
+    def _staging(self, n: int) -> torch.Tensor:
+        if self.staging is None:
+            self.staging = torch.empty((self.batch_rows, self.row_bytes), dtype=torch.uint8,
+                                       device=self.caches[0].device)
+        return self.staging[:n]
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        """The block ids on the cache's device; through pinned memory on a GPU, since a
+        copy from pageable memory would wait for the stream."""
+        ids = torch.tensor(block_ids, dtype=torch.int64)
+        device = self.caches[0].device
+        if device.type == "cpu":
+            return ids
+        return ids.pin_memory().to(device, non_blocking=True)
+
+    def _views(self, rows: torch.Tensor):
+        """Each cache's part of the staging rows as bytes [n, 2, block_size, kv_heads,
+        d * itemsize]."""
+        n = rows.shape[0]
+        for cache, start in zip(self.caches, self.offsets):
+            shape = (2, self.block_size, cache.shape[2], cache.shape[3] * cache.element_size())
+            yield rows[:, start:start + _numel(shape)].view(n, *shape)
+
+
+def _blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A cache [2, slots, kv_heads, d] as bytes [2, blocks, block_size, kv_heads,
+    d * itemsize] (indexing kernels exist for bytes whatever the cache's dtype, FP8
+    included)."""
+    return cache.view(torch.uint8).view(2, -1, block_size, *cache.view(torch.uint8).shape[2:])
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _runs(slots: list[int]):
+    """(first row, first slot, length) of each run of consecutive slots, in order."""
+    row = 0
+    while row < len(slots):
+        n = 1
+        while row + n < len(slots) and slots[row + n] == slots[row] + n:
+            n += 1
+        yield row, slots[row], n
+        row += n
+
+
+def _row_layout(caches: list[torch.Tensor], block_size: int) -> tuple[list[int], int]:
+    """Where each cache's block starts within a pool row, and the row's bytes (each start
+    aligned, so that the bytes can be viewed as the cache's dtype)."""
+    offsets, end = [], 0
+    for c in caches:
+        offsets.append(end)
+        end += -(-2 * block_size * c.shape[2] * c.shape[3] * c.element_size() // ALIGN) * ALIGN
+    return offsets, end
+
 
 def block_bytes(caches: list[torch.Tensor], block_size: int) -> int:
     """Bytes of one block over all the caches: K and V, all layers."""
@@ -104,7 +213,7 @@ def block_bytes(caches: list[torch.Tensor], block_size: int) -> int:
 
 
 def capacity_for(gib: float, caches: list[torch.Tensor], block_size: int) -> int:
-    return int(gib * (1 << 30)) // block_bytes(caches, block_size)
+    return int(gib * (1 << 30)) // _row_layout(caches, block_size)[1]
 
 
 def make_tier(gib: float, runners: list, block_size: int, tensor_parallel: int) -> HostTier:
