@@ -117,7 +117,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-perf"))
     ap.add_argument("--conversations", type=int, default=32)
     ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--context", type=int, default=7424)  # + turns < 8192
     ap.add_argument("--question", type=int, default=64)
     ap.add_argument("--answer", type=int, default=128)
     ap.add_argument("--gpu-contexts", type=float, default=8.0,

@@ -51,16 +51,21 @@ def _check_cache(sched, blocks, cache) -> None:
             assert float(cache[0, blocks.slot(seq, p)]) == _stamp(tokens[:p + 1]), (seq, p)
 
 
-@pytest.mark.parametrize("capacity,batch_rows", [(12, None), (3, 2)])
-def test_tier_restores_exact_prefixes_and_leaks_nothing_under_random_load(capacity, batch_rows):
+@pytest.mark.parametrize("capacity,batch_rows,device", [
+    (12, None, "cpu"), (3, 2, "cpu"),
+    pytest.param(12, 2, "cuda", marks=pytest.mark.gpu),
+    pytest.param(3, 2, "cuda", marks=pytest.mark.gpu)])
+def test_tier_restores_exact_prefixes_and_leaks_nothing_under_random_load(capacity, batch_rows,
+                                                                          device):
     """600 random requests over shared prefixes with aborts and preemption, a device
     cache too small to keep them and a host pool too small to keep them all: restored
     blocks hold their prefix's content, every device block comes back, the pool evicts.
     The tiny pool with two-block batches reuses slots inside one step's queue (the
-    flushes `save` makes before a copy out that must follow a queued copy in)."""
+    flushes `save` makes before a copy out that must follow a queued copy in). On the
+    GPU: the side stream's copies out, the ring of buffers, the waits for slots."""
     rng = random.Random(1)
     num_blocks, page = 20, 4
-    cache = torch.full((2, num_blocks * page, 1, 1), -1.0, dtype=torch.float64)
+    cache = torch.full((2, num_blocks * page, 1, 1), -1.0, dtype=torch.float64, device=device)
     blocks = BlockManager(num_blocks, page)
     blocks.tier = HostTier([cache], page, capacity_blocks=capacity)
     blocks.tier.batch_rows = batch_rows or blocks.tier.batch_rows

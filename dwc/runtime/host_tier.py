@@ -13,17 +13,18 @@ gathered from (scattered into) each cache with one indexing kernel, instead of a
 block and layer (an 8k-token context of a 32-layer model is 512 blocks: about 33,000
 copies were as slow as recomputing the prefill).
 
-The copies are issued on the device's current stream without waiting (non_blocking from
-and into pinned memory): stream order puts a copy out before the kernels that later
-overwrite the block, a copy in before the kernels that read it, a pool slot's later
-writes after its earlier reads, and a batch's reuse of the staging buffer after the last
-batch's copies, so the host never waits and no event is needed. A flush runs every copy
-out before any copy in; the two orders differ only where a copy out reads a block a
-queued copy in writes or writes a slot a queued copy in reads, and `save` flushes first
-in those cases. The pool is inclusive: a restored block stays in it (a second eviction of
-the same content costs no copy) and the least recently used entry makes room when it is
-full. Every model's cache is copied (the target's and a draft's: their blocks are shared),
-all layers.
+Copies out run on a side stream so that the step's kernels do not wait for the bus: the
+main stream gathers a batch into one of a ring of device buffers (its kernels may then
+overwrite the blocks), and the side stream, after an event, copies the buffer to the pool;
+a buffer is gathered into again only after the side stream's event for its last copy.
+Copies in run on the main stream (the step reads them next), after the side stream's
+events for any pending copy out into the same slots. Nothing makes the host wait. Within a
+flush every copy out is issued before any copy in; the two orders differ only where a
+copy out reads a block a queued copy in writes or writes a slot a queued copy in reads,
+and `save` flushes first in those cases. The pool is inclusive: a restored block stays in
+it (a second eviction of the same content costs no copy) and the least recently used
+entry makes room when it is full. Every model's cache is copied (the target's and a
+draft's: their blocks are shared), all layers.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-STAGING_BYTES = 64 << 20  # the device buffer a batch passes through (GPU_WORKSPACE_BYTES)
+BATCH_BYTES = 64 << 20    # a batch of blocks passes through a device buffer this big
+RING = 4                  # buffers for copies out (the side stream drains them)
+STAGING_BYTES = (RING + 1) * BATCH_BYTES  # the ring and the buffer for copies in
 ALIGN = 16                # each cache's bytes start aligned within a pool row (copies)
 
 
@@ -62,8 +65,12 @@ class HostTier:
         self.pool = torch.empty((capacity_blocks, self.row_bytes), dtype=torch.uint8,
                                 pin_memory=caches[0].is_cuda)
         self.capacity = capacity_blocks
-        self.batch_rows = max(1, STAGING_BYTES // self.row_bytes)
-        self.staging: torch.Tensor | None = None  # made at the first flush, on the device
+        self.batch_rows = max(1, BATCH_BYTES // self.row_bytes)
+        self.buffers: list[torch.Tensor] = []     # RING for copies out, one for copies in
+        self.side = torch.cuda.Stream(caches[0].device) if caches[0].is_cuda else None
+        self.ring_free: list = [None] * RING       # side-stream event: buffer i drained
+        self.out_pending: list[tuple] = []        # (event, slots) of copies out in flight
+        self.num_out_batches = 0
         self.entries: OrderedDict[tuple, tuple[int, int]] = OrderedDict()  # key -> (slot, key_id)
         self.free_slots = list(range(capacity_blocks - 1, -1, -1))
         self.outs: list[tuple[int, int]] = []    # queued (device block, slot) copies out
@@ -125,6 +132,8 @@ class HostTier:
         outs, ins, self.outs, self.ins = self.outs, self.ins, [], []
         self.in_blocks.clear()
         self.in_slots.clear()
+        while self.out_pending and self.out_pending[0][0].query():
+            self.out_pending.pop(0)  # copies out that have landed need no wait
         for i in range(0, len(outs), self.batch_rows):
             self._copy_out(outs[i:i + self.batch_rows])
         for i in range(0, len(ins), self.batch_rows):
@@ -133,26 +142,53 @@ class HostTier:
     # -- the copies ---------------------------------------------------------------------
 
     def _copy_out(self, batch: list[tuple[int, int]]) -> None:
-        rows = self._staging(len(batch))
+        j = self.num_out_batches % RING
+        self.num_out_batches += 1
+        main = torch.cuda.current_stream(self.side.device) if self.side else None
+        if self.ring_free[j] is not None:
+            main.wait_event(self.ring_free[j])  # its last copy out has left the buffer
+        rows = self._buffer(j)[:len(batch)]
         ids = self._index([b for b, _ in batch])
         for cache, view in zip(self.caches, self._views(rows)):
             view.copy_(_blocks(cache, self.block_size).index_select(1, ids).transpose(0, 1))
-        for row, slot, n in _runs([s for _, s in batch]):
+        slots = [s for _, s in batch]
+        if self.side is None:
+            self._to_pool(rows, slots)
+            return
+        self.side.wait_event(main.record_event())
+        with torch.cuda.stream(self.side):
+            self._to_pool(rows, slots)
+        self.ring_free[j] = self.side.record_event()
+        self.out_pending.append((self.ring_free[j], set(slots)))
+
+    def _to_pool(self, rows: torch.Tensor, slots: list[int]) -> None:
+        for row, slot, n in _runs(slots):
             self.pool[slot:slot + n].copy_(rows[row:row + n], non_blocking=True)
 
     def _copy_in(self, batch: list[tuple[int, int]]) -> None:
-        rows = self._staging(len(batch))
-        for row, slot, n in _runs([s for s, _ in batch]):
+        slots = [s for s, _ in batch]
+        if self.side is not None:
+            self._after_copies_out(set(slots))
+        rows = self._buffer(RING)[:len(batch)]
+        for row, slot, n in _runs(slots):
             rows[row:row + n].copy_(self.pool[slot:slot + n], non_blocking=True)
         ids = self._index([b for _, b in batch])
         for cache, view in zip(self.caches, self._views(rows)):
             _blocks(cache, self.block_size).index_copy_(1, ids, view.transpose(0, 1))
 
-    def _staging(self, n: int) -> torch.Tensor:
-        if self.staging is None:
-            self.staging = torch.empty((self.batch_rows, self.row_bytes), dtype=torch.uint8,
-                                       device=self.caches[0].device)
-        return self.staging[:n]
+    def _after_copies_out(self, slots: set[int]) -> None:
+        """Make the main stream wait for the copies out still in flight into `slots`."""
+        main = torch.cuda.current_stream(self.side.device)
+        for event, written in self.out_pending:
+            if written & slots:
+                main.wait_event(event)
+
+    def _buffer(self, i: int) -> torch.Tensor:
+        """Staging buffer i (RING: the one for copies in), made at first use."""
+        while len(self.buffers) <= i:
+            self.buffers.append(torch.empty((self.batch_rows, self.row_bytes),
+                                            dtype=torch.uint8, device=self.caches[0].device))
+        return self.buffers[i]
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         """The block ids on the cache's device; through pinned memory on a GPU, since a

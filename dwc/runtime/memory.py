@@ -11,6 +11,7 @@ from dwc.constants import MAX_GRAPH_TOKENS, graph_sizes
 from dwc.model.checkpoint import model_info
 from dwc.model.eagle_head import eagle_taps, is_eagle
 from dwc.model.kvcache import GPU_WORKSPACE_BYTES, kv_bytes_per_token, step_activation_bytes
+from dwc.runtime.host_tier import STAGING_BYTES as HOST_TIER_STAGING_BYTES
 
 CPU_KV_BUDGET_BYTES = 256 << 20  # KV cache size on CPU when the bundle has no plan
 
@@ -21,7 +22,7 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     to what fits here: on CPU a fixed budget, on a GPU 90% of the memory free before the
     weights load, less the weights' size on disk and what the kv-layout plan keeps for a
     step (its workspace reserve, activations, graph logits and pool, for this config's
-    batch limits): an H200 plan on an 80 GB H100 ran out of memory when only the weights
+    batch limits; the host tier's staging buffers when it has one): an H200 plan on an 80 GB H100 ran out of memory when only the weights
     were counted (2026-12-07). A block holds the target's K/V and the draft's.
     With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
     the whole draft (which runs there unsplit). `k`: speculative tokens per sequence:
@@ -54,6 +55,8 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
             step += (sum(graph_sizes(rows)) + c.max_num_batched_tokens) * hidden
         elif draft:  # the draft's decode graphs keep their own logits
             step += sum(graph_sizes(rows)) * draft.vocab_size * 4
+        if c.kv_host_gib > 0:
+            step += HOST_TIER_STAGING_BYTES
         budget = torch.cuda.mem_get_info()[0] * 0.9 - weights - GPU_WORKSPACE_BYTES - step
     else:
         budget = CPU_KV_BUDGET_BYTES
