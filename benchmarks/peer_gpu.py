@@ -93,11 +93,15 @@ def main() -> int:
     bf16 = Engine(ckpt, EngineConfig(num_blocks=4096, max_num_seqs=64,
                                      max_num_batched_tokens=8192), fusion=DEFAULT_PLAN)
     report["dwc"]["bf16"] = dwc_decode(bf16)
+    bf16.release()  # its graphs and cache go before the next engine plans its blocks
     del bf16
-    torch.cuda.empty_cache()
-    if args.fp8:
-        report["dwc"]["fp8"] = dwc_decode(Engine.from_bundle(args.fp8))
-        torch.cuda.empty_cache()
+    if args.fp8:  # the same KV size as the bf16 engine's (a bundle's plan fills the GPU)
+        plan = json.loads((args.fp8 / "manifest.json").read_text())["kv_cache"]
+        fp8 = Engine.from_bundle(args.fp8, EngineConfig.from_plan(plan, num_blocks=4096,
+                                                                  max_num_seqs=64))
+        report["dwc"]["fp8"] = dwc_decode(fp8)
+        fp8.release()  # the peer needs the GPU next
+        del fp8
     save()
     report["gpt_fast"] = peer = run_peer(args, save, report)
     (args.out / "peer_gpu.json").write_text(json.dumps(report, indent=1))

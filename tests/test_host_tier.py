@@ -173,12 +173,37 @@ def test_outputs_are_identical_with_the_tier_on_and_off(bundle, device):
         eng = Engine.from_bundle(bundle, EngineConfig(device=device, dtype="float32",
                                                       block_size=8, num_blocks=40,
                                                       kv_host_gib=host_gib))
+        if host_gib:
+            eng.prefill_clock.min_tokens = 8  # the example's prompts are short
         outs = [eng.generate([c + "import x\n"], params)[0].output_ids for c in contexts]
         outs += [eng.generate([c + "import y\n"], params)[0].output_ids for c in contexts]
-        return outs, eng.blocks
+        return outs, eng.blocks, getattr(eng, "prefill_clock", None)
 
-    off, blocks_off = run(0.0)
-    on, blocks_on = run(0.01)
+    off, blocks_off, _ = run(0.0)
+    on, blocks_on, clock = run(0.01)
     assert on == off
     assert blocks_off.tier is None and blocks_on.tier.stats.restored > 0
     assert blocks_on.hits > blocks_off.hits
+    # every token served from host memory is priced at the measured prefill rate
+    assert clock.seconds_per_token > 0 and clock.priced_tokens == blocks_on.tier.stats.hit_tokens
+    assert clock.saved_seconds == pytest.approx(clock.priced_tokens * clock.seconds_per_token,
+                                                rel=0.8)
+
+
+def test_prefill_clock_times_prompt_steps_and_prices_hits():
+    from types import SimpleNamespace as NS
+
+    from dwc.runtime.prefill_clock import PrefillClock
+
+    clock = PrefillClock(gpu=False)
+    clock.min_tokens = 10
+    seq = NS(prompt_ids=list(range(40)))
+    decode = NS(seq=NS(prompt_ids=[1, 2]), start=5, length=1)
+    assert clock.start([NS(seq=seq, start=36, length=4), decode]) is None  # 4 prompt tokens
+    clock.stop(None, hit_tokens=16)
+    assert clock.saved_seconds == 0 and clock.priced_tokens == 0  # no rate yet: not priced
+    timing = clock.start([NS(seq=seq, start=0, length=32), decode])
+    assert timing[2] == 32
+    clock.stop((timing[0] - 0.032, None, 32), hit_tokens=16)  # 1 ms a token, at least
+    assert clock.seconds_per_token >= 1e-3 and clock.priced_tokens == 16
+    assert clock.saved_seconds == pytest.approx(16 * clock.seconds_per_token)

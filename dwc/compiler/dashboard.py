@@ -39,6 +39,11 @@ PANELS = [
                                  f"sum(dwc_kv_blocks_total{SELECT})")]),
     ("Prefix cache hit rate", "percentunit", [
         ("prompt tokens from the cache", f"avg(dwc_prefix_cache_hit_rate{SELECT})")]),
+    ("Host-memory KV tier", "short", [
+        ("prompt tokens/s from host memory",
+         f"sum(rate(dwc_kv_host_hit_tokens{SELECT}[{WINDOW}]))"),
+        ("prefill seconds saved /s",
+         f"sum(rate(dwc_kv_host_prefill_seconds_saved{SELECT}[{WINDOW}]))")]),
     ("Speculative decoding", "short", [
         ("acceptance rate", f"avg(dwc_spec_acceptance_rate{SELECT})"),
         ("tokens per step", f"avg(dwc_spec_tokens_per_step{SELECT})")]),

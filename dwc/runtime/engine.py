@@ -21,6 +21,7 @@ from dwc.runtime.sampler import chunk_tokens, sample_tensor
 from dwc.runtime.scheduler import Scheduler
 from dwc.runtime.proposers import draft_taps, make_proposer
 from dwc.runtime.host_tier import make_tier
+from dwc.runtime.prefill_clock import PrefillClock
 from dwc.runtime.sequence import Completion, SamplingParams, Sequence, Status, cut_at_stop, \
     eos_ids, finish_reason, raw_text
 
@@ -69,6 +70,7 @@ class Engine:
         if c.kv_host_gib > 0:
             runners = [self.runner] + ([self.drafter.runner] if draft_dir else [])
             self.blocks.tier = make_tier(c.kv_host_gib, runners, c.block_size, c.tensor_parallel)
+            self.prefill_clock = PrefillClock(device == "cuda")  # what the tier saves
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k,
                                    self.drafter)
         self.eos_ids = eos_ids(self.runner.hf_model, self.tokenizer)
@@ -157,8 +159,16 @@ class Engine:
         previous one collected, so the host's work overlaps the GPU's. Otherwise the
         previous step is collected first and this one runs synchronously."""
         chunks = self.scheduler.schedule()
-        if self.blocks.tier is not None:
-            self.blocks.tier.flush()  # the host tier's copies, before any kernel reads them
+        tier = self.blocks.tier
+        if tier is None:
+            return self._run(chunks)
+        tier.flush()  # the host tier's copies, before any kernel reads them
+        timing = self.prefill_clock.start(chunks)
+        finished = self._run(chunks)
+        self.prefill_clock.stop(timing, tier.stats.hit_tokens)
+        return finished
+
+    def _run(self, chunks) -> list[Sequence]:
         for hook in self.schedule_hooks:  # measurement code watching the steps
             hook(chunks)
         if chunks and not self._overlappable(chunks):

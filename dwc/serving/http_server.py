@@ -67,6 +67,9 @@ class Metrics:
         self.host_blocks = Gauge("dwc_kv_host_blocks", "blocks held in the host tier", registry=r)
         self.host_bytes = Gauge("dwc_kv_host_bytes_moved", "bytes copied to and from the host "
                                 "tier", ["direction"], registry=r)
+        self.host_saved = Gauge("dwc_kv_host_prefill_seconds_saved", "prefill time the host "
+                                "tier's tokens would have cost (the engine's measured seconds "
+                                "per prompt token)", registry=r)
         self.tpot = Histogram("dwc_time_per_output_token_seconds", "time per output token",
                               registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
 
@@ -83,6 +86,7 @@ class Metrics:
             self.host_blocks.set(len(b.tier))
             self.host_bytes.labels("to_host").set(t.bytes_out)
             self.host_bytes.labels("to_device").set(t.bytes_in)
+            self.host_saved.set(engine.prefill_clock.saved_seconds)
         spec = engine.speculation()
         if spec and spec["steps"]:
             self.drafted.set(spec["drafted"])
