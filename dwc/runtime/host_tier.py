@@ -11,7 +11,7 @@ in batches: a pool slot holds one block of every cache side by side (one row of 
 so a block crosses the bus in one copy (or one per run of adjacent slots), and a batch is
 gathered from (scattered into) each cache with one indexing kernel, instead of a copy per
 block and layer (an 8k-token context of a 32-layer model is 512 blocks: about 33,000
-copies were as slow as recomputing the prefill).
+copies, whose host time alone would rival recomputing the prefill).
 
 Copies out run on a side stream so that the step's kernels do not wait for the bus: the
 main stream gathers a batch into one of a ring of device buffers (its kernels may then
