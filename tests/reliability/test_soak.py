@@ -7,7 +7,7 @@ then serves again. The full run is benchmarks/soak_cpu.py.
 
 The KV cache is kept small (64 blocks of 16 tokens for up to 32 sequences of up to about
 60 tokens) so that the scheduler preempts under the load, and disconnects hit sequences
-that are waiting, running and preempted.
+that are waiting, running and preempted; a host-memory tier sits under its prefix cache.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import pytest
 from dwc.perf import loadtest, soak
 from dwc.runtime.engine import Engine, EngineConfig
 
-CONFIG = dict(num_blocks=64, max_num_seqs=32, max_num_batched_tokens=512)
+# With a host-memory tier of 32 blocks (64 KiB each here) under the prefix cache, so the
+# soak also checks that its copies leak no block and lose no request (issue 23).
+CONFIG = dict(num_blocks=64, max_num_seqs=32, max_num_batched_tokens=512, kv_host_gib=0.002)
 # Resident memory may grow this much between the first reading after the warm-up and
 # the end: measured growth is under 9 MiB (allocator pools settling); keeping one
 # vocabulary-sized float32 logits row (4,096 x 4 bytes) per request would add 21 MiB
@@ -45,6 +47,8 @@ def test_soak_answers_every_valid_request_and_leaks_nothing(engine):
     assert min(report["disconnects"].values()) > 80
     assert report["preemptions"] > 0
     assert report["blocks"]["free_at_start"] == CONFIG["num_blocks"]
+    tier = engine.blocks.tier.stats
+    assert tier.saved > 0 and tier.restored > 0  # the tier took part
 
 
 def test_queue_limit_answers_429_then_recovers(engine):
