@@ -52,6 +52,42 @@ TARGET = dict(hidden=1024, layers=16, heads=16, kv_heads=4, ffn=2816)
 SEQ_LEN, BATCH = 512, 32
 
 
+class SMOKE:
+    """`--smoke`: the whole script on this machine's CPU with a tiny target, a few
+    training seconds and short runs, so that its paths are checked before a device call
+    spends minutes on them (the figures mean nothing)."""
+    on = False
+    device = "cuda"
+    batches = (1, 8, 32)
+    n_out = 256
+    prompts = 32
+    distill = dict(batch_size=16, windows=4096, on_policy=512, on_policy_tokens=256,
+                   positions=192, eagle_max_seconds=90)
+
+
+def smoke() -> None:
+    global SEQ_LEN, BATCH
+    SMOKE.on, SMOKE.device, SMOKE.batches, SMOKE.n_out, SMOKE.prompts = True, "cpu", (1, 2), 12, 4
+    TARGET.update(hidden=128, layers=4, heads=4, kv_heads=2, ffn=256)
+    SMOKE.distill = dict(batch_size=4, windows=64, on_policy=8, on_policy_tokens=16,
+                         positions=32, eagle_max_seconds=10)
+    SEQ_LEN, BATCH = 64, 4
+
+
+def autocast():
+    return torch.autocast(SMOKE.device, dtype=torch.bfloat16, enabled=not SMOKE.on)
+
+
+def sync() -> None:
+    if SMOKE.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if SMOKE.device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def corpus(extra_mb: float) -> dict[str, list[str]]:
     """The stdlib split as the example model splits it (calibration and evaluation text
     are held out), plus up to `extra_mb` of the installed transformers' and torch's
@@ -98,11 +134,11 @@ def train_target(text: dict, out: Path, seconds: float) -> dict:
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).cuda()
+    model = LlamaForCausalLM(cfg).to(SMOKE.device)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=True)
+                            fused=SMOKE.device == "cuda")
     rng = random.Random(0)
-    gpu_ids = ids.cuda()
+    gpu_ids = ids.to(SMOKE.device)
     t0, step, loss = time.time(), 0, float("nan")
     while time.time() - t0 < seconds:
         frac = (time.time() - t0) / seconds
@@ -110,8 +146,8 @@ def train_target(text: dict, out: Path, seconds: float) -> dict:
             g["lr"] = 6e-4 * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         starts = torch.tensor([rng.randrange(len(ids) - SEQ_LEN - 1) for _ in range(BATCH)])
         x = gpu_ids[starts[:, None] + torch.arange(SEQ_LEN)[None].to(starts)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_t = model(x.cuda(), labels=x.cuda()).loss
+        with autocast():
+            loss_t = model(x, labels=x).loss
         loss_t.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -122,9 +158,9 @@ def train_target(text: dict, out: Path, seconds: float) -> dict:
             print(f"  step {step}  loss {loss:.3f}  {time.time() - t0:.0f}s", flush=True)
     model.eval()
     nll, n = 0.0, 0
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         for i in range(0, min(len(eval_ids) - SEQ_LEN, 64 * SEQ_LEN), SEQ_LEN):
-            w = eval_ids[i:i + SEQ_LEN][None].cuda()
+            w = eval_ids[i:i + SEQ_LEN][None].to(SMOKE.device)
             nll += model(w, labels=w).loss.item()
             n += 1
     model.to(torch.bfloat16).save_pretrained(out)
@@ -133,7 +169,7 @@ def train_target(text: dict, out: Path, seconds: float) -> dict:
             shutil.copy(f, out / f.name)
     params = sum(p.numel() for p in model.parameters())
     del model, opt
-    torch.cuda.empty_cache()
+    empty_cache()
     return {"params": params, "steps": step, "tokens": step * BATCH * SEQ_LEN,
             "train_tokens_available": len(ids), "heldout_ppl": round(math.exp(nll / n), 2),
             "seconds": round(time.time() - t0, 1)}
@@ -155,12 +191,8 @@ def build(folder: Path, text: dict, steps: int, name: str = "bundle",
     run = subprocess.run([sys.executable, "-m", "dwc", "build", str(folder / "model.yaml"),
                           "-t", "h200-fp8", "-o", str(folder / name), "--json", *only,
                           "--set", f"distill-draft.steps={steps}",
-                          "--set", "distill-draft.batch_size=16",
-                          "--set", "distill-draft.windows=4096",
-                          "--set", "distill-draft.on_policy=512",
-                          "--set", "distill-draft.on_policy_tokens=256",
-                          "--set", "distill-draft.positions=192",
-                          "--set", "distill-draft.eagle_max_seconds=90"],
+                          *[a for k, v in SMOKE.distill.items()
+                            for a in ("--set", f"distill-draft.{k}={v}")]],
                          capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(f"build failed ({run.returncode}): {run.stdout[-3000:]}\n{run.stderr[-3000:]}")
@@ -183,10 +215,10 @@ def timed(engine: Engine, groups: list, params: SamplingParams) -> tuple[float, 
         engine.drafter.stats = SpecStats()
     speeds, outs = [], []
     for prompts in groups:
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         done = engine.generate(prompts, params)
-        torch.cuda.synchronize()
+        sync()
         speeds.append(sum(len(o.output_ids) for o in done) / (time.perf_counter() - t0))
         outs += [o.output_ids for o in done]
     return round(sum(speeds) / len(speeds), 1), outs, engine.speculation()
@@ -208,7 +240,7 @@ def measure(bundle: Path, head_bundle: Path | None, prompts: list, n_out: int,
     for eng in engines.values():  # warm-up: kernels compiled, allocator primed
         eng.generate([prompts[0][:32]] * 2, SamplingParams(max_tokens=24, ignore_eos=True))
     results["graphs"] = {k: e.runner.graphs is not None for k, e in engines.items()}
-    for batch in (1, 8, 32):
+    for batch in SMOKE.batches:
         # batch 1: four prompts one after another; larger batches: one batch.
         groups = [[p] for p in prompts[:4]] if batch == 1 else [prompts[:batch]]
         off, off_out, _ = timed(engines["off"], groups, greedy)
@@ -233,7 +265,7 @@ def measure(bundle: Path, head_bundle: Path | None, prompts: list, n_out: int,
     results["batch1_sampled_t0.8"] = row
     base = results["batch1"]["dwc_tok_s_no_draft"]
     del engines
-    torch.cuda.empty_cache()
+    empty_cache()
     if not k_sweep:
         return results
     # K against measured speed at batch 1 (the pass chose K from tau / (1 + K c)).
@@ -246,7 +278,7 @@ def measure(bundle: Path, head_bundle: Path | None, prompts: list, n_out: int,
         sweep[k] = {"tok_s": tok_s, "speedup": round(tok_s / base, 3),
                     "tau": spec["mean_accepted_tokens"]}
         del eng
-        torch.cuda.empty_cache()
+        empty_cache()
     results["batch1_k_sweep"] = sweep
     return results
 
@@ -312,14 +344,19 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dwc-spec"))
     ap.add_argument("--k-sweep", action="store_true")
     ap.add_argument("--no-8b", action="store_true", help="skip the 8B shape's measured c")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny run on this machine's CPU that checks the script's paths")
     args = ap.parse_args()
+    if args.smoke:
+        smoke()
+        args.no_8b, args.extra_corpus_mb = True, 0
     from transformers import AutoTokenizer
 
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     text = corpus(args.extra_corpus_mb)
-    result = {"device": torch.cuda.get_device_name(0), "date": date.today().isoformat(),
+    result = {"device": torch.cuda.get_device_name(0) if SMOKE.device == "cuda" else "cpu (smoke)", "date": date.today().isoformat(),
               "commit": os.environ.get("DWC_COMMIT", "unknown"), "torch": torch.__version__}
     result["target"] = dict(train_target(text, args.work / "target", args.train_seconds), **TARGET)
     print("target", result["target"], flush=True)
@@ -332,8 +369,9 @@ def main() -> int:
         head_bundle = args.work / "bundle-eagle"
     (args.out / "speculative.json").write_text(json.dumps(result, indent=1))
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    prompts = eval_prompts(args.work, tok, 32)
-    result["results"] = measure(args.work / "bundle", head_bundle, prompts, 256, args.k_sweep)
+    prompts = eval_prompts(args.work, tok, SMOKE.prompts)
+    result["results"] = measure(args.work / "bundle", head_bundle, prompts, SMOKE.n_out,
+                                args.k_sweep)
     (args.out / "speculative.json").write_text(json.dumps(result, indent=1))
     d = result["build"]["draft"]
     if not args.no_8b and d.get("per_k"):
