@@ -155,7 +155,9 @@ def test_tier_settings_are_refused_with_the_reason():
 
     with pytest.raises(BadInput, match="tensor_parallel 2"):
         make_tier(1.0, [Runner()], 16, 2)
-    with pytest.raises(BadInput, match="less than one block"):
+    with pytest.raises(ValueError, match="at least two blocks"):
+        HostTier([torch.zeros(2, 64, 2, 8)], 16, capacity_blocks=1)  # a hit would evict itself
+    with pytest.raises(BadInput, match="less than two blocks"):
         make_tier(1e-9, [Runner()], 16, 1)
 
 
@@ -202,8 +204,8 @@ def test_prefill_clock_times_prompt_steps_and_prices_hits():
     assert clock.start([NS(seq=seq, start=36, length=4), decode]) is None  # 4 prompt tokens
     clock.stop(None, hit_tokens=16)
     assert clock.saved_seconds == 0 and clock.priced_tokens == 0  # no rate yet: not priced
-    timing = clock.start([NS(seq=seq, start=0, length=32), decode])
-    assert timing[2] == 32
+    timing = clock.start([NS(seq=seq, start=0, length=31), decode])
+    assert timing[2] == 32  # the step's time is shared by all its tokens
     clock.stop((timing[0] - 0.032, None, 32), hit_tokens=16)  # 1 ms a token, at least
     assert clock.seconds_per_token >= 1e-3 and clock.priced_tokens == 16
     assert clock.saved_seconds == pytest.approx(16 * clock.seconds_per_token)

@@ -70,7 +70,7 @@ class Engine:
         if c.kv_host_gib > 0:
             runners = [self.runner] + ([self.drafter.runner] if draft_dir else [])
             self.blocks.tier = make_tier(c.kv_host_gib, runners, c.block_size, c.tensor_parallel)
-            self.prefill_clock = PrefillClock(device == "cuda")  # what the tier saves
+            self.prefill_clock = PrefillClock(torch.device(device).type == "cuda")
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens, k,
                                    self.drafter)
         self.eos_ids = eos_ids(self.runner.hf_model, self.tokenizer)

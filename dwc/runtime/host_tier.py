@@ -29,6 +29,7 @@ draft's: their blocks are shared), all layers.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -56,14 +57,17 @@ class TierStats:
 class HostTier:
     def __init__(self, caches: list[torch.Tensor], block_size: int, capacity_blocks: int):
         """`caches`: every layer's cache tensor of every model ([2, slots, kv_heads, d])."""
-        if capacity_blocks < 1:
-            raise ValueError("a host tier needs room for at least one block")
+        if capacity_blocks < 2:
+            # `_from_tier` makes the hit its most recent entry, then takes a device block
+            # whose copy out evicts the least recent: with one slot that is the hit itself.
+            raise ValueError("a host tier needs room for at least two blocks")
         self.caches = caches
         self.block_size = block_size
         self.offsets, self.row_bytes = _row_layout(caches, block_size)
         self.block_bytes = block_bytes(caches, block_size)
-        self.pool = torch.empty((capacity_blocks, self.row_bytes), dtype=torch.uint8,
-                                pin_memory=caches[0].is_cuda)
+        self.pool, registered = _pool(capacity_blocks, self.row_bytes, caches[0].is_cuda)
+        if registered:  # unlocked when the tier goes (the finalizer keeps the pool till then)
+            weakref.finalize(self, _unregister, self.pool)
         self.capacity = capacity_blocks
         self.batch_rows = max(1, BATCH_BYTES // self.row_bytes)
         self.buffers: list[torch.Tensor] = []     # RING for copies out, one for copies in
@@ -110,6 +114,8 @@ class HostTier:
         if entry is None:
             return None
         slot, key_id = entry
+        if block_id in self.in_blocks:
+            self.flush()  # two copies into one block in one batch would race
         self.ins.append((slot, block_id))
         self.in_blocks.add(block_id)
         self.in_slots.add(slot)
@@ -208,6 +214,26 @@ class HostTier:
             yield rows[:, start:start + _numel(shape)].view(n, *shape)
 
 
+def _pool(rows: int, row_bytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
+    """The host pool, page-locked on a GPU machine so that copies are asynchronous, and
+    whether it was registered with CUDA: registering a plain tensor locks exactly its
+    size, where PyTorch's pinned allocator rounds a request up to a power of two (a
+    40 GiB tier would lock 64 GiB). That allocator is the fallback."""
+    pool = torch.empty((rows, row_bytes), dtype=torch.uint8)
+    if not pin:
+        return pool, False
+    if int(torch.cuda.cudart().cudaHostRegister(pool.data_ptr(), pool.numel(), 0)) == 0:
+        if pool.is_pinned():
+            return pool, True
+        _unregister(pool)
+    return torch.empty((rows, row_bytes), dtype=torch.uint8, pin_memory=True), False
+
+
+def _unregister(pool: torch.Tensor) -> None:
+    torch.cuda.synchronize()  # no copy may still be on its way into or out of the pool
+    torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+
+
 def _blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
     """A cache [2, slots, kv_heads, d] as bytes [2, blocks, block_size, kv_heads,
     d * itemsize] (indexing kernels exist for bytes whatever the cache's dtype, FP8
@@ -261,7 +287,7 @@ def make_tier(gib: float, runners: list, block_size: int, tensor_parallel: int) 
                        f"process; not with tensor_parallel {tensor_parallel}")
     caches = [c for r in runners for c in r.cache]
     capacity = capacity_for(gib, caches, block_size)
-    if capacity < 1:
-        raise BadInput(f"kv_host_gib {gib}: less than one block "
-                       f"({block_bytes(caches, block_size)} bytes)")
+    if capacity < 2:
+        raise BadInput(f"kv_host_gib {gib}: less than two blocks "
+                       f"({block_bytes(caches, block_size)} bytes each)")
     return HostTier(caches, block_size, capacity)

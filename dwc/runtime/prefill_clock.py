@@ -30,14 +30,17 @@ class PrefillClock:
         self.priced_tokens = 0             # host-tier tokens already counted in saved_seconds
 
     def start(self, chunks) -> tuple | None:
-        """Begin timing a step that carries at least `min_tokens` prompt tokens."""
-        tokens = 0
+        """Begin timing a step that carries at least `min_tokens` prompt tokens. Its
+        time is shared by all its tokens (decode rows of a mixed step cost a GEMM row as
+        a prompt token does)."""
+        prompt_tokens = 0
         for c in chunks:
             prompt = len(c.seq.prompt_ids)
             if c.start < prompt:
-                tokens += min(c.start + c.length, prompt) - c.start
-        if tokens < self.min_tokens:
+                prompt_tokens += min(c.start + c.length, prompt) - c.start
+        if prompt_tokens < self.min_tokens:
             return None
+        tokens = sum(c.length for c in chunks)
         if not self.gpu:
             return time.perf_counter(), None, tokens
         begin = torch.cuda.Event(enable_timing=True)
