@@ -113,7 +113,7 @@ class DistillDraft(Pass):
                 train(draft, target, windows, options, ctx)
             measured.append(measure(draft, target, starts, ctx, options))
         if "eagle" in wanted:
-            head = eagle.EagleHead.for_target(target)
+            head = eagle.EagleHead.for_target(target, ctx.artifacts.reference)
             trained = eagle.train_head(head, target, windows or training_windows(
                 ctx, target, options), options, ctx)
             measured.append(eagle.measure_head(head, target, starts, ctx, options, trained))

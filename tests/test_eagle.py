@@ -271,6 +271,18 @@ def test_the_head_is_a_measured_candidate(measured, example):
         assert "why_not" in e
 
 
+def test_a_head_is_trained_over_a_quantized_target(example, tmp_path):
+    """An FP8 target's layers hold FP8 weights and scales: the fresh head's layer starts
+    from the unquantized model's top layer instead (the build failed loading the
+    quantized layer's state into a plain one; found by speculative_gpu.py --smoke)."""
+    bf = write_buildfile(tmp_path, example, draft="auto", **{"passes": {"distill-draft": {
+        "candidates": ["eagle"], "eagle_steps": 5, "positions": 32}}})
+    result = dwc("build", bf, "-t", "h100-fp8", "-o", tmp_path / "b")
+    assert result.exit_code == 0, result.stderr
+    (head,) = manifest_of(tmp_path / "b")["draft"]["candidates"]
+    assert head["method"] == "eagle" and head["training"]["steps"] == 5
+
+
 @pytest.mark.parametrize("option, value, fragment", [
     ("eagle_steps", 0, "distill-draft.eagle_steps: must be greater than 0"),
     ("eagle_lr", -1.0, "distill-draft.eagle_lr: must be greater than 0"),

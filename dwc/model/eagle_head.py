@@ -54,15 +54,17 @@ class EagleHead(torch.nn.Module):
         self.shared = None  # the target's modules (attach): not parameters of the head
 
     @classmethod
-    def for_target(cls, target) -> "EagleHead":
+    def for_target(cls, target, source=None) -> "EagleHead":
         """A fresh head for `target` (a transformers causal LM): the layer initialised
-        from the target's top layer; fc passes the high layer's output on, so the
-        feature starts in the space of the head's own output (regressed to the target's
-        last layer), which later steps of a chain feed back in its place; fuse averages
-        the embedding and the feature."""
+        from the top layer of `source` (the unquantized model the target was made from;
+        default the target itself: a quantized target's layers hold FP8 weights and
+        scales, not the plain layer's tensors); fc passes the high layer's output on, so
+        the feature starts in the space of the head's own output (regressed to the
+        target's last layer), which later steps of a chain feed back in its place; fuse
+        averages the embedding and the feature."""
         layers = target.model.layers
         head = cls(target.config, type(layers[0]), tap_layers(len(layers)))
-        head.layer.load_state_dict(layers[-1].state_dict())
+        head.layer.load_state_dict((source or target).model.layers[-1].state_dict())
         h, n = target.config.hidden_size, len(head.taps)
         with torch.no_grad():
             eye = torch.eye(h)
