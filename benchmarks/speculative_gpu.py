@@ -187,7 +187,8 @@ def build(folder: Path, text: dict, steps: int, name: str = "bundle",
         "evaluation: {data: ./eval.txt, samples: 32, seq_len: 512, max_ppl_increase_pct: 2.0}\n"
         "draft: auto\noptimization: auto\n")
     t0 = time.time()
-    only = ["--set", f"distill-draft.candidates={candidates}"] if candidates else []
+    only = ["--set", f"distill-draft.candidates=[{candidates}]",
+            "--set", f"distill-draft.ship={candidates}"] if candidates else []
     run = subprocess.run([sys.executable, "-m", "dwc", "build", str(folder / "model.yaml"),
                           "-t", "h200-fp8", "-o", str(folder / name), "--json", *only,
                           "--set", f"distill-draft.steps={steps}",
@@ -364,7 +365,8 @@ def main() -> int:
     print("build", json.dumps(result["build"])[:600], flush=True)
     head_bundle = None
     if result["build"]["draft"]["method"] != "eagle":
-        result["build_eagle"] = build(args.work, text, args.distill_steps, "bundle-eagle", "[eagle]")
+        # the head shipped whatever its projection, so that the runtime measures it
+        result["build_eagle"] = build(args.work, text, args.distill_steps, "bundle-eagle", "eagle")
         print("build (head)", json.dumps(result["build_eagle"])[:400], flush=True)
         head_bundle = args.work / "bundle-eagle"
     (args.out / "speculative.json").write_text(json.dumps(result, indent=1))

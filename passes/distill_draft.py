@@ -68,6 +68,8 @@ class DistillOptions:
                                                   "regression beside its KL to the target")
     eagle_max_seconds: float = option(300.0, help="EAGLE head training stops after this "
                                                   "many seconds, whatever eagle_steps says")
+    ship: str = option("auto", help="auto: the measured winner (or none); a candidate's name: "
+                                    "that one, whatever its projection (to measure it served)")
 
     def validate(self, path: str) -> None:
         positive(self, path, "steps", "lr", "batch_size", "max_k", "positions", "windows",
@@ -79,6 +81,9 @@ class DistillOptions:
         if unknown or not self.candidates:
             raise BuildFileError(f"{path}.candidates: {unknown or 'empty'}: choose from "
                            f"{', '.join(CANDIDATES)}")
+        if self.ship != "auto" and self.ship not in self.candidates:
+            raise BuildFileError(f"{path}.ship: {self.ship!r}: auto or one of the "
+                                 f"candidates ({', '.join(self.candidates)})")
 
 
 class DistillDraft(Pass):
@@ -119,7 +124,8 @@ class DistillDraft(Pass):
             measured.append(eagle.measure_head(head, target, starts, ctx, options, trained))
         if "ngram" in wanted:
             measured.append(measure_ngram(starts, ctx, options))
-        info = {**speculation.choose(measured), "note": NOTE}
+        forced = None if options.ship == "auto" else options.ship
+        info = {**speculation.choose(measured, forced), "note": NOTE}
         series = {f"{c['method']}: {name}": c["per_k"][key] for c in measured
                   for name, key in (("tau", "tau"), ("projected speedup", "speedup"))}
         png = line_chart(series, title="Speculation: tokens per target step and projected speedup",

@@ -217,3 +217,8 @@ def test_choice_needs_an_interval_above_one():
     none = choose([rare])
     assert none["method"] == "none" and none["k"] == 0
     assert "interval" in none["candidates"][0]["why_not"]
+    # distill-draft.ship names the one to ship, whatever its projection
+    shipped = choose([costly, good, rare], forced="draft_model")
+    assert shipped["method"] == "draft_model"
+    assert shipped["projected_speedup"] < good["projected_speedup"]  # not the best
+    assert all("ship" in c["why_not"] for c in shipped["candidates"] if not c["chosen"])

@@ -276,14 +276,22 @@ def test_a_head_is_trained_over_a_quantized_target(example, tmp_path):
     from the unquantized model's top layer instead (the build failed loading the
     quantized layer's state into a plain one; found by speculative_gpu.py --smoke)."""
     bf = write_buildfile(tmp_path, example, draft="auto", **{"passes": {"distill-draft": {
-        "candidates": ["eagle"], "eagle_steps": 5, "positions": 32}}})
+        "candidates": ["eagle"], "eagle_steps": 5, "positions": 32, "ship": "eagle"}}})
     result = dwc("build", bf, "-t", "h100-fp8", "-o", tmp_path / "b")
     assert result.exit_code == 0, result.stderr
-    (head,) = manifest_of(tmp_path / "b")["draft"]["candidates"]
+    m = manifest_of(tmp_path / "b")
+    (head,) = m["draft"]["candidates"]
     assert head["method"] == "eagle" and head["training"]["steps"] == 5
+    # shipped (distill-draft.ship) whatever five steps of training projected, and served
+    assert m["draft"]["method"] == "eagle" and "draft/eagle.safetensors" in m["files"]
+    engine = Engine.from_bundle(tmp_path / "b", EngineConfig(device="cpu"))
+    assert engine.speculation()["method"] == "eagle"
+    out = engine.generate(["def main():\n"], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert len(out[0].output_ids) == 8
 
 
 @pytest.mark.parametrize("option, value, fragment", [
+    ("ship", "medusa", "distill-draft.ship: 'medusa': auto or one of the candidates"),
     ("eagle_steps", 0, "distill-draft.eagle_steps: must be greater than 0"),
     ("eagle_lr", -1.0, "distill-draft.eagle_lr: must be greater than 0"),
     ("eagle_hidden_weight", -0.5, "distill-draft.eagle_hidden_weight: -0.5: must be 0 or more"),

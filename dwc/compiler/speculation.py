@@ -103,15 +103,20 @@ def _bootstrap(a: torch.Tensor, ks: torch.Tensor, cost: float, best: int):
     return taus[:, best], float(again.double().mean())
 
 
-def choose(candidates: list[dict]) -> dict:
+def choose(candidates: list[dict], forced: str | None = None) -> dict:
     """The winner: the highest projected speedup among candidates whose speedup interval
-    lies above 1; else "none" (every candidate is kept in the table, with why it lost)."""
+    lies above 1; else "none" (every candidate is kept in the table, with why it lost).
+    `forced` (distill-draft.ship): that method's candidate, whatever its projection."""
     paying = [c for c in candidates if c["speedup_ci95"][0] > 1.0]
-    winner = max(paying, key=lambda c: c["projected_speedup"]) if paying else None
+    if forced:
+        winner = next(c for c in candidates if c["method"] == forced)
+    else:
+        winner = max(paying, key=lambda c: c["projected_speedup"]) if paying else None
     for c in candidates:
         c["chosen"] = c is winner
         if c is not winner:
-            c["why_not"] = ("its speedup interval reaches 1 or below"
+            c["why_not"] = (f"distill-draft.ship is {forced}" if forced else
+                            "its speedup interval reaches 1 or below"
                             if c not in paying else
                             f"projected speedup {c['projected_speedup']} below "
                             f"{winner['method']}'s {winner['projected_speedup']}")
