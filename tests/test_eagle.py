@@ -171,6 +171,44 @@ def test_preemption_and_prefix_sharing_keep_it_lossless(trained, example):
     assert all(b.ref_count == 0 for b in spec.blocks.blocks)
 
 
+def test_features_keep_what_a_copy_would_and_gather_in_one_go():
+    """Features keeps references into the step outputs instead of copies: under random
+    puts (contiguous, overlapping, restarting) and drops it holds what a plain per
+    position copy holds, and a Gather over several sequences returns those rows, zeros
+    where nothing is kept."""
+    import random
+
+    from dwc.runtime.eagle import Features, Gather
+
+    rng = random.Random(0)
+    for _ in range(20):
+        state, ref, ref_base = Features(), [], 0
+        for _ in range(40):
+            if rng.random() < 0.7:
+                start = max(0, ref_base + rng.randrange(-2, len(ref) + 3))
+                n = rng.randrange(1, 5)
+                g = torch.randn(n + 3, 2)
+                row = rng.randrange(0, 4)
+                row = min(row, g.shape[0] - n)
+                state.put(start, g, row, n)
+                new = [g[row + i] for i in range(n)]
+                if not ref or not ref_base <= start <= ref_base + len(ref):
+                    ref_base, ref = start, new
+                else:
+                    ref = ref[:start - ref_base] + new
+            else:
+                pos = ref_base + rng.randrange(-1, len(ref) + 2)
+                state.drop_before(pos)
+                if pos > ref_base:
+                    ref, ref_base = ref[pos - ref_base:], pos
+            gather, expected = Gather(), []
+            for pos in range(ref_base - 2, ref_base + len(ref) + 2):
+                gather.add(state.at(pos))
+                i = pos - ref_base
+                expected.append(ref[i] if 0 <= i < len(ref) else torch.zeros(2))
+            assert torch.equal(gather.rows(torch.zeros(1, 2)), torch.stack(expected))
+
+
 def test_sampled_output_follows_the_target_distribution(tmp_path):
     """The rejection rule with the head's q: 4,000 samples of 4 tokens at temperature 1,
     K = 2, from a random 2-layer target and a random head for it; tokens 2 and 3 (a

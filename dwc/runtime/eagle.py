@@ -9,8 +9,10 @@ position p - 1: it trails the target. Each step:
 
   observe (after each target step, ModelRunner.observers): the target's tapped layer
       outputs for every token it computed ([tokens, 3 * hidden], Decoder.taps) become
-      g = fc(...) per position, kept on the sequence (`Features`) until the head has
-      read them;
+      g = fc(...) per position, kept on the sequence (`Features`: references to rows of
+      the step's output, no copy) until the head has read them (`Gather`: one
+      index_select for every sequence of the next step; a kernel or two per sequence
+      and step before, which a GPU step of 32 sequences paid in launches);
   propose (before the next step): the head catches up on every chunk's positions from
       `seq.draft_computed` to the chunk's first position (that one's x is known and g of
       the one before is kept), then, for a verification chunk, drafts its lookahead as a
@@ -35,6 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from dwc.runtime.block_manager import BlockManager
+from dwc.runtime.inflight import to_device
 from dwc.runtime.model import Decoder
 from dwc.runtime.model_runner import ModelRunner
 from dwc.runtime.scheduler import Chunk
@@ -80,33 +83,84 @@ def head_runner(head, target, num_blocks: int, block_size: int, device: str,
 
 
 class Features:
-    """The target's g of a sequence's positions [base, base + len(rows)), until read."""
+    """The target's g of a sequence's positions [base, base + length), until read: as
+    segments of the step outputs that hold them, (tensor, first row, rows), not copies,
+    so keeping and reading them costs no kernel per sequence (`EagleProposer.propose`
+    gathers every row it needs at once)."""
 
     def __init__(self):
-        self.base, self.rows = 0, None
+        self.base, self.length, self.segments = 0, 0, []
 
-    def put(self, start: int, rows: torch.Tensor) -> None:
-        """g of positions [start, start + len(rows)); later positions are dropped (a
-        rejected draft's rows are rewritten by the step that recomputes them)."""
-        if self.rows is None or not self.base <= start <= self.base + len(self.rows):
-            self.base, self.rows = start, rows
-        else:
-            self.rows = torch.cat([self.rows[:start - self.base], rows])
+    def put(self, start: int, g: torch.Tensor, row: int, n: int) -> None:
+        """g of positions [start, start + n) are rows [row, row + n) of `g`; later
+        positions are dropped (a rejected draft's rows are rewritten by the step that
+        recomputes them)."""
+        if not self.length or not self.base <= start <= self.base + self.length:
+            self.base, self.length, self.segments = start, n, [(g, row, n)]
+            return
+        self._keep(start - self.base)
+        self.segments.append((g, row, n))
+        self.length += n
 
-    def take(self, lo: int, hi: int, like: torch.Tensor) -> torch.Tensor:
-        """g of positions [lo, hi) ([hi - lo, hidden], `like`'s width, dtype and
-        device); zeros where none is kept."""
-        out = like.new_zeros(hi - lo, like.shape[-1])
-        if self.rows is not None:
-            a, b = max(lo, self.base), min(hi, self.base + len(self.rows))
-            if a < b:
-                out[a - lo:b - lo] = self.rows[a - self.base:b - self.base]
-        return out
+    def _keep(self, count: int) -> None:
+        """Keep the first `count` positions only."""
+        kept, left = [], count
+        for g, row, n in self.segments:
+            if left <= 0:
+                break
+            kept.append((g, row, min(n, left)))
+            left -= n
+        self.segments, self.length = kept, min(self.length, count)
+
+    def at(self, pos: int) -> tuple[torch.Tensor, int] | None:
+        """(tensor, row) holding g of `pos`, or None when none is kept."""
+        offset = pos - self.base
+        if not 0 <= offset < self.length:
+            return None
+        for g, row, n in self.segments:
+            if offset < n:
+                return g, row + offset
+            offset -= n
+        return None
 
     def drop_before(self, pos: int) -> None:
-        if self.rows is not None and pos > self.base:
-            self.rows = self.rows[pos - self.base:]
-            self.base = pos
+        drop = min(pos - self.base, self.length)
+        if drop <= 0:
+            return
+        segments = []
+        for g, row, n in self.segments:
+            if drop >= n:
+                drop -= n
+                continue
+            segments.append((g, row + drop, n - drop))
+            drop = 0
+        self.length -= min(pos - self.base, self.length)
+        self.base, self.segments = pos, segments
+
+
+class Gather:
+    """Rows of several tensors as one index over their concatenation (a zero row last,
+    for positions with no feature): one cat and one index_select for a whole step."""
+
+    def __init__(self):
+        self.sources, self.offsets, self.index, self.total = [], {}, [], 0
+
+    def add(self, ref: tuple[torch.Tensor, int] | None) -> None:
+        if ref is None:
+            self.index.append(-1)
+            return
+        g, row = ref
+        start = self.offsets.get(id(g))
+        if start is None:
+            start = self.offsets[id(g)] = self.total
+            self.sources.append(g)
+            self.total += g.shape[0]
+        self.index.append(start + row)
+
+    def rows(self, zero: torch.Tensor) -> torch.Tensor:
+        index = [self.total if i < 0 else i for i in self.index]
+        source = torch.cat([*self.sources, zero]) if self.sources else zero
+        return source.index_select(0, to_device(index, source.device))
 
 
 class EagleProposer(Proposer):
@@ -144,24 +198,24 @@ class EagleProposer(Proposer):
         offset = 0
         for c in chunks:
             state = c.seq.proposer = c.seq.proposer or Features()
-            state.put(c.start, g[offset:offset + c.length])
+            state.put(c.start, g, offset, c.length)
             offset += c.length
 
     @torch.inference_mode()
     def propose(self, chunks: list[Chunk], blocks: BlockManager) -> None:
         """Catch the head up to each chunk's first position, then draft each verification
         chunk's `lookahead` tokens (chunk.draft / chunk.draft_probs)."""
-        catch_up, feats = [], []
-        like = self.fc.weight.new_zeros(0, self.fc.out_features)  # [0, hidden]
+        catch_up, feats = [], Gather()
         for c in chunks:
             state = c.seq.proposer = c.seq.proposer or Features()
             done, upto = min(c.seq.draft_computed, c.start), c.start + 1
             catch_up.append(Chunk(c.seq, done, upto - done, logits=1 if c.lookahead else 0))
-            feats.append(state.take(done - 1, upto - 1, like))
+            for pos in range(done - 1, upto - 1):  # the feature before each position
+                feats.add(state.at(pos))
             state.drop_before(c.start)
             c.seq.draft_computed = upto
         d = self.runner.decoder
-        d.features = torch.cat(feats)
+        d.features = feats.rows(self.fc.weight.new_zeros(1, self.fc.out_features))
         logits = self.runner.run(catch_up, blocks)
         drafting = [c for c in chunks if c.lookahead]
         while drafting:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dwc.runtime.inflight import to_device
+
 BATCH_BYTES = 64 << 20    # a batch of blocks passes through a device buffer this big
 RING = 4                  # buffers for copies out (the side stream drains them)
 STAGING_BYTES = (RING + 1) * BATCH_BYTES  # the ring and the buffer for copies in
@@ -197,13 +199,7 @@ class HostTier:
         return self.buffers[i]
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
-        """The block ids on the cache's device; through pinned memory on a GPU, since a
-        copy from pageable memory would wait for the stream."""
-        ids = torch.tensor(block_ids, dtype=torch.int64)
-        device = self.caches[0].device
-        if device.type == "cpu":
-            return ids
-        return ids.pin_memory().to(device, non_blocking=True)
+        return to_device(block_ids, self.caches[0].device)
 
     def _views(self, rows: torch.Tensor):
         """Each cache's part of the staging rows as bytes [n, 2, block_size, kv_heads,
