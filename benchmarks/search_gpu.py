@@ -83,6 +83,10 @@ def bench(bundle: Path, row: dict, args) -> dict:
             "predicted_ttft_p99_ms": row["ttft_p99_ms"], "seconds": seconds}
 
 
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -128,12 +132,12 @@ def main() -> int:
         save()
     print(f"\n{report['device']}: search {seconds} s (goal {GOAL_SECONDS} s), "
           f"SLO p99 TPOT {args.latency_ms} ms, TTFT {args.ttft_ms} ms, {args.rps} rps")
-    print(f"{'target':<22}{'status':<9}{'ppl +%':>8}{'$/1M':>9}{'rps':>8}"
+    print(f"{'target':<22}{'status':<9}{'ppl +%':>10}{'$/1M':>12}{'rps':>9}"
           f"{'TPOT p99 pred/meas':>22}{'TTFT p99 pred/meas':>22}")
     for row in rows:
         b = report["bench"].get(row["target"], {})
-        print(f"{row['target']:<22}{row['status']:<9}{row['delta_pct']!s:>8}"
-              f"{row['usd_per_million_output_tokens']!s:>9}{row['max_rps']!s:>8}"
+        print(f"{row['target']:<22}{row['status']:<9}{_g(row['delta_pct']):>10}"
+              f"{_g(row['usd_per_million_output_tokens']):>12}{_g(row['max_rps']):>9}"
               f"{str(row['tpot_p99_ms']) + ' / ' + str(b.get('tpot_p99_ms')):>22}"
               f"{str(row['ttft_p99_ms']) + ' / ' + str(b.get('ttft_p99_ms')):>22}")
     return 0
