@@ -43,9 +43,12 @@ def test_inference_server_builds_for_this_machine(example, isolated_cache):
 
     server = InferenceServer(model=example / "checkpoint", calibration_data=example / "calib.txt",
                              evaluation_data=example / "eval.txt", target_latency_ms=50)
-    assert server.bundle == isolated_cache / "bundles" / "checkpoint-cpu-bf16"
+    # optimization="auto": this machine's hardware searched (docs/SEARCH.md)
+    assert server.bundle == isolated_cache / "bundles" / "checkpoint-cpu"
     import json
 
     manifest = json.loads((server.bundle / "manifest.json").read_text())
     assert manifest["target"]["name"] == "cpu-bf16" and manifest["slo"]["target_latency_ms"] == 50
+    rows = {r["target"]: r for r in manifest["search"]["candidates"]}
+    assert rows["cpu-bf16"]["status"] == "winner"
     assert server.generate(PROMPTS[0], max_tokens=3, ignore_eos=True)

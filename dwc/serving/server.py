@@ -5,7 +5,8 @@
     server.generate("def main():", max_tokens=32)
     server.batch_inference([{"prompt": "import os", "max_tokens": 16}, "class Foo:"])
 
-    # Build (or reuse) a bundle for this machine first, then serve it:
+    # Build (or reuse) a bundle for this machine first, then serve it; optimization="auto"
+    # (the default) searches this machine's targets for the cheapest that meets the SLO:
     server = InferenceServer(model="ckpt/", calibration_data="calib.txt",
                              evaluation_data="eval.txt", target_latency_ms=50)
 """
@@ -83,10 +84,14 @@ def local_target() -> str:
 def build_for_this_machine(model: Path, calibration: Path, evaluation: Path, target: str | None,
                            optimization, slo: dict, budget: float) -> Path:
     """Write a build file under the cache folder and build (pass results are cached, so a
-    second call with the same inputs reuses them)."""
+    second call with the same inputs reuses them). With no target, `optimization="auto"`
+    searches every target of this machine's hardware for the cheapest bundle within the
+    quality budget and the SLO (docs/SEARCH.md); a pass list builds local_target()."""
     from dwc.compiler.build import build
+    from dwc.compiler.hardware import resolve
 
-    target = target or local_target()
+    if target is None:
+        target = resolve("auto") if optimization == "auto" else local_target()
     name = f"{model.resolve().name}-{target}"
     folder = cache_dir() / "bundles"
     folder.mkdir(parents=True, exist_ok=True)
