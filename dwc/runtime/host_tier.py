@@ -226,8 +226,11 @@ def _pool(rows: int, row_bytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
 
 
 def _unregister(pool: torch.Tensor) -> None:
-    torch.cuda.synchronize()  # no copy may still be on its way into or out of the pool
-    torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+    try:
+        torch.cuda.synchronize()  # no copy may still be on its way into or out of the pool
+        torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone: nothing to undo
+        pass
 
 
 def _blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
