@@ -158,8 +158,14 @@ class Gather:
         self.index.append(start + row)
 
     def rows(self, zero: torch.Tensor) -> torch.Tensor:
-        index = [self.total if i < 0 else i for i in self.index]
-        source = torch.cat([*self.sources, zero]) if self.sources else zero
+        if not self.index:
+            return zero[:0]
+        missing = -1 in self.index
+        if len(self.sources) == 1 and not missing:
+            source = self.sources[0]  # the common case: the last step's output alone
+        else:  # (a cat copies whole step outputs: a prefill's can be large)
+            source = torch.cat([*self.sources, zero] if missing else self.sources)
+        index = [self.total if i < 0 else i for i in self.index] if missing else self.index
         return source.index_select(0, to_device(index, source.device))
 
 
