@@ -123,7 +123,7 @@ class DistillDraft(Pass):
                 ctx, target, options), options, ctx)
             measured.append(eagle.measure_head(head, target, starts, ctx, options, trained))
         if "ngram" in wanted:
-            measured.append(measure_ngram(starts, ctx, options))
+            measured.append(speculation.measure_ngram(starts, ctx, options.max_k))
         forced = None if options.ship == "auto" else options.ship
         info = {**speculation.choose(measured, forced), "note": NOTE}
         series = {f"{c['method']}: {name}": c["per_k"][key] for c in measured
@@ -264,16 +264,6 @@ def measure(draft, target, starts, ctx, options) -> dict:
                                  cost_ratio(draft, target, ctx))
     return {**info, "params": sum(p.numel() for p in draft.parameters()),
             "layers": draft.config.num_hidden_layers}
-
-
-def measure_ngram(starts, ctx, options) -> dict:
-    """n-gram lookup as a candidate: what the runtime's proposer drafts after each position."""
-    from dwc.runtime.ngram import lookup
-
-    with ctx.reporter.progress("measuring n-gram lookup", len(starts)) as advance:
-        accepted = speculation.accepted_counts(lambda prefix, k: lookup(prefix.tolist(), k),
-                                               starts, options.max_k, advance)
-    return speculation.candidate("ngram", accepted, options.max_k, 0.0)
 
 
 def cost_ratio(draft, target, ctx) -> float:

@@ -103,6 +103,16 @@ def _bootstrap(a: torch.Tensor, ks: torch.Tensor, cost: float, best: int):
     return taus[:, best], float(again.double().mean())
 
 
+def measure_ngram(starts, ctx, max_k: int) -> dict:
+    """n-gram lookup as a candidate: what the runtime's proposer drafts after each position."""
+    from dwc.runtime.ngram import lookup
+
+    with ctx.reporter.progress("measuring n-gram lookup", len(starts)) as advance:
+        accepted = accepted_counts(lambda prefix, k: lookup(prefix.tolist(), k), starts,
+                                   max_k, advance)
+    return candidate("ngram", accepted, max_k, 0.0)
+
+
 def choose(candidates: list[dict], forced: str | None = None) -> dict:
     """The winner: the highest projected speedup among candidates whose speedup interval
     lies above 1; else "none" (every candidate is kept in the table, with why it lost).

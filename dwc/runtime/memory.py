@@ -22,8 +22,8 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     to what fits here: on CPU a fixed budget, on a GPU 90% of the memory free before the
     weights load, less the weights' size on disk and what the kv-layout plan keeps for a
     step (its workspace reserve, activations, graph logits and pool, for this config's
-    batch limits; the host tier's staging buffers when it has one): an H200 plan on an 80 GB H100 ran out of memory when only the weights
-    were counted (2026-12-07). A block holds the target's K/V and the draft's.
+    batch limits; the host tier's staging buffers when it has one): an H200 plan on an
+    80 GB H100 ran out of memory when only the weights were counted (2026-12-07). A block holds the target's K/V and the draft's.
     With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
     the whole draft (which runs there unsplit). `k`: speculative tokens per sequence:
     the decode graphs then cover 1 + k rows a sequence, and a draft model keeps logits
@@ -47,16 +47,7 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     per_block = per_token * c.block_size
     if device == "cuda":
         weights += sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors"))
-        rows = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
-        step = step_activation_bytes(info, dtype.itemsize, n, True, c.max_num_seqs,
-                                     c.max_num_batched_tokens, rows)
-        if draft and is_eagle(draft_dir):  # the target's graphs keep the head's layers
-            hidden = len(eagle_taps(draft_dir)) * info.hidden_size * dtype.itemsize
-            step += (sum(graph_sizes(rows)) + c.max_num_batched_tokens) * hidden
-        elif draft:  # the draft's decode graphs keep their own logits
-            step += sum(graph_sizes(rows)) * draft.vocab_size * 4
-        if c.kv_host_gib > 0:
-            step += HOST_TIER_STAGING_BYTES
+        step = _gpu_step_bytes(info, draft, draft_dir, c, dtype, k)
         budget = torch.cuda.mem_get_info()[0] * 0.9 - weights - GPU_WORKSPACE_BYTES - step
     else:
         budget = CPU_KV_BUDGET_BYTES
@@ -68,3 +59,18 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
                       f"{device}: using {fits}")
         return fits
     return c.num_blocks
+
+
+def _gpu_step_bytes(info, draft, draft_dir: Path | None, c, dtype: torch.dtype, k: int) -> int:
+    """What a GPU keeps besides weights and KV for this config (fit_blocks)."""
+    rows = min(c.max_num_seqs * (1 + k), MAX_GRAPH_TOKENS) if c.cuda_graphs else 0
+    step = step_activation_bytes(info, dtype.itemsize, c.tensor_parallel, True, c.max_num_seqs,
+                                 c.max_num_batched_tokens, rows)
+    if draft and is_eagle(draft_dir):  # the target's graphs keep the head's layers
+        hidden = len(eagle_taps(draft_dir)) * info.hidden_size * dtype.itemsize
+        step += (sum(graph_sizes(rows)) + c.max_num_batched_tokens) * hidden
+    elif draft:  # the draft's decode graphs keep their own logits
+        step += sum(graph_sizes(rows)) * draft.vocab_size * 4
+    if c.kv_host_gib > 0:
+        step += HOST_TIER_STAGING_BYTES
+    return step
