@@ -205,7 +205,7 @@ def test_prefill_clock_times_prompt_steps_and_prices_hits():
     clock.stop(None, hit_tokens=16)
     assert clock.saved_seconds == 0 and clock.priced_tokens == 0  # no rate yet: not priced
     timing = clock.start([NS(seq=seq, start=0, length=31), decode])
-    assert timing[2] == 32  # the step's time is shared by all its tokens
-    clock.stop((timing[0] - 0.032, None, 32), hit_tokens=16)  # 1 ms a token, at least
+    assert timing[1] == 32  # the step's time is shared by all its tokens
+    clock.stop((timing[0] - 0.032, 32), hit_tokens=16)  # 1 ms a token, at least
     assert clock.seconds_per_token >= 1e-3 and clock.priced_tokens == 16
     assert clock.saved_seconds == pytest.approx(16 * clock.seconds_per_token)

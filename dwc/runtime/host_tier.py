@@ -29,8 +29,9 @@ draft's: their blocks are shared), all layers.
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,7 @@ class HostTier:
         self.buffers: list[torch.Tensor] = []     # RING for copies out, one for copies in
         self.side = torch.cuda.Stream(caches[0].device) if caches[0].is_cuda else None
         self.ring_free: list = [None] * RING       # side-stream event: buffer i drained
-        self.out_pending: list[tuple] = []        # (event, slots) of copies out in flight
+        self.out_pending: deque = deque()         # (event, slots) of copies out in flight
         self.num_out_batches = 0
         self.entries: OrderedDict[tuple, tuple[int, int]] = OrderedDict()  # key -> (slot, key_id)
         self.free_slots = list(range(capacity_blocks - 1, -1, -1))
@@ -141,7 +142,7 @@ class HostTier:
         self.in_blocks.clear()
         self.in_slots.clear()
         while self.out_pending and self.out_pending[0][0].query():
-            self.out_pending.pop(0)  # copies out that have landed need no wait
+            self.out_pending.popleft()  # copies out that have landed need no wait
         for i in range(0, len(outs), self.batch_rows):
             self._copy_out(outs[i:i + self.batch_rows])
         for i in range(0, len(ins), self.batch_rows):
@@ -207,7 +208,7 @@ class HostTier:
         n = rows.shape[0]
         for cache, start in zip(self.caches, self.offsets):
             shape = (2, self.block_size, cache.shape[2], cache.shape[3] * cache.element_size())
-            yield rows[:, start:start + _numel(shape)].view(n, *shape)
+            yield rows[:, start:start + math.prod(shape)].view(n, *shape)
 
 
 def _pool(rows: int, row_bytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
@@ -237,14 +238,8 @@ def _blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
     """A cache [2, slots, kv_heads, d] as bytes [2, blocks, block_size, kv_heads,
     d * itemsize] (indexing kernels exist for bytes whatever the cache's dtype, FP8
     included)."""
-    return cache.view(torch.uint8).view(2, -1, block_size, *cache.view(torch.uint8).shape[2:])
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    raw = cache.view(torch.uint8)
+    return raw.view(2, -1, block_size, *raw.shape[2:])
 
 
 def _runs(slots: list[int]):
@@ -260,7 +255,7 @@ def _runs(slots: list[int]):
 
 def _row_layout(caches: list[torch.Tensor], block_size: int) -> tuple[list[int], int]:
     """Where each cache's block starts within a pool row, and the row's bytes (each start
-    aligned, so that the bytes can be viewed as the cache's dtype)."""
+    aligned to ALIGN bytes, for the copies)."""
     offsets, end = [], 0
     for c in caches:
         offsets.append(end)

@@ -23,8 +23,8 @@ def fit_blocks(model_dir: Path, draft_dir: Path | None, c, device: str,
     weights load, less the weights' size on disk and what the kv-layout plan keeps for a
     step (its workspace reserve, activations, graph logits and pool, for this config's
     batch limits; the host tier's staging buffers when it has one): an H200 plan on an
-    80 GB H100 ran out of memory when only the weights were counted (2026-12-07). A block holds the target's K/V and the draft's.
-    With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
+    80 GB H100 ran out of memory when only the weights were counted (2026-12-07). A
+    block holds the target's K/V and the draft's. With tensor parallelism, rank 0's share: 1/N of the weights, its KV heads, and
     the whole draft (which runs there unsplit). `k`: speculative tokens per sequence:
     the decode graphs then cover 1 + k rows a sequence, and a draft model keeps logits
     for graphs of its own (an EAGLE head: the target's graphs keep its tapped layers)."""

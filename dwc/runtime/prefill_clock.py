@@ -2,9 +2,9 @@
 
 The engine times its own steps that carry many prompt tokens (CUDA events on a GPU, read
 when they have completed, so the host never waits; the wall clock on CPU) and keeps a
-moving average of seconds per prompt token. Each prompt token served from the host tier
-instead of computed is worth that much prefill time, priced at the average when it is
-counted (the first hits wait for the first timed step): the
+moving average of seconds per token of those steps. Each prompt token served from the
+host tier instead of computed is worth that much prefill time, priced at the average
+when it is counted (the first hits wait for the first timed step): the
 `dwc_kv_host_prefill_seconds_saved` metric. The copy back is not subtracted (it runs
 beside other work on the bus; its bytes are their own metric).
 """
@@ -24,7 +24,7 @@ class PrefillClock:
     def __init__(self, gpu: bool):
         self.gpu = gpu
         self.min_tokens = MIN_PROMPT_TOKENS
-        self.pending: deque = deque()      # (start, end, prompt tokens) of timed steps
+        self.pending: deque = deque()      # (begin, end, tokens) of timed GPU steps
         self.seconds_per_token: float | None = None
         self.saved_seconds = 0.0
         self.priced_tokens = 0             # host-tier tokens already counted in saved_seconds
@@ -42,15 +42,15 @@ class PrefillClock:
             return None
         tokens = sum(c.length for c in chunks)
         if not self.gpu:
-            return time.perf_counter(), None, tokens
+            return time.perf_counter(), tokens
         begin = torch.cuda.Event(enable_timing=True)
         begin.record()
-        return begin, None, tokens
+        return begin, tokens
 
     def stop(self, timing: tuple | None, hit_tokens: int) -> None:
         """End the step's timing (if it was timed); price the tier's new hit tokens."""
         if timing is not None:
-            begin, _, tokens = timing
+            begin, tokens = timing
             if self.gpu:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
